@@ -1,0 +1,15 @@
+"""dask_cosim: lazy, blocked cosine similarity of embedding sets with Dask.
+
+>>> import numpy as np, dask_cosim as dcs
+>>> S = dcs.cosine_similarity(np.ones((2, 3, 4)), np.ones((2, 5, 4)))
+>>> S.shape
+(2, 3, 5)
+"""
+
+from . import _config  # noqa: F401  (registers the cosine.* dask config defaults)
+from ._kernels import ZeroVectorError
+from ._plan import PlanError
+from ._version import __version__
+from .core import cosine_similarity
+
+__all__ = ["__version__", "cosine_similarity", "PlanError", "ZeroVectorError"]

@@ -1,0 +1,182 @@
+"""Per-block kernels, written once against the array API.
+
+Each function takes plain arrays of one block (NumPy, CuPy or any array-API array),
+derives its namespace ``xp`` and knows nothing of dask. The only namespace-specific
+code is :func:`_clip_unit`, an in-place fast path for NumPy/CuPy with a generic twin.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+import numpy as np
+
+from ._backend import blas_threads_for_task, block_namespace, limit_blas, to_numpy
+
+__all__ = ["ZeroVectorError", "normalize_rows", "similarity_block", "cosine_block"]
+
+
+class ZeroVectorError(ValueError):
+    """A zero vector was found while ``zero_vector="error"``."""
+
+
+def _dtype(xp, name: str):
+    return getattr(xp, name)
+
+
+def normalize_rows(
+    x,
+    *,
+    compute_dtype: str = "float64",
+    zero_vector: str = "zero",
+    device: str = "cpu",
+    input_name: str = "a",
+    offset: tuple[int, int] | None = None,
+    batched: bool = False,
+):
+    """Scale every vector (last axis) of a block to unit L2 length.
+
+    The fast path multiplies by ``1 / sqrt(x . x)``; a block where any squared norm is
+    zero, subnormal or not finite takes a careful path that computes the norm as
+    ``max|x| * ||x / max|x|||`` in float64, so no finite input overflows or underflows. A vector holding
+    NaN or inf becomes all NaN. A zero vector becomes all zeros (``zero_vector="zero"``,
+    similarity 0 with everything, as scikit-learn), all NaN (``"nan"``), or raises
+    :class:`ZeroVectorError` naming the input, batch and row (``"error"``).
+
+    Parameters
+    ----------
+    x
+        Block of shape ``(..., rows, D)``.
+    compute_dtype
+        ``"float32"`` or ``"float64"``: dtype of the normalised block.
+    offset
+        Global ``(batch, row)`` index of the block's first vector, for error messages.
+    batched
+        Whether the first axis is a batch axis (for error messages).
+
+    Examples
+    --------
+    >>> normalize_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    array([[0.6, 0.8],
+           [0. , 0. ]])
+    """
+    xp, x = block_namespace(x, device)
+    dtype = _dtype(xp, compute_dtype)
+    x = xp.astype(x, dtype) if x.dtype != dtype else x
+    sq = xp.vecdot(x, x)[..., None]
+    # the fast path is exact unless a squared norm is zero, non-finite or subnormal
+    tiny = xp.finfo(dtype).tiny
+    if not bool(xp.all((sq >= tiny) & (sq <= xp.finfo(dtype).max))):
+        return _normalize_careful(xp, x, dtype, zero_vector, input_name, offset, batched)
+    return x * (1 / xp.sqrt(sq))
+
+
+def _normalize_careful(xp, x, dtype, zero_vector, input_name, offset, batched):
+    """Overflow-safe normalisation (``max|x| * ||x / max|x|||`` in float64) with zero handling."""
+    work = xp.astype(x, xp.float64)
+    scale = xp.max(xp.abs(work), axis=-1, keepdims=True)
+    zero = scale == 0
+    if zero_vector == "error" and bool(xp.any(zero)):
+        _raise_zero_vector(zero, input_name=input_name, offset=offset, batched=batched)
+    one = xp.ones_like(scale)
+    scaled = work / xp.where(zero, one, scale)
+    norm = xp.sqrt(xp.vecdot(scaled, scaled)[..., None])
+    unit = scaled / xp.where(zero, one, norm)
+    if zero_vector == "nan":
+        unit = xp.where(zero, xp.full_like(scale, xp.nan), unit)
+    return xp.astype(unit, dtype)
+
+
+def _raise_zero_vector(zero, *, input_name, offset, batched):
+    hits = np.argwhere(to_numpy(zero)[..., 0])
+    first = [int(v) for v in hits[0]]
+    b0, r0 = offset or (0, 0)
+    if batched:
+        where = f"batch {b0 + first[0]}, row {r0 + first[-1]}"
+    else:
+        where = f"row {r0 + first[-1]}"
+    raise ZeroVectorError(
+        f"{input_name}: zero vector at {where} ({len(hits)} zero vector(s) in this block) "
+        "while zero_vector='error'; use zero_vector='zero' (similarity 0, as scikit-learn) "
+        "or 'nan'"
+    )
+
+
+def _clip_unit(xp, s):
+    """Clip to [-1, 1] in place where the namespace allows (NumPy, CuPy), NaN kept."""
+    if isinstance(s, np.ndarray):
+        return np.clip(s, -1.0, 1.0, out=s)
+    if array_api_compat.is_cupy_array(s):
+        import cupy
+
+        return cupy.clip(s, -1.0, 1.0, out=s)
+    return xp.clip(s, -1.0, 1.0)
+
+
+def similarity_block(
+    an,
+    bn,
+    *,
+    out_dtype: str | None = None,
+    device: str = "cpu",
+    blas_threads: int | None = None,
+    like: str = "numpy",
+):
+    """One output block: ``an @ bn.T`` of unit vectors, clipped to [-1, 1].
+
+    Parameters
+    ----------
+    an, bn
+        Normalised blocks ``(..., n, D)`` and ``(..., m, D)`` (leading axes broadcast).
+    out_dtype
+        dtype name of the result; default: the inputs' dtype.
+    blas_threads
+        BLAS threads for a NumPy product; ``None``: cores // dask threads of this process.
+    like
+        ``"numpy"`` returns a host array, ``"input"`` leaves the result where it was
+        computed (a CuPy block stays on the device).
+
+    Examples
+    --------
+    >>> similarity_block(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]))
+    array([[1., 0.]])
+    """
+    xp, an = block_namespace(an, device)
+    if array_api_compat.is_cupy_array(an):
+        import cupy
+
+        bn = cupy.asarray(bn)
+    else:
+        _, bn = block_namespace(bn, device)
+    if isinstance(an, np.ndarray):
+        with limit_blas(blas_threads_for_task(blas_threads)):
+            s = xp.matmul(an, xp.matrix_transpose(bn))
+    else:
+        s = xp.matmul(an, xp.matrix_transpose(bn))
+    s = _clip_unit(xp, s)
+    if out_dtype is not None and s.dtype != _dtype(xp, out_dtype):
+        s = xp.astype(s, _dtype(xp, out_dtype))
+    return to_numpy(s) if like == "numpy" and array_api_compat.is_cupy_array(s) else s
+
+
+def cosine_block(
+    a, b, *, zero_vector: str = "zero", out_dtype: str | None = None, device: str = "cpu"
+):
+    """Cosine similarity of two raw blocks (normalise both, then one product).
+
+    A convenience for users and tests; the dask graph normalises each input block once
+    and calls :func:`similarity_block` per output block instead.
+
+    Examples
+    --------
+    >>> cosine_block(np.array([[1.0, 1.0]]), np.array([[2.0, 2.0], [0.0, 3.0]]))
+    array([[1.        , 0.70710678]])
+    """
+    ca = "float32" if _narrow(a) and _narrow(b) else "float64"
+    an = normalize_rows(a, compute_dtype=ca, zero_vector=zero_vector, device=device)
+    bn = normalize_rows(b, compute_dtype=ca, zero_vector=zero_vector, device=device, input_name="b")
+    return similarity_block(an, bn, out_dtype=out_dtype, device=device, like="input")
+
+
+def _narrow(x) -> bool:
+    name = str(x.dtype)
+    return name in ("float16", "float32", "bfloat16")

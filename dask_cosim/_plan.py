@@ -1,0 +1,377 @@
+"""Pure planning: validate shapes and dtypes, choose block sizes, estimate task memory.
+
+Nothing here imports dask or touches data: every function is integer arithmetic on
+shapes, itemsizes and byte budgets, so it can be tested exhaustively (hypothesis) and
+runs before any graph exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Chunks = tuple[tuple[int, ...], ...]
+
+#: dtype kinds that have no meaningful cosine similarity.
+_REJECTED_KINDS = {
+    "c": "complex",
+    "O": "object",
+    "U": "string",
+    "S": "bytes",
+    "M": "datetime",
+    "m": "timedelta",
+    "V": "structured/void",
+}
+_ZERO_VECTOR_MODES = ("zero", "nan", "error")
+_DEVICES = ("auto", "cpu", "gpu")
+
+
+class PlanError(ValueError):
+    """A block plan that would exceed the per-task memory budget."""
+
+
+@dataclass(frozen=True)
+class Operand:
+    """Shape facts of one input, normalised to 3-D ``(batch, rows, dim)``."""
+
+    name: str
+    ndim: int
+    batch: int
+    rows: int
+    dim: int
+    dtype: np.dtype
+
+    @classmethod
+    def from_shape(cls, name: str, shape: Sequence[int], dtype) -> Operand:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(
+                f"{name}: expected a 2-D (N, D) or 3-D (batch, N, D) array, "
+                f"received shape {shape} (ndim={len(shape)})"
+            )
+        dtype = check_input_dtype(name, dtype)
+        batch = shape[0] if len(shape) == 3 else 1
+        return cls(name, len(shape), batch, shape[-2], shape[-1], dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.ndim == 3:
+            return (self.batch, self.rows, self.dim)
+        return (self.rows, self.dim)
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    return dtype.name == "bfloat16"
+
+
+def check_input_dtype(name: str, dtype) -> np.dtype:
+    """Return ``dtype`` as a NumPy dtype, or raise ``TypeError`` if it is not real-valued."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(
+            f"{name}: unsupported dtype {dtype!r}; expected a real numeric dtype"
+        ) from err
+    if _is_bfloat16(dtype):
+        return dtype
+    if dtype.kind in _REJECTED_KINDS:
+        raise TypeError(
+            f"{name}: {_REJECTED_KINDS[dtype.kind]} dtype {dtype} is not supported; "
+            "expected real numbers (float, int or bool)"
+        )
+    return dtype
+
+
+def _is_narrow_float(dtype: np.dtype) -> bool:
+    return _is_bfloat16(dtype) or (dtype.kind == "f" and dtype.itemsize <= 4)
+
+
+def result_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
+    """The similarity dtype, following scikit-learn.
+
+    float32 when both inputs are float32 or narrower floats (float16, bfloat16),
+    float64 otherwise (integers and bools convert to float64).
+
+    >>> result_dtype(np.dtype("float16"), np.dtype("float32"))
+    dtype('float32')
+    >>> result_dtype(np.dtype("float32"), np.dtype("int8"))
+    dtype('float64')
+    """
+    if _is_narrow_float(a) and _is_narrow_float(b):
+        return np.dtype("float32")
+    return np.dtype("float64")
+
+
+def output_dtype(requested, default: np.dtype) -> np.dtype:
+    """Validate the user's ``dtype=``: a real floating dtype, or ``None`` for ``default``."""
+    if requested is None:
+        return default
+    try:
+        dtype = np.dtype(requested)
+    except TypeError as err:
+        raise TypeError(f"dtype: cannot interpret {requested!r} as a dtype") from err
+    if dtype.kind != "f" or dtype.itemsize > 8:
+        raise TypeError(f"dtype: expected float16, float32 or float64, received {dtype}")
+    return dtype
+
+
+def compute_dtype(default: np.dtype, out: np.dtype) -> np.dtype:
+    """Products run in ``default`` unless the user asked for a wider output."""
+    return np.dtype("float64") if out.itemsize > default.itemsize else default
+
+
+def check_pair(a: Operand, b: Operand) -> int:
+    """Check that ``a`` and ``b`` can be paired; return the output batch size."""
+    if a.dim != b.dim:
+        raise ValueError(
+            f"a and b must have the same vector length D: a has shape {a.shape} (D={a.dim}), "
+            f"b has shape {b.shape} (D={b.dim})"
+        )
+    if a.dim == 0:
+        raise ValueError(f"a: vectors of length D=0 have no direction (shape {a.shape})")
+    if a.ndim == 3 and b.ndim == 3 and a.batch != b.batch and 1 not in (a.batch, b.batch):
+        raise ValueError(
+            f"batch sizes differ: a has batch {a.batch} (shape {a.shape}), b has batch "
+            f"{b.batch} (shape {b.shape}); they must be equal or one of them 1"
+        )
+    if a.ndim == 3 and b.ndim == 3:
+        return b.batch if a.batch == 1 else a.batch
+    return a.batch if a.ndim == 3 else b.batch
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"{name}: expected one of {', '.join(map(repr, choices))}, received {value!r}"
+        )
+    return value
+
+
+def check_device(device) -> str:
+    return check_choice("device", device, _DEVICES)
+
+
+def check_zero_vector(mode) -> str:
+    return check_choice("zero_vector", mode, _ZERO_VECTOR_MODES)
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def normalize_axis_chunks(spec, size: int, *, axis: str) -> tuple[int, ...] | None:
+    """One axis of a ``chunks=`` spec as explicit block sizes; ``None`` means "auto".
+
+    Accepts a positive int (regular blocks), ``-1`` or ``None`` (one block),
+    ``"auto"``, or an explicit tuple of block sizes that sum to ``size``.
+    """
+    if isinstance(spec, str):
+        if spec == "auto":
+            return None
+        raise ValueError(
+            f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
+        )
+    if spec is None or (_is_int(spec) and int(spec) == -1):
+        return (size,)
+    if _is_int(spec):
+        step = int(spec)
+        if step <= 0:
+            raise ValueError(f"chunks: {axis} chunk must be a positive int, received {spec}")
+        if size == 0:
+            return (0,)
+        return (step,) * (size // step) + ((size % step,) if size % step else ())
+    if isinstance(spec, (tuple, list)) and all(_is_int(c) for c in spec):
+        blocks = tuple(int(c) for c in spec)
+        if any(c < 0 for c in blocks) or sum(blocks) != size:
+            raise ValueError(
+                f"chunks: {axis} block sizes {blocks} must be non-negative and sum to the "
+                f"axis length {size}"
+            )
+        return blocks
+    raise ValueError(
+        f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
+    )
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _balanced(size: int, block: int) -> tuple[int, ...]:
+    """Split ``size`` into near-equal blocks of at most ``block``."""
+    if size == 0:
+        return (0,)
+    block = max(1, min(block, size))
+    nblocks = math.ceil(size / block)
+    base, extra = divmod(size, nblocks)
+    return (base + 1,) * extra + (base,) * (nblocks - extra)
+
+
+def _snap(block: int, size: int, grain: int | None) -> int:
+    """Round ``block`` down to a multiple of an input's storage chunk ``grain``."""
+    if not grain or grain >= size or block <= grain:
+        return block
+    return max(grain, block // grain * grain)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Block sizes of the output ``(batch, N, M)`` and what one task needs in memory."""
+
+    batch: tuple[int, ...]
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    task_bytes: int
+
+    @property
+    def chunks(self) -> Chunks:
+        return (self.batch, self.rows, self.cols)
+
+    @property
+    def nblocks(self) -> int:
+        return len(self.batch) * len(self.rows) * len(self.cols)
+
+
+def task_memory(
+    bc: int,
+    nc: int,
+    mc: int,
+    dim: int,
+    *,
+    in_itemsize: int,
+    compute_itemsize: int,
+    out_itemsize: int,
+) -> int:
+    """Peak bytes one task holds: the worst of a normalise task and a product task.
+
+    A normalise task holds its raw input block, a float64 working copy, its scale
+    temporaries and the normalised result. A product task holds two normalised blocks,
+    the product in the compute dtype and, if the output dtype differs, its cast.
+    """
+    rows = bc * max(nc, mc)
+    normalize = rows * dim * (in_itemsize + 2 * 8 + compute_itemsize)
+    block = bc * nc * mc
+    product = bc * (nc + mc) * dim * compute_itemsize + block * compute_itemsize
+    if out_itemsize != compute_itemsize:
+        product += block * out_itemsize
+    return max(normalize, product)
+
+
+def plan_blocks(
+    batch: int,
+    n: int,
+    m: int,
+    dim: int,
+    *,
+    chunks=("auto", "auto", "auto"),
+    target_bytes: int = 128 * 2**20,
+    budget_bytes: int = 4 * 2**30,
+    in_itemsize: int = 8,
+    compute_itemsize: int = 8,
+    out_itemsize: int = 8,
+    min_blocks: int = 1,
+    square: bool = False,
+    grains: tuple[int | None, int | None] = (None, None),
+) -> Plan:
+    """Choose output block sizes and check them against the per-task memory budget.
+
+    Parameters
+    ----------
+    batch, n, m, dim
+        Output shape ``(batch, n, m)`` and vector length.
+    chunks
+        ``(batch, n, m)`` per-axis specs (see :func:`normalize_axis_chunks`).
+    target_bytes
+        Desired size of one output block ("auto" axes aim for it).
+    budget_bytes
+        Largest per-task memory estimate that is accepted.
+    min_blocks
+        Split "auto" axes further until there are at least this many blocks (keeps
+        every core busy), as long as blocks stay reasonably large.
+    square
+        Rows and columns must use the same blocks (self-similarity).
+    grains
+        Storage chunk sizes of the inputs along N and M; "auto" rounds to multiples.
+
+    Examples
+    --------
+    >>> p = plan_blocks(16, 2048, 2048, 256, in_itemsize=4, compute_itemsize=4, out_itemsize=4)
+    >>> p.chunks
+    ((8, 8), (2048,), (2048,))
+    """
+    b_spec = normalize_axis_chunks(chunks[0], batch, axis="batch")
+    n_spec = normalize_axis_chunks(chunks[1], n, axis="N")
+    m_spec = normalize_axis_chunks(chunks[2], m, axis="M")
+    if square and n_spec is None and m_spec is not None:
+        n_spec = m_spec
+    if square and m_spec is None and n_spec is not None:
+        m_spec = n_spec
+
+    item = max(compute_itemsize, out_itemsize)
+    elems = max(1, target_bytes // item)
+    total = batch * n * m
+    if total and min_blocks > 1:
+        # enough blocks for every core, but never blocks under ~256x256
+        elems = max(min(elems, math.ceil(total / min_blocks)), min(elems, 256 * 256))
+    # an input block (rows x dim) should not outgrow the target either
+    max_rows = max(1, target_bytes // max(1, dim * compute_itemsize))
+
+    nc = max(n_spec) if n_spec else None
+    mc = max(m_spec) if m_spec else None
+    if nc is None or mc is None:
+        side = max(1, math.isqrt(elems))
+        if nc is None and mc is None:
+            if square:
+                nc = mc = min(n, side, max_rows)
+            elif n <= side:
+                nc, mc = n, min(m, max(1, elems // max(n, 1)))
+            elif m <= side:
+                nc, mc = min(n, max(1, elems // max(m, 1))), m
+            else:
+                nc = mc = side
+        elif nc is None:
+            nc = min(n, max(1, elems // max(mc, 1)))
+        else:
+            mc = min(m, max(1, elems // max(nc, 1)))
+        nc, mc = min(nc, max_rows), min(mc, max_rows)
+    rows = n_spec or _balanced(n, _snap(nc, n, grains[0]))
+    cols = m_spec or _balanced(m, _snap(mc, m, grains[1]))
+    if square and n_spec is None and m_spec is None:
+        cols = rows
+    nc, mc = max(rows), max(cols)
+    if b_spec is None:
+        per_batch = max(1, nc * mc)
+        b_spec = _balanced(batch, max(1, elems // per_batch))
+    bc = max(b_spec) if batch else 0
+
+    need = task_memory(
+        bc, nc, mc, dim,
+        in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize,
+    )  # fmt: skip
+    if need > budget_bytes:
+        fits = plan_blocks(
+            batch, n, m, dim,
+            target_bytes=min(target_bytes, budget_bytes // 4),
+            budget_bytes=2**62,
+            in_itemsize=in_itemsize, compute_itemsize=compute_itemsize,
+            out_itemsize=out_itemsize, square=square,
+        )  # fmt: skip
+        raise PlanError(
+            f"chunks: blocks of (batch={bc}, N={nc}, M={mc}) with D={dim} need about "
+            f"{format_bytes(need)} per task, above the budget cosine.max-task-memory="
+            f"{format_bytes(budget_bytes)}; chunks that fit: "
+            f"{(max(fits.batch), max(fits.rows), max(fits.cols))}. Pass smaller chunks= or "
+            "raise the budget with dask.config.set({'cosine.max-task-memory': ...})"
+        )
+    return Plan(b_spec, rows, cols, need)
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable bytes (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,273 @@
+"""The lazy graph: normalise each input block once, then one matrix product per output block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from . import _config
+from ._backend import is_device_array
+from ._inputs import open_input, storage_chunks
+from ._kernels import normalize_rows, similarity_block
+from ._plan import (
+    Operand,
+    Plan,
+    check_device,
+    check_pair,
+    check_zero_vector,
+    compute_dtype,
+    output_dtype,
+    plan_blocks,
+    result_dtype,
+)
+
+__all__ = ["cosine_similarity", "prepare", "Prepared"]
+
+Device = Literal["auto", "cpu", "gpu"]
+ZeroVector = Literal["zero", "nan", "error"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the product and reduction graphs share.
+
+    ``an``/``bn`` are the normalised inputs as dask arrays (each block normalised by its
+    own ``cosine-normalize`` task), indexed by ``a_index``/``b_index`` in
+    :func:`dask.array.blockwise` notation (``k`` batch, ``i`` rows of a, ``j`` rows of b,
+    ``d`` vector axis); the output is indexed by ``out_index``.
+    """
+
+    an: da.Array
+    bn: da.Array
+    a_index: str
+    b_index: str
+    out_index: str
+    out_shape: tuple[int, ...]
+    out_dtype: np.dtype
+    compute_dtype: np.dtype
+    plan: Plan
+    device: str
+    blas_threads: int | None
+    self_similar: bool
+    on_device: bool  # inputs are CuPy arrays: keep CuPy chunks
+
+    @property
+    def meta(self):
+        return _meta(self.on_device, len(self.out_index), self.out_dtype)
+
+    def product_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`similarity_block` for this graph."""
+        return {
+            "out_dtype": self.out_dtype.name,
+            "device": self.device,
+            "blas_threads": self.blas_threads,
+            "like": "input" if self.on_device else "numpy",
+        }
+
+
+def _meta(on_device: bool, ndim: int, dtype):
+    if on_device:
+        import cupy
+
+        return cupy.empty((0,) * ndim, dtype=dtype)
+    return np.empty((0,) * ndim, dtype=dtype)
+
+
+def prepare(
+    a,
+    b=None,
+    *,
+    chunks="auto",
+    dtype=None,
+    device: Device = "auto",
+    zero_vector: ZeroVector = "zero",
+) -> Prepared:
+    """Validate the inputs, plan the blocks and build the normalised inputs (lazily)."""
+    device = check_device(device)
+    zero_vector = check_zero_vector(zero_vector)
+    self_similar = b is None or b is a
+    a_in = open_input(a, "a")
+    b_in = a_in if self_similar else open_input(b, "b")
+    op_a = Operand.from_shape("a", a_in.shape, a_in.dtype)
+    op_b = Operand.from_shape("b", b_in.shape, b_in.dtype)
+    batch = check_pair(op_a, op_b)
+    default = result_dtype(op_a.dtype, op_b.dtype)
+    out = output_dtype(dtype, default)
+    work = compute_dtype(default, out)
+    batched = op_a.ndim == 3 or op_b.ndim == 3
+
+    spec = _chunk_spec(chunks, batched)
+    grain_a, grain_b = storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]
+    plan = plan_blocks(
+        batch, op_a.rows, op_b.rows, op_a.dim,
+        chunks=spec,
+        target_bytes=_config.target_block_bytes(),
+        budget_bytes=_config.max_task_memory(),
+        in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
+        compute_itemsize=work.itemsize,
+        out_itemsize=out.itemsize,
+        min_blocks=_cores(),
+        square=self_similar,
+        grains=(grain_a, grain_b),
+    )  # fmt: skip
+    on_device = is_device_array(a_in) or is_device_array(b_in)
+    norm = {"compute_dtype": work.name, "zero_vector": zero_vector, "device": device}
+    an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
+    if self_similar:
+        bn, b_index = an, a_index.replace("i", "j")
+        if plan.cols != plan.rows:
+            bn = an.rechunk({an.ndim - 2: plan.cols})
+    else:
+        bn, b_index = _normalized(b_in, op_b, plan, plan.cols, batch, "b", on_device, norm)
+        b_index = b_index.replace("i", "j")
+    out_index = "kij" if batched else "ij"
+    out_shape = (batch, op_a.rows, op_b.rows) if batched else (op_a.rows, op_b.rows)
+    return Prepared(
+        an, bn, a_index, b_index, out_index, out_shape, out, work, plan, device,
+        _config.blas_threads_setting(), self_similar, on_device,
+    )  # fmt: skip
+
+
+def _cores() -> int:
+    from dask.system import CPU_COUNT
+
+    return CPU_COUNT
+
+
+def _chunk_spec(chunks, batched: bool) -> tuple:
+    if isinstance(chunks, str) and chunks == "auto":
+        return ("auto", "auto", "auto")
+    if isinstance(chunks, dict) or not isinstance(chunks, (tuple, list)):
+        raise ValueError(
+            f"chunks: expected 'auto' or a tuple of {'3' if batched else '2'} output block sizes "
+            f"({'(batch, n, m)' if batched else '(n, m)'}), received {chunks!r}"
+        )
+    want = 3 if batched else 2
+    if len(chunks) != want:
+        raise ValueError(
+            f"chunks: the output is {want}-D, so chunks needs {want} entries "
+            f"({'(batch, n, m)' if batched else '(n, m)'}), received {chunks!r} with {len(chunks)}"
+        )
+    return tuple(chunks) if batched else ("auto", *chunks)
+
+
+def _normalized(
+    x, op: Operand, plan: Plan, rows, batch: int, name: str, on_device: bool, norm: dict
+):
+    """The input as a dask array in plan-aligned blocks, each normalised by its own task."""
+    broadcast = op.ndim == 3 and op.batch == 1 and batch > 1
+    if op.ndim == 3 and not broadcast:
+        chunks = (plan.batch, rows, (op.dim,))
+    else:
+        chunks = ((1,), rows, (op.dim,)) if op.ndim == 3 else (rows, (op.dim,))
+    if isinstance(x, da.Array):
+        arr = x.rechunk(chunks)
+    else:
+        arr = da.from_array(
+            x, chunks=chunks, asarray=not on_device, name=f"cosine-input-{name}-{tokenize(x)}"
+        )
+    if broadcast:
+        arr = arr[0]
+    index = "kid" if arr.ndim == 3 else "id"
+    meta = _meta(on_device, arr.ndim, np.dtype(norm["compute_dtype"]))
+    normed = arr.map_blocks(
+        _normalize_task,
+        dtype=meta.dtype,
+        meta=meta,
+        token="cosine-normalize",
+        input_name=name,
+        batched=arr.ndim == 3,
+        **norm,
+    )
+    return normed, index
+
+
+def _normalize_task(x, block_info=None, **kwargs):
+    loc = block_info[0]["array-location"] if block_info else None
+    if loc is not None:
+        offset = (loc[0][0], loc[1][0]) if len(loc) == 3 else (0, loc[0][0])
+    else:
+        offset = None
+    return normalize_rows(x, offset=offset, **kwargs)
+
+
+def similarity_from(prep: Prepared) -> da.Array:
+    """The ``(batch, N, M)`` similarity array from prepared inputs: one product per block."""
+    if 0 in prep.out_shape:
+        chunks = tuple((max(s, 0),) for s in prep.out_shape)
+        return da.zeros(prep.out_shape, dtype=prep.out_dtype, chunks=chunks, meta=prep.meta)
+    return da.blockwise(
+        similarity_block,
+        prep.out_index,
+        prep.an,
+        prep.a_index,
+        prep.bn,
+        prep.b_index,
+        token="cosine-block",
+        dtype=prep.out_dtype,
+        meta=prep.meta,
+        concatenate=True,
+        **prep.product_kwargs(),
+    )
+
+
+def cosine_similarity(
+    a,
+    b=None,
+    *,
+    chunks="auto",
+    dtype=None,
+    device: Device = "auto",
+    zero_vector: ZeroVector = "zero",
+) -> da.Array:
+    """Lazy cosine similarity of every vector of ``a`` with every vector of ``b``.
+
+    ``S[k, i, j] = a[k, i] . b[k, j] / (||a[k, i]|| ||b[k, j]||)``, clipped to [-1, 1].
+
+    Parameters
+    ----------
+    a : array-like, shape ``(batch, N, D)`` or ``(N, D)``
+        NumPy, CuPy, dask or zarr array, a zarr path/URL, a ``.npy`` path, or anything
+        :func:`numpy.asarray` accepts.
+    b : array-like, shape ``(batch, M, D)`` or ``(M, D)``, optional
+        Same kinds as ``a``; ``None`` (or ``a`` itself) means self-similarity.
+        Batches broadcast like :func:`numpy.matmul`: a 2-D input or a batch of 1 pairs
+        with every batch of the other.
+    chunks : "auto" or tuple
+        Output block sizes ``(batch, n, m)`` (``(n, m)`` for 2-D output); each entry an
+        int, ``-1`` (whole axis), ``"auto"`` or explicit block sizes. ``"auto"`` aims at
+        dask's ``array.chunk-size`` per output block. D is never split. A plan whose
+        per-task memory exceeds ``cosine.max-task-memory`` raises
+        :class:`~dask_cosim.PlanError` before anything runs.
+    dtype : float dtype, optional
+        Output dtype. Default as scikit-learn: float32 when both inputs are float32 or
+        narrower floats, float64 otherwise.
+    device : {"auto", "cpu", "gpu"}
+        Where each block runs, decided on the worker: ``"auto"`` uses CuPy when that
+        worker has a usable GPU, ``"gpu"`` requires one.
+    zero_vector : {"zero", "nan", "error"}
+        Similarity of a zero vector: 0 (scikit-learn's choice), NaN, or raise at compute
+        time naming the input, batch and row.
+
+    Returns
+    -------
+    dask.array.Array
+        Shape ``(batch, N, M)``, or ``(N, M)`` when both inputs are 2-D. Nothing is
+        computed until asked; a slice computes only the blocks it touches.
+
+    Examples
+    --------
+    >>> import numpy as np, dask_cosim as dcs
+    >>> a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    >>> S = dcs.cosine_similarity(a)
+    >>> S.compute().round(4)
+    array([[1.    , 0.7071],
+           [0.7071, 1.    ]])
+    """
+    return similarity_from(
+        prepare(a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector)
+    )
