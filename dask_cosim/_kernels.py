@@ -37,8 +37,8 @@ def normalize_rows(
 
     The fast path multiplies by ``1 / sqrt(x . x)``; a block where any squared norm is
     zero, subnormal or not finite takes a careful path that computes the norm as
-    ``max|x| * ||x / max|x|||`` in float64, so no finite input overflows or underflows. A vector holding
-    NaN or inf becomes all NaN. A zero vector becomes all zeros (``zero_vector="zero"``,
+    ``max|x| * ||x / max|x|||`` in float64, so no finite input overflows or
+    underflows. A vector holding NaN or inf becomes all NaN. A zero vector becomes all zeros (``zero_vector="zero"``,
     similarity 0 with everything, as scikit-learn), all NaN (``"nan"``), or raises
     :class:`ZeroVectorError` naming the input, batch and row (``"error"``).
 
