@@ -45,14 +45,10 @@ def _open_path(path: str, name: str):
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{name}: no zarr array at {path!r}") from err
     except Exception as err:  # noqa: BLE001 - zarr raises many types for "not zarr"
-        raise ValueError(
-            f"{name}: {path!r} is not a zarr array ({type(err).__name__}: {err})"
-        ) from err
+        raise ValueError(f"{name}: {path!r} is not a zarr array ({type(err).__name__}: {err})") from err
     if not isinstance(node, zarr.Array):
         keys = sorted(getattr(node, "array_keys", lambda: [])())
-        hint = (
-            f"; it holds the arrays {keys}, pass e.g. {path.rstrip('/')}/{keys[0]}" if keys else ""
-        )
+        hint = f"; it holds the arrays {keys}, pass e.g. {path.rstrip('/')}/{keys[0]}" if keys else ""
         raise ValueError(f"{name}: {path!r} is a zarr group, not an array{hint}")
     return node
 

@@ -38,8 +38,9 @@ def normalize_rows(
     The fast path multiplies by ``1 / sqrt(x . x)``; a block where any squared norm is
     zero, subnormal or not finite takes a careful path that computes the norm as
     ``max|x| * ||x / max|x|||`` in float64, so no finite input overflows or
-    underflows. A vector holding NaN or inf becomes all NaN. A zero vector becomes all zeros (``zero_vector="zero"``,
-    similarity 0 with everything, as scikit-learn), all NaN (``"nan"``), or raises
+    underflows. A vector holding NaN or inf becomes all NaN. A zero vector becomes all
+    zeros (``zero_vector="zero"``, similarity 0 with everything, as scikit-learn), all
+    NaN (``"nan"``), or raises
     :class:`ZeroVectorError` naming the input, batch and row (``"error"``).
 
     Parameters
@@ -158,9 +159,7 @@ def similarity_block(
     return to_numpy(s) if like == "numpy" and array_api_compat.is_cupy_array(s) else s
 
 
-def cosine_block(
-    a, b, *, zero_vector: str = "zero", out_dtype: str | None = None, device: str = "cpu"
-):
+def cosine_block(a, b, *, zero_vector: str = "zero", out_dtype: str | None = None, device: str = "cpu"):
     """Cosine similarity of two raw blocks (normalise both, then one product).
 
     A convenience for users and tests; the dask graph normalises each input block once

@@ -72,9 +72,7 @@ def check_input_dtype(name: str, dtype) -> np.dtype:
     try:
         dtype = np.dtype(dtype)
     except TypeError as err:
-        raise TypeError(
-            f"{name}: unsupported dtype {dtype!r}; expected a real numeric dtype"
-        ) from err
+        raise TypeError(f"{name}: unsupported dtype {dtype!r}; expected a real numeric dtype") from err
     if _is_bfloat16(dtype):
         return dtype
     if dtype.kind in _REJECTED_KINDS:
@@ -144,9 +142,7 @@ def check_pair(a: Operand, b: Operand) -> int:
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(
-            f"{name}: expected one of {', '.join(map(repr, choices))}, received {value!r}"
-        )
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, received {value!r}")
     return value
 
 
@@ -186,8 +182,7 @@ def normalize_axis_chunks(spec, size: int, *, axis: str) -> tuple[int, ...] | No
         blocks = tuple(int(c) for c in spec)
         if any(c < 0 for c in blocks) or sum(blocks) != size:
             raise ValueError(
-                f"chunks: {axis} block sizes {blocks} must be non-negative and sum to the "
-                f"axis length {size}"
+                f"chunks: {axis} block sizes {blocks} must be non-negative and sum to the axis length {size}"
             )
         return blocks
     raise ValueError(

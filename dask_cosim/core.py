@@ -155,9 +155,7 @@ def _chunk_spec(chunks, batched: bool) -> tuple:
     return tuple(chunks) if batched else ("auto", *chunks)
 
 
-def _normalized(
-    x, op: Operand, plan: Plan, rows, batch: int, name: str, on_device: bool, norm: dict
-):
+def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_device: bool, norm: dict):
     """The input as a dask array in plan-aligned blocks, each normalised by its own task."""
     broadcast = op.ndim == 3 and op.batch == 1 and batch > 1
     if op.ndim == 3 and not broadcast:
@@ -268,6 +266,4 @@ def cosine_similarity(
     array([[1.    , 0.7071],
            [0.7071, 1.    ]])
     """
-    return similarity_from(
-        prepare(a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector)
-    )
+    return similarity_from(prepare(a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector))
