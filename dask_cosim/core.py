@@ -9,7 +9,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from . import _config
+from . import _config, _provenance
 from ._backend import is_device_array
 from ._inputs import open_input, storage_chunks
 from ._kernels import normalize_rows, similarity_block
@@ -266,4 +266,26 @@ def cosine_similarity(
     array([[1.    , 0.7071],
            [0.7071, 1.    ]])
     """
-    return similarity_from(prepare(a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector))
+    prep = prepare(a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector)
+    result = similarity_from(prep)
+    record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector)
+    return result
+
+
+def record_result(name: str, kind: str, prep: Prepared, a, b, **params) -> None:
+    """Register what ``name`` was computed from (for the attributes writers store)."""
+    from ._version import __version__
+
+    _provenance.record(
+        name,
+        kind=kind,
+        a=_provenance.describe_input(a),
+        b=None if prep.self_similar else _provenance.describe_input(b),
+        self_similar=prep.self_similar,
+        shape=list(prep.out_shape),
+        chunks=[list(c) for c in prep.plan.chunks],
+        dtype=prep.out_dtype.name,
+        device=prep.device,
+        version=__version__,
+        **params,
+    )

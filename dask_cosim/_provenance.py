@@ -1,0 +1,37 @@
+"""What a lazy result was computed from, so writers can record it next to the data.
+
+Results are plain dask arrays/dataframes, so the facts live in a registry keyed by the
+result's dask name (a deterministic token of the whole computation).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_REGISTRY: dict[str, dict[str, Any]] = {}
+
+
+def describe_input(x: Any) -> dict[str, Any]:
+    """Shape, dtype and, for paths/zarr arrays, where the input lives."""
+    info: dict[str, Any] = {}
+    if isinstance(x, (str, os.PathLike)):
+        info["path"] = os.fspath(x)
+    else:
+        store = getattr(getattr(x, "store", None), "root", None)
+        if store is not None:
+            info["path"] = os.fspath(store) + ("/" + x.path if getattr(x, "path", "") else "")
+    for key in ("shape", "dtype"):
+        if hasattr(x, key):
+            info[key] = list(x.shape) if key == "shape" else str(x.dtype)
+    return info
+
+
+def record(name: str, **facts: Any) -> None:
+    """Remember ``facts`` for the result whose dask name is ``name``."""
+    _REGISTRY[name] = facts
+
+
+def lookup(name: str) -> dict[str, Any]:
+    """Facts recorded for ``name`` (empty if the result was built elsewhere)."""
+    return dict(_REGISTRY.get(name, {}))
