@@ -60,6 +60,11 @@ def normalize_rows(
     array([[0.6, 0.8],
            [0. , 0. ]])
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow/NaN are handled below
+        return _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched)
+
+
+def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched):
     xp, x = block_namespace(x, device)
     dtype = _dtype(xp, compute_dtype)
     x = xp.astype(x, dtype) if x.dtype != dtype else x

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
+from dask.array.core import PerformanceWarning
 from dask.base import tokenize
 
 from . import _config, _provenance
@@ -198,19 +200,22 @@ def similarity_from(prep: Prepared) -> da.Array:
     if 0 in prep.out_shape:
         chunks = tuple((max(s, 0),) for s in prep.out_shape)
         return da.zeros(prep.out_shape, dtype=prep.out_dtype, chunks=chunks, meta=prep.meta)
-    return da.blockwise(
-        similarity_block,
-        prep.out_index,
-        prep.an,
-        prep.a_index,
-        prep.bn,
-        prep.b_index,
-        token="cosine-block",
-        dtype=prep.out_dtype,
-        meta=prep.meta,
-        concatenate=True,
-        **prep.product_kwargs(),
-    )
+    with warnings.catch_warnings():
+        # an outer product has more output blocks than input blocks by design
+        warnings.simplefilter("ignore", PerformanceWarning)
+        return da.blockwise(
+            similarity_block,
+            prep.out_index,
+            prep.an,
+            prep.a_index,
+            prep.bn,
+            prep.b_index,
+            token="cosine-block",
+            dtype=prep.out_dtype,
+            meta=prep.meta,
+            concatenate=True,
+            **prep.product_kwargs(),
+        )
 
 
 def cosine_similarity(

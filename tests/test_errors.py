@@ -1,0 +1,108 @@
+"""Bad input gets a clear error at call time, naming the argument and the offending value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dask_cosim as dcs
+
+A = np.ones((2, 5, 4))
+
+
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        (np.ones(4), A, r"a: expected a 2-D \(N, D\) or 3-D \(batch, N, D\) array, received shape \(4,\)"),
+        (A, np.ones((1, 2, 5, 4)), r"b: expected a 2-D .* received shape \(1, 2, 5, 4\) \(ndim=4\)"),
+        (A, np.ones((2, 5, 3)), r"same vector length D: a has shape \(2, 5, 4\) \(D=4\), b has .*\(D=3\)"),
+        (A, np.ones((3, 5, 4)), r"batch sizes differ: a has batch 2 .* b has batch 3"),
+        (np.ones((2, 5, 0)), np.ones((2, 3, 0)), r"a: vectors of length D=0"),
+    ],
+)
+def test_shape_errors(a, b, match):
+    with pytest.raises(ValueError, match=match):
+        dcs.cosine_similarity(a, b)
+
+
+@pytest.mark.parametrize(
+    "bad, kind",
+    [
+        (np.ones((3, 2), dtype=complex), "complex"),
+        (np.array([["a", "b"]]), "string"),
+        (np.array([[object(), object()]]), "object"),
+        (np.ones((3, 2), dtype="datetime64[s]"), "datetime"),
+        (np.ones((3, 2), dtype="timedelta64[s]"), "timedelta"),
+        ([[1, "x"]], "string"),
+    ],
+)
+def test_dtype_errors_are_type_errors(bad, kind):
+    with pytest.raises(TypeError, match=rf"a: {kind} dtype .* not supported"):
+        dcs.cosine_similarity(bad, np.ones((2, 2)))
+
+
+@pytest.mark.parametrize(
+    "chunks, match",
+    [
+        ((1, 2), r"output is 3-D, so chunks needs 3 entries"),
+        ((1, 2, 3, 4), r"needs 3 entries"),
+        ((0, 2, 2), r"batch chunk must be a positive int, received 0"),
+        ((1, -3, 2), r"N chunk must be a positive int, received -3"),
+        ((1, (2, 2), 2), r"N block sizes \(2, 2\) must .* sum to the axis length 5"),
+        ((1, "big", 2), r"N chunk 'big' is not understood"),
+        ({"a": 1}, r"chunks: expected 'auto' or a tuple"),
+        ("fast", r"chunks: expected 'auto' or a tuple"),
+    ],
+)
+def test_chunk_errors(chunks, match):
+    with pytest.raises(ValueError, match=match):
+        dcs.cosine_similarity(A, A, chunks=chunks)
+
+
+def test_chunks_for_2d_output_take_two_entries():
+    with pytest.raises(ValueError, match=r"output is 2-D, so chunks needs 2 entries \(\(n, m\)\)"):
+        dcs.cosine_similarity(np.ones((5, 3)), chunks=(1, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        ({"device": "tpu"}, ValueError, r"device: expected one of 'auto', 'cpu', 'gpu', received 'tpu'"),
+        ({"zero_vector": "skip"}, ValueError, r"zero_vector: expected one of 'zero', 'nan', 'error'"),
+        ({"dtype": "int32"}, TypeError, r"dtype: expected float16, float32 or float64, received int32"),
+        ({"dtype": "nonsense"}, TypeError, r"dtype: cannot interpret 'nonsense'"),
+    ],
+)
+def test_option_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        dcs.cosine_similarity(A, A, **kw)
+
+
+def test_missing_paths_are_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"a: no such file or zarr store: .*nope.zarr"):
+        dcs.cosine_similarity(str(tmp_path / "nope.zarr"))
+    with pytest.raises(FileNotFoundError, match=r"b: no such file"):
+        dcs.cosine_similarity(A, tmp_path / "missing.npy")
+
+
+def test_zarr_group_is_not_an_array(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g.create_array("emb", shape=(4, 3), dtype="f4")
+    with pytest.raises(ValueError, match=r"is a zarr group, not an array; .*g.zarr/emb"):
+        dcs.cosine_similarity(str(tmp_path / "g.zarr"))
+
+
+def test_plan_over_budget_is_refused_before_running():
+    import dask
+
+    big = np.ones((1, 20000, 8), dtype="float32")
+    with dask.config.set({"cosine.max-task-memory": "64MiB"}):
+        with pytest.raises(
+            dcs.PlanError,
+            match=r"need about .* per task, above the budget "
+            r"cosine.max-task-memory=64.0 MiB; chunks that fit: \(1, \d+, \d+\)",
+        ):
+            dcs.cosine_similarity(big, big, chunks=(1, 20000, 20000))
+        S = dcs.cosine_similarity(big[:, :5000], big[:, :5000])  # auto always fits
+        assert max(S.chunks[1]) * max(S.chunks[2]) * 4 <= 64 * 2**20
