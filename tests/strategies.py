@@ -17,7 +17,7 @@ def axis_chunks(draw, size: int):
         return draw(st.integers(1, max(1, size)))
     cuts = sorted(draw(st.sets(st.integers(1, max(1, size - 1)), max_size=4))) if size > 1 else []
     edges = [0, *cuts, size]
-    return tuple(b - a for a, b in zip(edges, edges[1:]))
+    return tuple(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
 
 
 @st.composite
