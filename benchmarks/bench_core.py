@@ -1,0 +1,107 @@
+"""Dense cosine similarity vs the hardware limit, in ONE process run.
+
+The limit is ``numpy.matmul`` of already-normalised inputs (one BLAS call over the
+whole batch). ``dcs.cosine_similarity(...).compute()`` runs with the default (threaded)
+scheduler and auto chunks. Each figure is the median of ``--repeat`` runs (all variants
+interleaved) after a warm-up; ``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
+
+    python benchmarks/bench_core.py            # W1 and W2 as in the core issue
+    python benchmarks/bench_core.py --quick    # tiny sizes (used by the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import dask
+import numpy as np
+from threadpoolctl import threadpool_info
+
+import dask_cosim as dcs
+
+
+def paired_times(fns, repeat: int) -> list[float]:
+    """Median time of each function, run interleaved so drifting machine load hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def sklearn_loop(a, b):
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    out = np.empty((a.shape[0], a.shape[1], b.shape[1]))
+    for k in range(a.shape[0]):
+        out[k] = cosine_similarity(a[k], b[k])
+    return out
+
+
+def workload(name, a, b, repeat, with_sklearn=False):
+    an, bnt = unit(a), np.swapaxes(unit(b), -1, -2)
+    S = dcs.cosine_similarity(a, b)
+    with dask.config.set({"cosine.blas-threads": len(os.sched_getaffinity(0))}):
+        S_over = dcs.cosine_similarity(a, b)  # every dask thread with all-core BLAS
+    fns = [lambda: np.matmul(an, bnt), S.compute, S_over.compute]
+    if with_sklearn:
+        fns.append(lambda: sklearn_loop(a, b))
+    t_limit, t_ours, t_over, *t_sk = paired_times(fns, repeat)
+    got = S.compute()
+    err = float(np.max(np.abs(got - np.matmul(an, bnt))))
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * a.shape[2]
+    row = {
+        "workload": name,
+        "shape": [list(a.shape), list(b.shape)],
+        "dtype": str(a.dtype),
+        "chunks": [len(c) for c in S.chunks],
+        "t_limit_s": round(t_limit, 4),
+        "t_dask_cosim_s": round(t_ours, 4),
+        "ratio_to_limit": round(t_limit / t_ours, 3),
+        "gflops_dask_cosim": round(flops / t_ours / 1e9, 1),
+        "ratio_oversubscribed_blas": round(t_limit / t_over, 3),
+        "max_abs_err_vs_limit": err,
+    }
+    if with_sklearn:
+        row["t_sklearn_loop_s"] = round(t_sk[0], 4)
+        row["speedup_vs_sklearn_loop"] = round(t_sk[0] / t_ours, 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
+    print(f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}", flush=True)
+    gen = np.random.default_rng(0)
+    scale = 8 if args.quick else 1
+    rows = []
+    w2 = (16 // scale, 2048 // scale, 256 // scale)
+    a = gen.standard_normal((w2[0], w2[1], w2[2]), dtype=np.float32)
+    b = gen.standard_normal((w2[0], w2[1], w2[2]), dtype=np.float32)
+    rows.append(workload("W2", a, b, args.repeat))
+    n_batch = 100 // scale
+    a = np.random.default_rng(1).random((n_batch, 400 // scale, 200 // scale))
+    b = np.random.default_rng(2).random((n_batch, 500 // scale, 200 // scale))
+    rows.append(workload("W1", a, b, args.repeat, with_sklearn=True))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
