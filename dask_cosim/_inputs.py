@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["open_input", "storage_chunks"]
+__all__ = ["open_input", "storage_chunks", "BlockSource"]
 
 
 def open_input(x: Any, name: str) -> Any:
@@ -35,7 +35,7 @@ def _open_path(path: str, name: str):
         raise FileNotFoundError(f"{name}: no such file or zarr store: {path!r}")
     if path.endswith(".npy"):
         try:
-            return np.load(path, mmap_mode="r")
+            return NpyFile(path)
         except ValueError as err:
             raise ValueError(f"{name}: {path!r} is not a readable .npy file: {err}") from err
     import zarr
@@ -65,3 +65,44 @@ def storage_chunks(x: Any) -> tuple[int | None, ...]:
         else:  # zarr: one int per axis
             out.append(int(c))
     return tuple(out)
+
+
+class NpyFile:
+    """A ``.npy`` file, memory-mapped on first access in each process and never read whole.
+
+    Pickles as its path (not its data), so workers of a cluster that share the file system
+    map the file themselves.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._mmap = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.ndim = self._mmap.shape, self._mmap.dtype, self._mmap.ndim
+
+    def __getitem__(self, index):
+        if self._mmap is None:
+            self._mmap = np.load(self.path, mmap_mode="r")
+        return self._mmap[index]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mmap": None}
+
+    def __dask_tokenize__(self):
+        stat = os.stat(self.path)
+        return ("npy", os.path.abspath(self.path), stat.st_mtime_ns, stat.st_size)
+
+
+class BlockSource:
+    """Wrap an in-memory or stored array for :func:`dask.array.from_array` without its copy.
+
+    ``from_array`` copies any array with a ``.copy`` method (a full second copy of the
+    input, and a full read of a memory map). dask_cosim reads inputs block by block
+    instead; like NumPy views, inputs must not be modified until results are computed.
+    """
+
+    def __init__(self, x):
+        self.x = x
+        self.shape, self.dtype, self.ndim = tuple(x.shape), x.dtype, len(x.shape)
+
+    def __getitem__(self, index):
+        return self.x[index]

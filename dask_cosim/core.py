@@ -13,7 +13,7 @@ from dask.base import tokenize
 
 from . import _config, _provenance
 from ._backend import is_device_array
-from ._inputs import open_input, storage_chunks
+from ._inputs import BlockSource, open_input, storage_chunks
 from ._kernels import normalize_rows, similarity_block
 from ._plan import (
     Operand,
@@ -168,7 +168,11 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
         arr = x.rechunk(chunks)
     else:
         arr = da.from_array(
-            x, chunks=chunks, asarray=not on_device, name=f"cosine-input-{name}-{tokenize(x)}"
+            BlockSource(x),
+            chunks=chunks,
+            asarray=not on_device,
+            name=f"cosine-input-{name}-{tokenize(x)}",
+            meta=_meta(on_device, op.ndim, x.dtype),
         )
     if broadcast:
         arr = arr[0]

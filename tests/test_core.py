@@ -299,3 +299,31 @@ def test_distributed_local_cluster_two_processes():
         np.testing.assert_allclose(got, reference_cosine(a, b), atol=1e-12)
         seen = client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
         assert {"cosine-block"} <= seen and any("cosine-normalize" in p for p in seen)
+
+
+def test_building_the_graph_copies_no_input():
+    import tracemalloc
+
+    a = np.ones((2000, 256))  # 4 MB
+    tracemalloc.start()
+    S = dcs.cosine_similarity(a, a + 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < a.nbytes / 4, f"graph construction allocated {peak} bytes"
+    assert S.shape == (2000, 2000)
+
+
+def test_npy_inputs_are_memory_mapped_and_pickle_as_paths(tmp_path):
+    import pickle
+
+    from dask_cosim._inputs import NpyFile, open_input
+
+    a = rng(25).standard_normal((300, 16))
+    np.save(tmp_path / "a.npy", a)
+    src = open_input(str(tmp_path / "a.npy"), "a")
+    assert isinstance(src, NpyFile) and isinstance(src._mmap, np.memmap)
+    clone = pickle.loads(pickle.dumps(src))
+    assert len(pickle.dumps(src)) < 1000  # the path, not the data
+    np.testing.assert_array_equal(clone[10:20], a[10:20])
+    got = dcs.cosine_similarity(str(tmp_path / "a.npy"), chunks=(100, 100)).compute(scheduler="processes")
+    np.testing.assert_allclose(got, reference_cosine(a), atol=1e-12)
