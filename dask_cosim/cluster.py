@@ -1,0 +1,114 @@
+"""Where jobs run: an embedded LocalCluster on 127.0.0.1, or an existing scheduler."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+__all__ = ["SchedulerUnreachable", "dask_client", "dashboard_address", "machine_layout"]
+
+DEFAULT_DASHBOARD_PORT = 8787
+
+
+class SchedulerUnreachable(ConnectionError):
+    """No scheduler answered at the given address within the timeout."""
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def dashboard_address(preferred: int = DEFAULT_DASHBOARD_PORT) -> str:
+    """``127.0.0.1:8787``, or ``127.0.0.1:0`` (any free port) when 8787 is taken."""
+    port = preferred if _port_free(preferred) else 0
+    return f"127.0.0.1:{port}"
+
+
+def machine_layout(workers: int | None = None, threads_per_worker: int | None = None) -> tuple[int, int]:
+    """Workers and threads per worker that fill this machine's cores (distributed's own rule)."""
+    from dask.system import CPU_COUNT
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    if workers and threads_per_worker:
+        return workers, threads_per_worker
+    if workers:
+        return workers, max(1, CPU_COUNT // workers)
+    if threads_per_worker:
+        return max(1, CPU_COUNT // threads_per_worker), threads_per_worker
+    return nprocesses_nthreads(CPU_COUNT)
+
+
+@contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | float | None = "auto",
+    processes: bool = True,
+    timeout: float = 10.0,
+    echo: Callable[[str], None] | None = print,
+    quiet: bool = False,
+) -> Iterator:
+    """A distributed ``Client`` for the duration of a ``with`` block.
+
+    With ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``) it connects to that
+    cluster, raising :class:`SchedulerUnreachable` after ``timeout`` seconds, and only
+    closes its own client at the end. Without, it starts a ``LocalCluster`` sized to
+    this machine with scheduler, workers and dashboard bound to 127.0.0.1, and shuts it
+    down when the block ends, also on error and on Ctrl-C.
+
+    Examples
+    --------
+    >>> from dask_cosim.cluster import dask_client
+    >>> with dask_client(processes=False, workers=1, echo=None) as client:
+    ...     client.submit(sum, [1, 2]).result()
+    3
+    """
+    from distributed import Client
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=timeout, set_as_default=True)
+        except (OSError, TimeoutError) as err:
+            raise SchedulerUnreachable(
+                f"scheduler: cannot reach a Dask scheduler at {scheduler!r} within {timeout:g} s "
+                f"({type(err).__name__}); is it running and is the address right?"
+            ) from err
+        try:
+            if echo:
+                echo(f"Connected to {scheduler}; dashboard: {client.dashboard_link}")
+            yield client
+        finally:
+            client.close()
+        return
+
+    from distributed import LocalCluster
+
+    n, t = machine_layout(workers, threads_per_worker)
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=t,
+        processes=processes,
+        memory_limit=memory_limit,
+        host="127.0.0.1",
+        dashboard_address=dashboard_address(),
+        silence_logs=logging.ERROR if quiet else logging.WARNING,
+    )
+    try:
+        client = Client(cluster, set_as_default=True)
+        try:
+            if echo:
+                echo(f"Dask dashboard: {client.dashboard_link} ({n} workers x {t} threads)")
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()

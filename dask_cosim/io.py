@@ -1,0 +1,796 @@
+"""Write results block by block: similarity and top-k to zarr, pairs to Parquet, resumably.
+
+Every output block is written by its own ``cosine-write`` task, which stores the block's
+data and then, right after, its own marker (one marker chunk per block, so no two tasks
+ever read-modify-write a shared object). A block counts as done only when its marker
+exists: zarr skips all-zero chunks (``write_empty_chunks=False``) and a crash can leave
+a chunk without its marker, so "the chunk file exists" never means "the block is done".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from . import _provenance
+from ._backend import to_numpy
+
+__all__ = [
+    "to_zarr",
+    "to_parquet",
+    "WriteReport",
+    "OutputExistsError",
+    "ResumeMismatchError",
+    "check_output",
+    "regular_chunks",
+]
+
+#: Group attribute under which dask_cosim records what an output holds.
+ATTR = "dask_cosim"
+#: Version of the on-disk layout (markers, attributes).
+LAYOUT = 1
+#: The marker array: one uint8 chunk per output block, 1 once the block is written.
+MARKERS = "_blocks_done"
+#: Facts that may differ between a run and its resumption without changing the data.
+_VOLATILE = ("version", "device")
+#: Parquet: data files are ``part-<block>.parquet``; bookkeeping lives under ``_dask_cosim/``
+#: (pyarrow/pandas ignore names starting with "_" or ".", so readers never see it).
+_PQ_META = "_dask_cosim"
+
+
+class OutputExistsError(FileExistsError):
+    """The output location holds data and neither ``overwrite`` nor ``resume`` allows using it."""
+
+
+class ResumeMismatchError(ValueError):
+    """``resume=True`` but the stored output was computed with other parameters."""
+
+
+@dataclass
+class WriteReport:
+    """What a write did; ``summary()`` is the one-line report the CLI prints.
+
+    ``blocks`` counts output blocks (zarr: marker grid, Parquet: partitions),
+    ``blocks_skipped`` those already done by an earlier run (``resume=True``),
+    ``blocks_written`` those this call computed and stored.
+    """
+
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    blocks: int
+    blocks_skipped: int
+    blocks_written: int
+    pairs: int  # similarity entries covered by the blocks written now
+    dim: int | None
+    seconds: float
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def gflops(self) -> float | None:
+        """GFLOP/s equivalent ``2 * pairs * D / t`` (``None`` when D is unknown)."""
+        if self.dim is None or self.seconds <= 0:
+            return None
+        return 2.0 * self.pairs * self.dim / self.seconds / 1e9
+
+    def summary(self) -> str:
+        resumed = f", {self.blocks_skipped} already done" if self.blocks_skipped else ""
+        flops = f", {self.gflops:.1f} GFLOP/s" if self.gflops is not None else ""
+        return (
+            f"{self.path}: {self.kind} shape {self.shape}, {self.blocks} blocks "
+            f"({self.blocks_written} written{resumed}) in {self.seconds:.2f} s, "
+            f"{self.pairs_per_second:.3g} pairs/s{flops}"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def regular_chunks(chunks: Sequence[Sequence[int]]) -> bool:
+    """True when every axis has equal blocks except possibly a smaller last one.
+
+    Only then can zarr chunks (a regular grid) equal the dask blocks.
+
+    >>> regular_chunks(((4, 4, 2), (3,)))
+    True
+    >>> regular_chunks(((4, 3, 3),))
+    False
+    """
+    for axis in chunks:
+        axis = tuple(axis)
+        if len(axis) > 1 and (len(set(axis[:-1])) != 1 or axis[-1] > axis[0]):
+            return False
+    return True
+
+
+def _regularize(arr: da.Array, what: str) -> da.Array:
+    if regular_chunks(arr.chunks):
+        return arr
+    sizes = tuple(max(c) if c else 0 for c in arr.chunks)
+    warnings.warn(
+        f"{what}: dask blocks {tuple(tuple(c) for c in arr.chunks)} are irregular and cannot equal zarr "
+        f"chunks; rechunking to regular blocks {sizes} before writing (costs memory and a copy). "
+        "Pass integer chunks= to the computation to avoid this.",
+        stacklevel=3,
+    )
+    return arr.rechunk(sizes)
+
+
+def _zarr_chunk_shape(chunks) -> tuple[int, ...]:
+    return tuple(max(1, c[0]) if c else 1 for c in chunks)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def _comparable(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _jsonable(dict(params)).items() if k not in _VOLATILE}
+
+
+def _check_same(stored: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
+    old, new = _comparable(stored), _comparable(wanted)
+    if old == new:
+        return
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}: stored {old.get(key)!r}, now {new.get(key)!r}")
+    raise ResumeMismatchError(
+        f"resume: the output at {where} was computed with different parameters ("
+        + "; ".join(diffs)
+        + "); rerun with the same parameters, or pass overwrite=True (--overwrite) to start again"
+    )
+
+
+def _describe(store) -> str:
+    if isinstance(store, (str, os.PathLike)):
+        return os.fspath(store)
+    return repr(store)
+
+
+def _exists_message(where: str, partial: bool) -> str:
+    if partial:
+        return (
+            f"output {where} holds a half-written result from an earlier run; pass resume=True "
+            "(--resume) to finish it or overwrite=True (--overwrite) to start again"
+        )
+    return f"output {where} already exists; pass overwrite=True (--overwrite) to replace it"
+
+
+def _check_flags(overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise ValueError(
+            "overwrite=True and resume=True contradict each other: resume keeps the finished "
+            "blocks, overwrite deletes them; pass only one"
+        )
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _distributed_client():
+    """The distributed client dask would use now, or ``None`` for local schedulers."""
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _execute(tasks: list, progress: bool) -> None:
+    """Run the write tasks: on the active distributed client if any, else dask's scheduler."""
+    if not tasks:
+        return
+    client = _distributed_client()
+    if client is None:
+        from contextlib import nullcontext
+
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar() if progress else nullcontext():
+            dask.compute(*tasks)
+        return
+    futures = client.compute(tasks)
+    try:
+        if progress:
+            from distributed import progress as show_progress
+
+            show_progress(futures, notebook=False)
+            print(flush=True)
+        client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+# --------------------------------------------------------------------------- zarr
+
+
+@dataclass(frozen=True)
+class _ZarrPayload:
+    kind: str
+    arrays: dict[str, da.Array]  # name in the group -> dask array (regular blocks)
+    grid: tuple[int, ...]  # marker grid: blocks along the leading axes
+    params: dict[str, Any]
+    pairs_per_block: np.ndarray  # similarity entries each block covers
+    dim: int | None
+
+
+def _zarr_payload(result) -> _ZarrPayload:
+    if isinstance(result, da.Array):
+        facts = _provenance.lookup(result.name)
+        arr = _regularize(result, "to_zarr")
+        kind = facts.get("kind", "array")
+        params = facts or _fallback_params("array", result)
+        grid = arr.numblocks
+        sizes = np.ones(grid, dtype=np.int64)
+        for axis, c in enumerate(arr.chunks):
+            shape = [1] * len(grid)
+            shape[axis] = len(c)
+            sizes = sizes * np.asarray(c, dtype=np.int64).reshape(shape)
+        return _ZarrPayload(kind, {"similarity": arr}, grid, params, sizes, _dim(facts))
+    if (
+        isinstance(result, (tuple, list))
+        and len(result) == 2
+        and all(isinstance(r, da.Array) for r in result)
+    ):
+        vals, idx = result
+        if vals.shape != idx.shape or vals.ndim not in (2, 3):
+            raise ValueError(
+                f"result: expected topk's (values, indices) of equal shape (batch, N, k) or (N, k), "
+                f"received shapes {vals.shape} and {idx.shape}"
+            )
+        facts = _provenance.lookup(vals.name)
+        params = facts or _fallback_params("topk", vals, idx)
+        whole_k = {vals.ndim - 1: -1}
+        vals = _regularize(vals.rechunk(whole_k), "to_zarr values")
+        idx = _regularize(idx.rechunk(vals.chunks), "to_zarr indices")
+        grid = vals.numblocks[:-1]
+        width = _topk_columns(facts)
+        sizes = np.ones(grid, dtype=np.int64) * width
+        for axis, c in enumerate(vals.chunks[:-1]):
+            shape = [1] * len(grid)
+            shape[axis] = len(c)
+            sizes = sizes * np.asarray(c, dtype=np.int64).reshape(shape)
+        return _ZarrPayload("topk", {"values": vals, "indices": idx}, grid, params, sizes, _dim(facts))
+    raise TypeError(
+        "result: expected the dask array of cosine_similarity or the (values, indices) pair of topk, "
+        f"received {type(result).__name__}; write pairs_above results with to_parquet"
+    )
+
+
+def _fallback_params(kind: str, *arrays: da.Array) -> dict[str, Any]:
+    """Identity of a result dask_cosim did not build: its (deterministic) dask names."""
+    return {
+        "kind": kind,
+        "names": [a.name for a in arrays],
+        "shape": list(arrays[0].shape),
+        "chunks": [list(c) for c in arrays[0].chunks],
+        "dtype": str(arrays[0].dtype),
+    }
+
+
+def _dim(facts: Mapping[str, Any]) -> int | None:
+    shape = (facts.get("a") or {}).get("shape")
+    return int(shape[-1]) if shape else None
+
+
+def _topk_columns(facts: Mapping[str, Any]) -> int:
+    """M, the number of columns each top-k row was chosen from."""
+    b = facts.get("b") or facts.get("a") or {}
+    return int(b["shape"][-2]) if b.get("shape") else 1
+
+
+def _local_path(store) -> str | None:
+    if isinstance(store, (str, os.PathLike)):
+        path = os.fspath(store)
+        if "://" not in path:
+            return path
+        if path.startswith("file://"):
+            return path[len("file://") :]
+    return None
+
+
+def _open_state(store, storage_options):
+    """``(group_or_None, status)`` of the output location, without creating anything.
+
+    status: "absent", "empty", "complete"/"partial" (a dask_cosim output), "foreign" (a
+    zarr node written by something else) or "other" (data that is not zarr at all).
+    """
+    import zarr
+    from zarr.errors import ContainsArrayError, NodeNotFoundError
+
+    local = _local_path(store)
+    if local is not None:
+        if not os.path.exists(local):
+            return None, "absent"
+        if not os.path.isdir(local):
+            return None, "other"
+        if not os.listdir(local):
+            return None, "empty"
+    try:
+        group = zarr.open_group(store, mode="r+", storage_options=storage_options)
+    except ContainsArrayError:
+        return None, "foreign"
+    except (FileNotFoundError, NodeNotFoundError):
+        if local is not None:
+            return None, "other"
+        return None, _remote_status(store, storage_options)
+    info = group.attrs.get(ATTR)
+    if not isinstance(info, dict):
+        if not list(group.keys()) and not dict(group.attrs):
+            return group, "empty"
+        return group, "foreign"
+    return group, "complete" if info.get("complete") else "partial"
+
+
+def _remote_status(store, storage_options) -> str:
+    if isinstance(store, (str, os.PathLike)):
+        fs, root = _fs(store, storage_options)
+        return "other" if fs.exists(root) and fs.ls(root) else "absent"
+    return "absent"
+
+
+def check_output(
+    store,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: dict | None = None,
+    parquet: bool = False,
+) -> str:
+    """Raise early (before any cluster starts) if writing to ``store`` would be refused.
+
+    Returns the status found: "absent", "empty", "complete", "partial" or "foreign".
+    Parameter matching for ``resume`` is checked by the writer itself.
+    """
+    _check_flags(overwrite, resume)
+    status = _parquet_state(store, storage_options)[1] if parquet else _open_state(store, storage_options)[1]
+    _refuse(status, _describe(store), overwrite, resume, parquet)
+    return status
+
+
+def _refuse(status: str, where: str, overwrite: bool, resume: bool, parquet: bool) -> None:
+    if status in ("absent", "empty"):
+        return
+    if status == "other":
+        kind = "Parquet" if parquet else "zarr"
+        raise OutputExistsError(
+            f"output {where} already exists and holds data that is not {kind}; refusing to use or "
+            "delete it (even with overwrite=True): remove it yourself or choose another output"
+        )
+    if status == "foreign":
+        kind = "a Parquet dataset written by dask_cosim" if parquet else "a zarr group written by dask_cosim"
+        if not overwrite:
+            raise OutputExistsError(
+                f"output {where} already exists and is not {kind}; choose another output or pass "
+                "overwrite=True (--overwrite) to replace it"
+            )
+        return
+    if status == "partial" and not (resume or overwrite):
+        raise OutputExistsError(_exists_message(where, partial=True))
+    if status == "complete" and not (resume or overwrite):
+        raise OutputExistsError(_exists_message(where, partial=False))
+
+
+def to_zarr(
+    result,
+    store,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    codec: str = "auto",
+    storage_options: dict | None = None,
+    progress: bool = False,
+) -> WriteReport:
+    """Compute ``result`` block by block into a zarr v3 group, resumably.
+
+    A :func:`~dask_cosim.cosine_similarity` result becomes the array ``similarity``; a
+    :func:`~dask_cosim.topk` result ``(vals, idx)`` the arrays ``values`` and ``indices``.
+    Each output block is computed and written by its own task, then marked done in the
+    ``_blocks_done`` array (one chunk per block), so memory stays at a few blocks per
+    worker and an interrupted run can be resumed. zarr chunks equal the dask blocks
+    (irregular blocks are first rechunked to regular ones, with a warning), so no two
+    tasks ever write the same chunk.
+
+    Parameters
+    ----------
+    result : dask.array.Array or tuple of two dask arrays
+        What to write.
+    store : str, os.PathLike or zarr store
+        Local path, fsspec URL (``s3://…``, with ``storage_options``) or zarr store. Use a
+        path or URL with a multi-process cluster (in-memory stores do not travel).
+    overwrite : bool
+        Replace an existing output (a zarr node, or an empty directory). Never deletes a
+        non-empty directory that is not a zarr store.
+    resume : bool
+        Finish a half-written output: check that it was computed with the same
+        parameters (else :class:`ResumeMismatchError`), delete zarr's leftover
+        ``*.partial`` files, and compute only the blocks without a marker.
+    codec : {"auto", "none", "zstd", "blosc-lz4"}
+        Compression. ``"auto"`` stores similarities uncompressed (cosine scores barely
+        compress; see the README's codec section) and top-k arrays with blosc-lz4 +
+        bitshuffle (indices shrink ~5x).
+    storage_options : dict, optional
+        Passed to fsspec for URLs.
+    progress : bool
+        Show a progress bar (``distributed.progress`` under a distributed client).
+
+    Returns
+    -------
+    WriteReport
+
+    Raises
+    ------
+    OutputExistsError
+        The output exists and neither ``overwrite`` nor ``resume`` was given.
+    ResumeMismatchError
+        ``resume=True`` and the stored parameters differ.
+
+    Examples
+    --------
+    >>> import numpy as np, zarr, tempfile, dask_cosim as dcs
+    >>> out = tempfile.mkdtemp() + "/sim.zarr"
+    >>> S = dcs.cosine_similarity(np.eye(4, 3), chunks=(2, 2))
+    >>> dcs.to_zarr(S, out).blocks
+    4
+    >>> zarr.open_group(out)["similarity"][0, :2]
+    array([1., 0.])
+    """
+    _check_flags(overwrite, resume)
+    start = time.perf_counter()
+    payload = _zarr_payload(result)
+    where = _describe(store)
+    layout = _layout(payload, codec)
+    group, status = _open_state(store, storage_options)
+    _refuse(status, where, overwrite, resume, parquet=False)
+    if status in ("complete", "partial") and resume:
+        stored = dict(group.attrs[ATTR])
+        _check_same(stored.get("params", {}), payload.params, where)
+        _check_same(stored.get("layout", {}), layout, where)
+        _clean_partial_files(group.store)
+        _ensure_arrays(group, payload, layout)
+    else:
+        if status not in ("absent", "empty") and not overwrite:  # pragma: no cover - _refuse covers it
+            raise OutputExistsError(_exists_message(where, status == "partial"))
+        group = _create(store, payload, layout, storage_options)
+    done = group[MARKERS][...].astype(bool)
+    tasks, pending = _zarr_tasks(payload, group, done)
+    _execute(tasks, progress)
+    _finish_zarr(group, payload, where)
+    return WriteReport(
+        path=where,
+        kind=payload.kind,
+        shape=tuple(next(iter(payload.arrays.values())).shape),
+        blocks=int(done.size),
+        blocks_skipped=int(done.sum()),
+        blocks_written=len(pending),
+        pairs=int(sum(payload.pairs_per_block[i] for i in pending)),
+        dim=payload.dim,
+        seconds=time.perf_counter() - start,
+        arrays=layout["arrays"],
+    )
+
+
+_CODECS = ("auto", "none", "zstd", "blosc-lz4")
+
+
+def _codec_spec(codec: str, array: str) -> str:
+    if codec not in _CODECS:
+        raise ValueError(f"codec: expected one of {', '.join(map(repr, _CODECS))}, received {codec!r}")
+    if codec == "auto":
+        return "none" if array == "similarity" else "blosc-lz4"
+    return codec
+
+
+def _compressors(spec: str, dtype: np.dtype):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if spec == "none":
+        return None
+    if spec == "zstd":
+        return [ZstdCodec(level=1)]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=dtype.itemsize)]
+
+
+def _layout(payload: _ZarrPayload, codec: str) -> dict[str, Any]:
+    arrays = {
+        name: {
+            "shape": list(arr.shape),
+            "chunks": list(_zarr_chunk_shape(arr.chunks)),
+            "dtype": str(arr.dtype),
+            "codec": _codec_spec(codec, name),
+        }
+        for name, arr in payload.arrays.items()
+    }
+    return {"layout": LAYOUT, "arrays": arrays, "grid": list(payload.grid)}
+
+
+def _create(store, payload: _ZarrPayload, layout: dict, storage_options):
+    import zarr
+
+    info = {"params": _jsonable(payload.params), "layout": layout, "complete": False}
+    info["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    group = zarr.open_group(store, mode="w", attributes={ATTR: info}, storage_options=storage_options)
+    _ensure_arrays(group, payload, layout)
+    return group
+
+
+def _ensure_arrays(group, payload: _ZarrPayload, layout: dict) -> None:
+    """Create the data and marker arrays that do not exist yet (a crash may hit between them)."""
+    existing = set(group.array_keys())
+    for name, spec in layout["arrays"].items():
+        if name in existing:
+            arr = group[name]
+            if list(arr.shape) != spec["shape"] or list(arr.chunks) != spec["chunks"]:
+                raise ResumeMismatchError(
+                    f"resume: stored array {name!r} has shape {arr.shape} and chunks {arr.chunks}, "
+                    f"this run needs {tuple(spec['shape'])} and {tuple(spec['chunks'])}; pass "
+                    "overwrite=True (--overwrite) to start again"
+                )
+            continue
+        dtype = np.dtype(spec["dtype"])
+        group.create_array(
+            name,
+            shape=tuple(spec["shape"]),
+            chunks=tuple(spec["chunks"]),
+            dtype=dtype,
+            compressors=_compressors(spec["codec"], dtype),
+            fill_value=0,
+        )
+    if MARKERS not in existing:
+        grid = tuple(payload.grid)
+        group.create_array(
+            MARKERS, shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0, compressors=None
+        )
+
+
+def _clean_partial_files(store) -> int:
+    """Delete the ``*.partial`` temporaries a killed zarr 3.1 local write leaves behind."""
+    root = getattr(store, "root", None)
+    if root is None or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".partial"):
+                os.unlink(os.path.join(dirpath, f))
+                removed += 1
+    return removed
+
+
+def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray):
+    from dask.delayed import delayed
+
+    names = list(payload.arrays)
+    targets = {name: group[name] for name in names}
+    marker = group[MARKERS]
+    blocks = {name: arr.to_delayed(optimize_graph=False) for name, arr in payload.arrays.items()}
+    offsets = {
+        name: [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks]
+        for name, arr in payload.arrays.items()
+    }
+    token = tokenize(*(a.name for a in payload.arrays.values()), _describe(group.store), group.path)
+    key = f"cosine-write-{token}"
+    pending = [tuple(int(i) for i in ix) for ix in np.argwhere(~done)]
+    tasks = []
+    for ix in pending:
+        parts = []
+        for name in names:
+            full = ix + (0,) * (payload.arrays[name].ndim - len(ix))
+            region = tuple(
+                slice(int(off[b]), int(off[b + 1])) for off, b in zip(offsets[name], full, strict=True)
+            )
+            parts.append((targets[name], region, blocks[name][full]))
+        write = delayed(_write_block, pure=True)
+        tasks.append(
+            write(
+                [p[0] for p in parts],
+                [p[1] for p in parts],
+                marker,
+                ix,
+                *[p[2] for p in parts],
+                dask_key_name=(key, *ix),
+            )
+        )
+    return tasks, pending
+
+
+def _write_block(targets, regions, marker, index, *blocks) -> int:
+    """Store one output block (every array), then its marker: data first, marker after."""
+    for target, region, block in zip(targets, regions, blocks, strict=True):
+        target[region] = to_numpy(block)
+    marker[tuple(slice(i, i + 1) for i in index)] = np.ones((1,) * len(index), dtype=np.uint8)
+    return 1
+
+
+def _finish_zarr(group, payload: _ZarrPayload, where: str) -> None:
+    done = group[MARKERS][...]
+    if not done.all():
+        missing = np.argwhere(done == 0)[:5].tolist()
+        raise RuntimeError(
+            f"to_zarr: {int((done == 0).sum())} blocks of {where} have no marker after the run "
+            f"(first: {missing}); rerun with resume=True"
+        )
+    info = dict(group.attrs[ATTR])
+    info["complete"] = True
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    group.attrs.update({ATTR: info})
+
+
+# --------------------------------------------------------------------------- parquet
+
+
+def _fs(path, storage_options):
+    import fsspec
+
+    return fsspec.core.url_to_fs(os.fspath(path), **(storage_options or {}))
+
+
+def _parquet_state(path, storage_options):
+    fs, root = _fs(path, storage_options)
+    if not fs.exists(root):
+        return (fs, root, None), "absent"
+    if not fs.isdir(root):
+        return (fs, root, None), "foreign"
+    attrs_path = f"{root}/{_PQ_META}/attrs.json"
+    if fs.exists(attrs_path):
+        with fs.open(attrs_path, "r") as f:
+            info = json.load(f)
+        return (fs, root, info), "complete" if info.get("complete") else "partial"
+    if not fs.ls(root):
+        return (fs, root, None), "empty"
+    return (fs, root, None), "foreign" if _only_parquet_files(fs, root) else "other"
+
+
+def _pq_name(i: int) -> str:
+    return f"part-{i:06d}.parquet"
+
+
+def to_parquet(
+    pairs,
+    path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: dict | None = None,
+    progress: bool = False,
+) -> WriteReport:
+    """Compute a :func:`~dask_cosim.pairs_above` result into a Parquet dataset directory.
+
+    One file ``part-NNNNNN.parquet`` per partition (= output block), written under a
+    temporary name and renamed, then marked done under ``_dask_cosim/done/``; the
+    bookkeeping directory and temporaries start with "_" or "." so
+    ``pandas.read_parquet(path)`` reads only the data. ``overwrite`` and ``resume``
+    follow :func:`to_zarr`.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, tempfile, dask_cosim as dcs
+    >>> out = tempfile.mkdtemp() + "/pairs"
+    >>> pairs = dcs.pairs_above(np.eye(3), threshold=0.5)
+    >>> dcs.to_parquet(pairs, out).blocks >= 1
+    True
+    >>> len(pd.read_parquet(out))
+    3
+    """
+    import dask.dataframe as dd
+
+    _check_flags(overwrite, resume)
+    if not isinstance(pairs, dd.DataFrame):
+        raise TypeError(
+            f"pairs: expected the dask DataFrame of pairs_above, received {type(pairs).__name__}; "
+            "write arrays with to_zarr"
+        )
+    start = time.perf_counter()
+    where = _describe(path)
+    facts = _provenance.lookup(pairs._name)
+    params = facts or {"kind": "pairs", "names": [pairs._name], "columns": list(pairs.columns)}
+    nparts = pairs.npartitions
+    layout = {"layout": LAYOUT, "partitions": nparts, "columns": list(map(str, pairs.columns))}
+    (fs, root, info), status = _parquet_state(path, storage_options)
+    _refuse(status, where, overwrite, resume, parquet=True)
+    done_dir = f"{root}/{_PQ_META}/done"
+    if status in ("complete", "partial") and resume:
+        _check_same(info.get("params", {}), params, where)
+        _check_same(info.get("layout", {}), layout, where)
+        for leftover in fs.glob(f"{root}/.part-*"):
+            fs.rm(leftover)
+        done = (
+            {int(os.path.basename(p)) for p in fs.ls(done_dir, detail=False)}
+            if fs.exists(done_dir)
+            else set()
+        )
+    else:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        fs.makedirs(done_dir, exist_ok=True)
+        info = {"params": _jsonable(params), "layout": layout, "complete": False}
+        _write_json(fs, f"{root}/{_PQ_META}/attrs.json", info)
+        done = set()
+    pending = [i for i in range(nparts) if i not in done]
+    parts = pairs.to_delayed(optimize_graph=False)
+    token = tokenize(pairs._name, where)
+    from dask.delayed import delayed
+
+    tasks = [
+        delayed(_write_partition, pure=True)(
+            fs, root, i, parts[i], dask_key_name=(f"cosine-write-parquet-{token}", i)
+        )
+        for i in pending
+    ]
+    _execute(tasks, progress)
+    finished = _parquet_done(fs, done_dir)
+    missing = sorted(set(range(nparts)) - finished)
+    if missing:
+        raise RuntimeError(
+            f"to_parquet: partitions {missing[:5]} of {where} have no marker after the run; "
+            "rerun with resume=True"
+        )
+    info["complete"] = True
+    _write_json(fs, f"{root}/{_PQ_META}/attrs.json", info)
+    total = int(np.prod(facts.get("shape", [0]))) if facts.get("shape") else 0
+    return WriteReport(
+        path=where,
+        kind=facts.get("kind", "pairs"),
+        shape=tuple(facts.get("shape", ())),
+        blocks=nparts,
+        blocks_skipped=len(done),
+        blocks_written=len(pending),
+        pairs=int(round(total * len(pending) / max(nparts, 1))),
+        dim=_dim(facts),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _parquet_done(fs, done_dir: str) -> set[int]:
+    if not fs.exists(done_dir):
+        return set()
+    return {int(os.path.basename(p)) for p in fs.ls(done_dir, detail=False)}
+
+
+def _only_parquet_files(fs, root) -> bool:
+    for p in fs.find(root):
+        name = os.path.basename(p)
+        if not (name.endswith(".parquet") or name.startswith((".", "_"))):
+            return False
+    return True
+
+
+def _write_json(fs, path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    fs.mv(tmp, path)
+
+
+def _write_partition(fs, root: str, i: int, part) -> int:
+    """Write partition ``i`` under a temporary name, rename it, then mark it done."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(part, preserve_index=False)
+    tmp = f"{root}/.part-{i:06d}.{os.getpid()}.tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, f"{root}/{_pq_name(i)}")
+    fs.pipe_file(f"{root}/{_PQ_META}/done/{i:06d}", b"")
+    return len(part)
