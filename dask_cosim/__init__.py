@@ -7,9 +7,18 @@
 """
 
 from . import _config  # noqa: F401  (registers the cosine.* dask config defaults)
+from ._finite import NonFiniteError
 from ._kernels import ZeroVectorError
 from ._plan import PlanError
 from ._version import __version__
+from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
 
-__all__ = ["__version__", "cosine_similarity", "PlanError", "ZeroVectorError"]
+__all__ = [
+    "__version__",
+    "cosine_similarity",
+    "PlanError",
+    "ZeroVectorError",
+    "NonFiniteError",
+    "InputChunkError",
+]

@@ -11,13 +11,14 @@ import numpy as np
 from dask.array.core import PerformanceWarning
 from dask.base import tokenize
 
-from . import _config, _provenance
+from . import _config, _finite, _provenance
 from ._backend import is_device_array
 from ._inputs import BlockSource, open_input, storage_chunks
 from ._kernels import normalize_rows, similarity_block
 from ._plan import (
     Operand,
     Plan,
+    PlanError,
     check_device,
     check_pair,
     check_zero_vector,
@@ -26,6 +27,8 @@ from ._plan import (
     plan_blocks,
     result_dtype,
 )
+from ._worker_memory import worker_budget
+from ._zarr_guard import guard_input
 
 __all__ = ["cosine_similarity", "prepare", "Prepared"]
 
@@ -87,8 +90,13 @@ def prepare(
     dtype=None,
     device: Device = "auto",
     zero_vector: ZeroVector = "zero",
+    check_finite: bool = False,
 ) -> Prepared:
-    """Validate the inputs, plan the blocks and build the normalised inputs (lazily)."""
+    """Validate the inputs, plan the blocks and build the normalised inputs (lazily).
+
+    ``check_finite=True`` first reads the inputs once, block-wise, and raises
+    :class:`~dask_cosim.NonFiniteError` naming the first NaN/inf vector of each input.
+    """
     device = check_device(device)
     zero_vector = check_zero_vector(zero_vector)
     self_similar = b is None or b is a
@@ -101,21 +109,31 @@ def prepare(
     out = output_dtype(dtype, default)
     work = compute_dtype(default, out)
     batched = op_a.ndim == 3 or op_b.ndim == 3
+    if check_finite:
+        _finite.check_finite({"a": a_in} if self_similar else {"a": a_in, "b": b_in})
 
     spec = _chunk_spec(chunks, batched)
     grain_a, grain_b = storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]
-    plan = plan_blocks(
-        batch, op_a.rows, op_b.rows, op_a.dim,
-        chunks=spec,
-        target_bytes=_config.target_block_bytes(),
-        budget_bytes=_config.max_task_memory(),
-        in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
-        compute_itemsize=work.itemsize,
-        out_itemsize=out.itemsize,
-        min_blocks=_cores(),
-        square=self_similar,
-        grains=(grain_a, grain_b),
-    )  # fmt: skip
+    budget, workers = _config.max_task_memory(), worker_budget()  # tightest worker of the active client
+    if workers is not None and workers.budget < budget:
+        budget = workers.budget
+    try:
+        plan = plan_blocks(
+            batch, op_a.rows, op_b.rows, op_a.dim,
+            chunks=spec,
+            target_bytes=min(_config.target_block_bytes(), budget // 4),
+            budget_bytes=budget,
+            in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
+            compute_itemsize=work.itemsize,
+            out_itemsize=out.itemsize,
+            min_blocks=_cores(),
+            square=self_similar,
+            grains=(grain_a, grain_b),
+        )  # fmt: skip
+    except PlanError as err:
+        if workers is None or workers.budget != budget:
+            raise
+        raise PlanError(f"{err}. Here the budget comes from the cluster: {workers.explain()}") from None
     on_device = is_device_array(a_in) or is_device_array(b_in)
     norm = {"compute_dtype": work.name, "zero_vector": zero_vector, "device": device}
     an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
@@ -168,7 +186,7 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
         arr = x.rechunk(chunks)
     else:
         arr = da.from_array(
-            BlockSource(x),
+            BlockSource(guard_input(x, name)),  # a missing/corrupt zarr chunk is an error
             chunks=chunks,
             asarray=not on_device,
             name=f"cosine-input-{name}-{tokenize(x)}",
@@ -230,6 +248,7 @@ def cosine_similarity(
     dtype=None,
     device: Device = "auto",
     zero_vector: ZeroVector = "zero",
+    check_finite: bool = False,
 ) -> da.Array:
     """Lazy cosine similarity of every vector of ``a`` with every vector of ``b``.
 
@@ -259,6 +278,10 @@ def cosine_similarity(
     zero_vector : {"zero", "nan", "error"}
         Similarity of a zero vector: 0 (scikit-learn's choice), NaN, or raise at compute
         time naming the input, batch and row.
+    check_finite : bool
+        Read the inputs once now (block-wise, on the active scheduler) and raise
+        :class:`~dask_cosim.NonFiniteError` naming the first (batch, row) holding NaN or
+        inf in each input. Default False: a vector with NaN/inf gives NaN similarities.
 
     Returns
     -------
@@ -275,7 +298,9 @@ def cosine_similarity(
     array([[1.    , 0.7071],
            [0.7071, 1.    ]])
     """
-    prep = prepare(a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector)
+    prep = prepare(
+        a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, check_finite=check_finite
+    )
     result = similarity_from(prep)
     record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector)
     return result
