@@ -125,7 +125,7 @@ def _regularize(arr: da.Array, what: str) -> da.Array:
         f"{what}: dask blocks {tuple(tuple(c) for c in arr.chunks)} are irregular and cannot equal zarr "
         f"chunks; rechunking to regular blocks {sizes} before writing (costs memory and a copy). "
         "Pass integer chunks= to the computation to avoid this.",
-        stacklevel=3,
+        stacklevel=4,
     )
     return arr.rechunk(sizes)
 
@@ -350,21 +350,46 @@ def _remote_status(store, storage_options) -> str:
 
 
 def check_output(
+    result,
     store,
     *,
     overwrite: bool = False,
     resume: bool = False,
+    codec: str = "auto",
     storage_options: dict | None = None,
-    parquet: bool = False,
 ) -> str:
-    """Raise early (before any cluster starts) if writing to ``store`` would be refused.
+    """Raise now, before any cluster starts, if writing ``result`` to ``store`` would be refused.
 
-    Returns the status found: "absent", "empty", "complete", "partial" or "foreign".
-    Parameter matching for ``resume`` is checked by the writer itself.
+    Checks exactly what :func:`to_zarr` (or :func:`to_parquet` for a DataFrame) checks
+    before computing: that an existing output may be used (``overwrite``/``resume``) and,
+    for ``resume``, that it was computed with the same parameters. Reads only metadata.
+
+    Returns
+    -------
+    str
+        What is there now: "absent", "empty", "partial" or "complete" (a dask_cosim output)
+        or "foreign" (another zarr node / Parquet dataset, which ``overwrite`` replaces).
     """
+    import dask.dataframe as dd
+
     _check_flags(overwrite, resume)
-    status = _parquet_state(store, storage_options)[1] if parquet else _open_state(store, storage_options)[1]
-    _refuse(status, _describe(store), overwrite, resume, parquet)
+    where = _describe(store)
+    if isinstance(result, dd.DataFrame):
+        params, layout = _parquet_identity(result)
+        (_, _, info), status = _parquet_state(store, storage_options)
+        _refuse(status, where, overwrite, resume, parquet=True)
+        if resume and info is not None:
+            _check_same(info.get("params", {}), params, where)
+            _check_same(info.get("layout", {}), layout, where)
+        return status
+    payload = _zarr_payload(result)
+    layout = _layout(payload, codec)
+    group, status = _open_state(store, storage_options)
+    _refuse(status, where, overwrite, resume, parquet=False)
+    if resume and status in ("complete", "partial"):
+        stored = dict(group.attrs[ATTR])
+        _check_same(stored.get("params", {}), payload.params, where)
+        _check_same(stored.get("layout", {}), layout, where)
     return status
 
 
@@ -661,6 +686,13 @@ def _parquet_state(path, storage_options):
     return (fs, root, None), "foreign" if _only_parquet_files(fs, root) else "other"
 
 
+def _parquet_identity(pairs) -> tuple[dict[str, Any], dict[str, Any]]:
+    facts = _provenance.lookup(pairs._name)
+    params = facts or {"kind": "pairs", "names": [pairs._name], "columns": list(map(str, pairs.columns))}
+    layout = {"layout": LAYOUT, "partitions": pairs.npartitions, "columns": list(map(str, pairs.columns))}
+    return params, layout
+
+
 def _pq_name(i: int) -> str:
     return f"part-{i:06d}.parquet"
 
@@ -703,9 +735,8 @@ def to_parquet(
     start = time.perf_counter()
     where = _describe(path)
     facts = _provenance.lookup(pairs._name)
-    params = facts or {"kind": "pairs", "names": [pairs._name], "columns": list(pairs.columns)}
+    params, layout = _parquet_identity(pairs)
     nparts = pairs.npartitions
-    layout = {"layout": LAYOUT, "partitions": nparts, "columns": list(map(str, pairs.columns))}
     (fs, root, info), status = _parquet_state(path, storage_options)
     _refuse(status, where, overwrite, resume, parquet=True)
     done_dir = f"{root}/{_PQ_META}/done"

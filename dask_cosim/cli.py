@@ -1,0 +1,411 @@
+"""The ``dask-cosim`` command: ``run`` a job into zarr/Parquet, a ``demo``, and ``info``.
+
+Exit codes: 0 success, 2 usage or bad input (one line on stderr, no traceback), 1 any
+other failure (one line; ``--traceback`` shows the details), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["main", "JobSpec", "run_job", "prepare_job", "execute_job"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PROG = "dask-cosim"
+
+
+class BadInput(Exception):
+    """A problem with the command line or its inputs: exit code 2, one line, no traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the cluster is shut down cleanly."""
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class JobSpec:
+    """One ``dask-cosim run``: inputs, what to compute, where to write, where to run."""
+
+    a: str
+    b: str | None
+    output: str
+    topk: int | None = None
+    threshold: float | None = None
+    exclude_self: bool = False
+    chunks: Any = "auto"
+    dtype: str | None = None
+    device: str = "auto"
+    zero_vector: str | None = None
+    codec: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    scheduler: str | None = None
+    timeout: float = 10.0
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str | None = "auto"
+    processes: bool = True
+    quiet: bool = False
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        if self.topk is not None:
+            return "topk"
+        return "pairs" if self.threshold is not None else "similarity"
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    result: Any  # dask array, (vals, idx) or dask DataFrame
+
+
+def _location(path: str | None) -> str | None:
+    """Local paths become absolute (workers and resumed runs see the same path); URLs stay."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _call(func: Callable, a, b, spec: JobSpec, **kwargs):
+    """Call a dask_cosim entry point with the options it accepts; refuse the ones it does not."""
+    accepted = inspect.signature(func).parameters
+    for opt, value in (("dtype", spec.dtype), ("zero_vector", spec.zero_vector)):
+        if value is None:
+            continue
+        if opt not in accepted:
+            raise BadInput(f"--{opt.replace('_', '-')} does not apply to --{spec.kind} jobs")
+        kwargs[opt] = value
+    return func(a, b, **kwargs)
+
+
+def _build(spec: JobSpec, chunks) -> Any:
+    import dask_cosim as dcs
+
+    a, b = _location(spec.a), _location(spec.b)
+    common = {"chunks": chunks, "device": spec.device}
+    if spec.kind == "topk":
+        return _call(dcs.topk, a, b, spec, k=spec.topk, exclude_self=spec.exclude_self, **common)
+    if spec.kind == "pairs":
+        return _call(
+            dcs.pairs_above, a, b, spec, threshold=spec.threshold, exclude_self=spec.exclude_self, **common
+        )
+    if spec.exclude_self:
+        raise BadInput("--exclude-self applies to --topk and --threshold jobs only")
+    return _call(dcs.cosine_similarity, a, b, spec, **common)
+
+
+def _regular_sizes(result, spec: JobSpec):
+    """Integer block sizes that make the output blocks regular (zarr chunks = dask blocks)."""
+    from . import _provenance
+    from .io import regular_chunks
+
+    if spec.kind == "pairs":
+        return None
+    arr = result[0] if isinstance(result, tuple) else result
+    plan = _provenance.lookup(arr.name).get("chunks")
+    chunks = arr.chunks[:-1] if spec.kind == "topk" else arr.chunks
+    if regular_chunks(chunks) and (plan is None or regular_chunks(plan)):
+        return None
+    if plan is None:
+        return tuple(max(c) for c in arr.chunks)
+    sizes = tuple(max(max(c), 1) for c in plan)  # planned (batch, N, M) blocks
+    return sizes if arr.ndim == 3 else sizes[1:]
+
+
+def prepare_job(spec: JobSpec) -> Job:
+    """Build the lazy result and check the output location; every problem here is :class:`BadInput`."""
+    from .io import OutputExistsError, ResumeMismatchError, check_output
+
+    if spec.resume and spec.overwrite:
+        raise BadInput("--resume and --overwrite exclude each other")
+    try:
+        result = _build(spec, spec.chunks)
+        regular = _regular_sizes(result, spec)
+        if regular is not None:
+            result = _build(spec, regular)
+        check_output(
+            result,
+            _location(spec.output),
+            overwrite=spec.overwrite,
+            resume=spec.resume,
+            codec=spec.codec,
+            storage_options=spec.storage_options or None,
+        )
+    except (OutputExistsError, ResumeMismatchError, FileNotFoundError, ValueError, TypeError) as err:
+        raise BadInput(str(err)) from err
+    return Job(spec, result)
+
+
+def execute_job(job: Job, *, progress: bool) -> Any:
+    """Compute and write a prepared job on the current dask scheduler; returns the WriteReport."""
+    from .io import to_parquet, to_zarr
+
+    spec = job.spec
+    kwargs = {
+        "overwrite": spec.overwrite,
+        "resume": spec.resume,
+        "storage_options": spec.storage_options or None,
+        "progress": progress,
+    }
+    if spec.kind == "pairs":
+        return to_parquet(job.result, _location(spec.output), **kwargs)
+    return to_zarr(job.result, _location(spec.output), codec=spec.codec, **kwargs)
+
+
+def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
+    """What ``dask-cosim run`` does: check everything, start/connect the cluster, write.
+
+    Returns the :class:`~dask_cosim.io.WriteReport`; the CLI prints its ``summary()``.
+    """
+    from .cluster import SchedulerUnreachable, dask_client
+
+    job = prepare_job(spec)
+    cluster = dask_client(
+        spec.scheduler,
+        workers=spec.workers,
+        threads_per_worker=spec.threads_per_worker,
+        memory_limit=spec.memory_limit,
+        processes=spec.processes,
+        timeout=spec.timeout,
+        echo=None if spec.quiet else echo,
+        quiet=spec.quiet,
+    )
+    try:
+        with cluster:
+            return execute_job(job, progress=not spec.quiet)
+    except SchedulerUnreachable as err:
+        raise BadInput(str(err)) from err
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def _chunks_arg(text: str):
+    if text.strip() == "auto":
+        return "auto"
+    parts = [p.strip() for p in text.split(",")]
+    out: list[Any] = []
+    for p in parts:
+        if p == "auto":
+            out.append("auto")
+            continue
+        try:
+            value = int(p)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected 'auto' or comma-separated block sizes like 1,4096,4096 (ints, -1 or auto), "
+                f"received {text!r}"
+            ) from None
+        if value == 0 or value < -1:
+            raise argparse.ArgumentTypeError(f"block sizes must be positive or -1, received {text!r}")
+        out.append(value)
+    if len(out) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected 2 (n,m) or 3 (b,n,m) block sizes, received {text!r}")
+    return tuple(out)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, received {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, received {text!r}")
+    return value
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where to run")
+    g.add_argument("--scheduler", metavar="ADDRESS", help="connect to this Dask scheduler (never shut down)")
+    g.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for --scheduler (10)"
+    )
+    g.add_argument("--workers", type=_positive_int, metavar="N", help="embedded cluster: worker processes")
+    g.add_argument(
+        "--threads-per-worker", type=_positive_int, metavar="T", help="embedded cluster: threads per worker"
+    )
+    g.add_argument(
+        "--memory-limit", default="auto", metavar="BYTES", help="embedded cluster: per-worker limit ('4GiB')"
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar or dashboard link; summary only")
+    g.add_argument("--traceback", action="store_true", help="show the traceback of unexpected errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Blocked cosine similarity of embedding sets with Dask: zarr in, zarr out."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,info}")
+
+    run = sub.add_parser("run", help="compute similarity, top-k or pairs above a threshold into OUT")
+    run.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
+    run.add_argument("b", metavar="B", nargs="?", help="second input (default: A itself)")
+    run.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="zarr group (Parquet dir for --threshold)"
+    )
+    what = run.add_mutually_exclusive_group()
+    what.add_argument("--topk", type=_positive_int, metavar="K", help="k nearest columns of each row")
+    what.add_argument("--threshold", type=float, metavar="T", help="every pair with score >= T (Parquet)")
+    run.add_argument("--exclude-self", action="store_true", help="drop i == j (self-similarity)")
+    run.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="output blocks")
+    run.add_argument("--dtype", choices=("float16", "float32", "float64"), help="similarity output dtype")
+    run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    run.add_argument("--zero-vector", choices=("zero", "nan", "error"), help="similarity of zero vectors")
+    run.add_argument("--codec", choices=("auto", "none", "zstd", "blosc-lz4"), default="auto")
+    run.add_argument("--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="finish a half-written OUT")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _cluster_options(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="generate data, run similarity and top-k jobs, verify against NumPy")
+    demo.add_argument("--n", type=_positive_int, default=4096, help="rows per batch (4096)")
+    demo.add_argument("--batch", type=_positive_int, default=2, help="batches (2)")
+    demo.add_argument("--dim", type=_positive_int, default=64, help="vector length D (64)")
+    demo.add_argument("--k", type=_positive_int, default=10, help="neighbours for the top-k job (10)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--keep", metavar="DIR", help="write inputs and outputs to DIR and keep them")
+    _cluster_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    info = sub.add_parser("info", help="versions, BLAS, GPU and the dask config in force")
+    info.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _spec_from_args(args: argparse.Namespace) -> JobSpec:
+    return JobSpec(
+        a=args.a,
+        b=args.b,
+        output=args.output,
+        topk=args.topk,
+        threshold=args.threshold,
+        exclude_self=args.exclude_self,
+        chunks=args.chunks,
+        dtype=args.dtype,
+        device=args.device,
+        zero_vector=args.zero_vector,
+        codec=args.codec,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        scheduler=args.scheduler,
+        timeout=args.timeout,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=_memory_limit(args.memory_limit),
+        quiet=args.quiet,
+        storage_options=args.storage_options,
+    )
+
+
+def _memory_limit(text: str):
+    from dask.utils import parse_bytes
+
+    if text in ("auto", "0", "none", "None"):
+        return "auto" if text == "auto" else None
+    try:
+        parse_bytes(text)
+    except ValueError as err:
+        raise BadInput(f"--memory-limit: expected bytes like '4GiB' or 'auto', received {text!r}") from err
+    return text
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    report = run_job(_spec_from_args(args))
+    print(report.summary(), flush=True)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ._demo import describe_environment
+
+    for line in describe_environment():
+        print(line)
+    return EXIT_OK
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
+    raise Interrupted()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dask-cosim`` and ``python -m dask_cosim``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+        return int(exc.code or 0)
+    previous = None
+    if hasattr(signal, "SIGTERM") and _in_main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+    try:
+        return args.func(args)
+    except BadInput as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted after {time.perf_counter() - start:.1f} s; the cluster was shut down, "
+            "finished blocks are kept (rerun with --resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the CLI reports every failure as one line
+        print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr, flush=True)
+        if getattr(args, "traceback", False):
+            traceback.print_exc()
+        else:
+            print(f"{PROG}: (rerun with --traceback for details)", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
