@@ -13,10 +13,13 @@ from ._plan import PlanError
 from ._version import __version__
 from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
+from .io import to_parquet, to_zarr
 
 __all__ = [
     "__version__",
     "cosine_similarity",
+    "to_zarr",
+    "to_parquet",
     "PlanError",
     "ZeroVectorError",
     "NonFiniteError",
