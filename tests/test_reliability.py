@@ -1,0 +1,217 @@
+"""Faults on a real multi-process cluster (``dask scheduler`` + ``dask worker`` processes).
+
+Each fault is injected at a point where the job is demonstrably half done: one input
+block is held back by a gate file (see ``tests/_real_cluster.py``), the test polls the
+scheduler until enough results sit in worker memory, injects the fault, opens the gate
+and checks the output against a float64 NumPy reference. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from distributed.scheduler import KilledWorker
+
+import dask_cosim as dcs
+from dask_cosim._worker_memory import TASK_SHARE
+from dask_cosim.testing import reference_cosine
+
+from ._real_cluster import gated, held_keys, open_gate, start_real_cluster, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+TOL64 = 1e-12
+RESULT_TIMEOUT = 90  # seconds for a job to finish after the fault
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- fault 1: worker killed mid-compute
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_worker_sigkill_during_compute(real_cluster, tmp_path, batched):
+    """SIGKILL the worker holding the most finished blocks; dask recomputes what it lost."""
+    shape = (2, 480, 24) if batched else (480, 24)
+    a, b = rng(1).standard_normal(shape), rng(2).standard_normal(shape)
+    in_chunks = (1, 80, 24) if batched else (80, 24)
+    gate_file = tmp_path / "gate"
+    A = da.from_array(a, chunks=in_chunks)
+    B = gated(b, in_chunks, gate_file)  # the last block of b waits for the gate
+    S = dcs.cosine_similarity(A, B, chunks=(1, 80, 80) if batched else (80, 80))
+    n_free = S.npartitions - S.numblocks[-2]  # blocks that do not need the gated block
+    with real_cluster.client() as client:
+        future = client.compute(S)
+        held = wait_until(
+            lambda: (h := held_keys(client, "cosine-block")) and sum(h.values()) >= n_free // 2 and h,
+            timeout=60,
+            what="finished product blocks in worker memory",
+        )
+        victim = max(held, key=held.get)
+        lost = held[victim]
+        _, pid = real_cluster.kill_worker(victim)
+        open_gate(gate_file)
+        got = future.result(timeout=RESULT_TIMEOUT)
+    assert lost >= 1  # the kill destroyed finished results that had to be recomputed
+    np.testing.assert_allclose(got, reference_cosine(a, b), rtol=0, atol=TOL64)
+    assert pid not in real_cluster.wait_for_workers().values()  # the nanny started a new process
+
+
+# ---------------------------------------------------------------- fault 4: memory limits
+
+
+@pytest.fixture(scope="module")
+def tight_cluster():
+    """One nanny-managed worker with 300 MiB; a task is given up after its 2nd worker death."""
+    env = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+    with start_real_cluster(1, memory_limit="300MiB", env=env) as cluster:
+        yield cluster
+
+
+def test_auto_blocks_fit_a_tight_worker(tight_cluster):
+    """ "auto" plans blocks from the workers' memory limit: the job finishes without a restart."""
+    a, b = rng(3).standard_normal((7000, 16)), rng(4).standard_normal((7000, 16))
+    limit = 300 * 2**20
+    (pid_before,) = tight_cluster.wait_for_workers().values()
+    with tight_cluster.client() as client:
+        S = dcs.cosine_similarity(a, b)  # planned while the client is active
+        # without the worker limit, "auto" would plan 128 MiB output blocks (about half the limit)
+        assert max(S.chunks[0]) * max(S.chunks[1]) * 8 <= limit * TASK_SHARE / 4
+        got = client.compute(S.sum(axis=1)).result(timeout=RESULT_TIMEOUT)
+    np.testing.assert_allclose(got, reference_cosine(a, b).sum(axis=1), rtol=1e-10, atol=1e-9)
+    assert list(tight_cluster.wait_for_workers().values()) == [pid_before]  # never restarted
+
+
+def test_oversized_blocks_are_refused_naming_the_memory_limit(tight_cluster):
+    a = rng(5).standard_normal((7000, 16))
+    with tight_cluster.client():
+        with pytest.raises(dcs.PlanError, match=r"memory_limit=300\.0 MiB for 1 thread"):
+            dcs.cosine_similarity(a, a, chunks=(7000, 7000))
+
+
+def test_worker_out_of_memory_is_restarted_and_the_job_fails_not_hangs(tight_cluster):
+    """A graph planned without the cluster (no client yet) whose block cannot fit: the nanny
+    kills and restarts the worker; the task is given up with KilledWorker, bounded in time."""
+    a = rng(6).standard_normal((7000, 16))
+    S = dcs.cosine_similarity(a, a.copy(), chunks=(7000, 7000))  # 392 MB block > 300 MiB worker
+    (pid_before,) = tight_cluster.wait_for_workers().values()
+    with tight_cluster.client() as client:
+        future = client.compute(S.sum())
+        with pytest.raises(KilledWorker):
+            future.result(timeout=RESULT_TIMEOUT)
+        # the worker is back and usable: a job that fits completes on the same cluster
+        (pid_after,) = tight_cluster.wait_for_workers().values()
+        assert pid_after != pid_before
+        small = dcs.cosine_similarity(a[:500], a[:300])
+        np.testing.assert_allclose(
+            client.compute(small).result(timeout=RESULT_TIMEOUT),
+            reference_cosine(a[:500], a[:300]),
+            atol=TOL64,
+        )
+    log = (tight_cluster.workdir / "worker-0.log").read_text()
+    assert "exceeded 95% memory budget" in log or "Restarting" in log
+
+
+# ---------------------------------------------------------------- fault 5: missing / corrupt input chunks
+
+
+def _write_zarr(path, x, chunks, **kw):
+    z = zarr.create_array(str(path), shape=x.shape, chunks=chunks, dtype=x.dtype, **kw)
+    z[...] = x
+    return z
+
+
+def test_missing_input_chunk_is_an_error_naming_array_and_chunk(real_cluster, tmp_path):
+    a = rng(7).standard_normal((300, 8))
+    path = tmp_path / "a.zarr"
+    _write_zarr(path, a, (100, 8))
+    os.remove(path / "c" / "1" / "0")  # rows 100:200 lost
+    S = dcs.cosine_similarity(str(path), chunks=(100, 100))
+    with real_cluster.client() as client:
+        with pytest.raises(dcs.InputChunkError) as info:
+            client.compute(S).result(timeout=RESULT_TIMEOUT)
+    msg = str(info.value)
+    assert "chunk (1, 0)" in msg and "'c/1/0'" in msg and "rows 100:200" in msg
+    assert str(path) in msg and "missing from the store" in msg and "fill value 0.0" in msg
+
+
+def test_missing_chunk_with_fill_policy_follows_zarr_semantics(real_cluster, tmp_path):
+    """cosine.missing-input-chunks='fill': the chunk reads as fill_value (zeros → similarity 0)."""
+    a = rng(8).standard_normal((300, 8))
+    path = tmp_path / "a.zarr"
+    _write_zarr(path, a, (100, 8))
+    os.remove(path / "c" / "2" / "0")
+    with dask.config.set({"cosine.missing-input-chunks": "fill"}):
+        S = dcs.cosine_similarity(str(path), chunks=(100, 100))
+    with real_cluster.client() as client:
+        got = client.compute(S).result(timeout=RESULT_TIMEOUT)
+    filled = a.copy()
+    filled[200:] = 0.0
+    np.testing.assert_allclose(got, reference_cosine(filled), atol=TOL64)
+    assert not got[200:].any()
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_corrupt_input_chunk_is_an_error_naming_array_and_chunk(real_cluster, tmp_path, compressed):
+    a = rng(9).standard_normal((2, 200, 8)).astype("float32")
+    path = tmp_path / "a.zarr"
+    _write_zarr(path, a, (1, 100, 8), **({} if compressed else {"compressors": None}))
+    (path / "c" / "1" / "1" / "0").write_bytes(b"\x00garbage, not a chunk\xff" * 3)
+    S = dcs.cosine_similarity(str(path), a[:, :50], chunks=(1, 100, 50))
+    with real_cluster.client() as client:
+        with pytest.raises(dcs.InputChunkError) as info:
+            client.compute(S).result(timeout=RESULT_TIMEOUT)
+    msg = str(info.value)
+    assert msg.startswith("a: cannot read chunk (1, 1, 0)") and "'c/1/1/0'" in msg and str(path) in msg
+    assert "batch 1:2, rows 100:200" in msg
+
+
+def test_all_fill_chunk_that_exists_is_data_not_an_error(tmp_path):
+    """An all-zero chunk that zarr did store (write_empty_chunks=True) is legitimate data."""
+    a = rng(10).standard_normal((300, 8))
+    a[100:200] = 0.0
+    path = tmp_path / "a.zarr"
+    _write_zarr(path, a, (100, 8), config={"write_empty_chunks": True})
+    assert (path / "c" / "1" / "0").exists()
+    got = dcs.cosine_similarity(str(path), chunks=(150, 150)).compute(scheduler="sync")
+    np.testing.assert_allclose(got, reference_cosine(a), atol=TOL64)
+
+
+def test_guard_checks_each_shard_and_nan_fill(tmp_path):
+    from dask_cosim._zarr_guard import GuardedZarr
+
+    a = rng(11).standard_normal((16, 4)).astype("float32")
+    z = _write_zarr(tmp_path / "s.zarr", a, (2, 4), shards=(8, 4), fill_value=np.nan)
+    guarded = GuardedZarr(z, "b")
+    np.testing.assert_array_equal(guarded[3:13], a[3:13])
+    np.testing.assert_array_equal(guarded[5], a[5])  # integer index (dask may fuse getitems)
+    os.remove(tmp_path / "s.zarr" / "c" / "1" / "0")  # the shard of rows 8:16
+    np.testing.assert_array_equal(guarded[:8], a[:8])
+    with pytest.raises(dcs.InputChunkError, match=r"b: chunk \(1, 0\) .*rows 8:16.*fill value nan"):
+        guarded[6:9]
+
+
+# ---------------------------------------------------------------- safe defaults
+
+
+def test_real_cluster_fixture_listens_on_localhost_only(real_cluster):
+    psutil = pytest.importorskip("psutil")
+    pids = [real_cluster.scheduler_pid, *real_cluster.nanny_pids, *real_cluster.worker_pids().values()]
+    addrs = _listening(psutil, pids)
+    assert addrs and all(ip == "127.0.0.1" for ip, _ in addrs), addrs
+
+
+def _listening(psutil, pids):
+    out = []
+    for pid in pids:
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                out.append((conn.laddr.ip, conn.laddr.port))
+    return out
