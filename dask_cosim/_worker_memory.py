@@ -10,9 +10,19 @@ runs, instead of a worker being killed and restarted until the task is given up.
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["TASK_SHARE", "WorkerBudget", "worker_budget"]
+__all__ = [
+    "TASK_SHARE",
+    "WorkerBudget",
+    "worker_budget",
+    "budget_for",
+    "assume_workers",
+    "killed_worker_message",
+]
 
 #: Fraction of ``memory_limit / nthreads`` one task may use: leaves room for the
 #: worker's own memory (~150 MiB), results waiting to be sent, and the spill/pause
@@ -22,7 +32,7 @@ TASK_SHARE = 0.25
 
 @dataclass(frozen=True)
 class WorkerBudget:
-    """The tightest worker: its address, ``memory_limit``, threads and the per-task budget."""
+    """The tightest worker: who it is ("worker ADDRESS"), ``memory_limit``, threads, per-task budget."""
 
     address: str
     memory_limit: int
@@ -33,18 +43,45 @@ class WorkerBudget:
         from ._plan import format_bytes
 
         return (
-            f"worker {self.address} has memory_limit={format_bytes(self.memory_limit)} for "
+            f"{self.address} has memory_limit={format_bytes(self.memory_limit)} for "
             f"{self.nthreads} thread(s), and one task may use at most {TASK_SHARE:g} of a thread's "
             f"share ({format_bytes(self.budget)}); give the workers a larger --memory-limit "
             "(or fewer threads) or pass smaller chunks="
         )
 
 
+_ASSUMED: contextvars.ContextVar[WorkerBudget | None] = contextvars.ContextVar(
+    "dask_cosim_assumed_workers", default=None
+)
+
+
+def budget_for(memory_limit: int | None, nthreads: int, address: str) -> WorkerBudget | None:
+    """The budget of a worker with ``memory_limit`` bytes (``None``/0: unlimited) and ``nthreads``."""
+    if not memory_limit or memory_limit <= 0:
+        return None
+    nthreads = max(1, int(nthreads))
+    return WorkerBudget(address, int(memory_limit), nthreads, int(memory_limit / nthreads * TASK_SHARE))
+
+
+@contextmanager
+def assume_workers(budget: WorkerBudget | None) -> Iterator[None]:
+    """Plan as if running on workers like ``budget`` while no client is active yet.
+
+    The command line plans (and checks) a job before it starts its cluster; it knows the
+    memory limit and threads it will give the workers, or asks the scheduler it will use.
+    """
+    token = _ASSUMED.set(budget)
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
+
+
 def worker_budget(client=None) -> WorkerBudget | None:
     """The per-task budget implied by the workers of ``client`` (default: the active client).
 
-    ``None`` without an active client, without workers, or when no worker has a memory
-    limit (``memory_limit=0``).
+    Without an active client: the workers assumed by :func:`assume_workers`, if any.
+    ``None`` without workers, or when no worker has a memory limit (``memory_limit=0``).
     """
     if client is None:
         try:
@@ -52,7 +89,7 @@ def worker_budget(client=None) -> WorkerBudget | None:
 
             client = default_client()
         except (ImportError, ValueError):
-            return None
+            return _ASSUMED.get()
     try:
         if getattr(client, "asynchronous", False):
             return None  # a sync call would block the event loop; plan without it
@@ -61,11 +98,23 @@ def worker_budget(client=None) -> WorkerBudget | None:
         return None
     tightest = None
     for address, info in workers.items():
-        limit = int(info.get("memory_limit") or 0)
-        threads = max(1, int(info.get("nthreads") or 1))
-        if limit <= 0:
-            continue
-        budget = int(limit / threads * TASK_SHARE)
-        if tightest is None or budget < tightest.budget:
-            tightest = WorkerBudget(address, limit, threads, budget)
+        budget = budget_for(info.get("memory_limit"), info.get("nthreads") or 1, f"worker {address}")
+        if budget is not None and (tightest is None or budget.budget < tightest.budget):
+            tightest = budget
     return tightest
+
+
+def killed_worker_message(err: BaseException, client=None) -> str:
+    """``KilledWorker`` with what usually explains it: the workers' memory limit."""
+    from ._plan import format_bytes
+
+    text = " ".join(str(err).split())
+    tight = worker_budget(client)
+    if tight is None:
+        return f"{text} Workers have no memory limit here, so look for the reason in their logs."
+    return (
+        f"{text} Workers die like this mostly when a task needs more memory than their limit: "
+        f"{tight.address} has memory_limit={format_bytes(tight.memory_limit)} for "
+        f"{tight.nthreads} thread(s) (its log then says 'exceeded 95% memory budget'). Pass smaller "
+        "chunks (--chunks) or give the workers more memory (--memory-limit)"
+    )

@@ -49,6 +49,7 @@ class JobSpec:
     dtype: str | None = None
     device: str = "auto"
     zero_vector: str | None = None
+    check_finite: bool = False
     codec: str = "auto"
     resume: bool = False
     overwrite: bool = False
@@ -84,7 +85,9 @@ def _location(path: str | None) -> str | None:
 def _call(func: Callable, a, b, spec: JobSpec, **kwargs):
     """Call a dask_cosim entry point with the options it accepts; refuse the ones it does not."""
     accepted = inspect.signature(func).parameters
-    for opt, value in (("dtype", spec.dtype), ("zero_vector", spec.zero_vector)):
+    check = spec.check_finite or None
+    options = (("dtype", spec.dtype), ("zero_vector", spec.zero_vector), ("check_finite", check))
+    for opt, value in options:
         if value is None:
             continue
         if opt not in accepted:
@@ -172,9 +175,16 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
 
     Returns the :class:`~dask_cosim.io.WriteReport`; the CLI prints its ``summary()``.
     """
+    from distributed import KilledWorker
+
+    from ._worker_memory import assume_workers, killed_worker_message
     from .cluster import SchedulerUnreachable, dask_client
 
-    job = prepare_job(spec)
+    try:
+        with assume_workers(_planned_workers(spec)):  # "auto" blocks that fit the workers' memory
+            job = prepare_job(spec)
+    except SchedulerUnreachable as err:
+        raise BadInput(str(err)) from err
     cluster = dask_client(
         spec.scheduler,
         workers=spec.workers,
@@ -186,10 +196,32 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
         quiet=spec.quiet,
     )
     try:
-        with cluster:
-            return execute_job(job, progress=not spec.quiet)
+        with cluster as client:
+            try:
+                return execute_job(job, progress=not spec.quiet)
+            except KilledWorker as err:  # name the memory limit, the usual reason
+                raise RuntimeError(killed_worker_message(err, client)) from err
     except SchedulerUnreachable as err:
         raise BadInput(str(err)) from err
+
+
+def _planned_workers(spec: JobSpec):
+    """The tightest worker this run will use (memory limit, threads), to plan blocks for it."""
+    from ._worker_memory import budget_for, worker_budget
+    from .cluster import dask_client, machine_layout
+
+    if spec.scheduler:
+        with dask_client(spec.scheduler, timeout=spec.timeout, echo=None) as client:
+            return worker_budget(client)
+    if spec.memory_limit is None:
+        return None
+    import logging
+
+    from distributed.worker_memory import parse_memory_limit
+
+    n, t = machine_layout(spec.workers, spec.threads_per_worker)
+    limit = parse_memory_limit(spec.memory_limit, t, total_cores=n * t, logger=logging.getLogger(__name__))
+    return budget_for(limit, t, "each embedded worker")
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -276,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=("float16", "float32", "float64"), help="similarity output dtype")
     run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     run.add_argument("--zero-vector", choices=("zero", "nan", "error"), help="similarity of zero vectors")
+    run.add_argument(
+        "--check-finite", action="store_true", help="refuse inputs with NaN/inf (reads them once first)"
+    )
     run.add_argument("--codec", choices=("auto", "none", "zstd", "blosc-lz4"), default="auto")
     run.add_argument("--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options")
     again = run.add_mutually_exclusive_group()
@@ -312,6 +347,7 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         dtype=args.dtype,
         device=args.device,
         zero_vector=args.zero_vector,
+        check_finite=args.check_finite,
         codec=args.codec,
         resume=args.resume,
         overwrite=args.overwrite,

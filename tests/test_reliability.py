@@ -92,7 +92,7 @@ def test_auto_blocks_fit_a_tight_worker(tight_cluster):
 def test_oversized_blocks_are_refused_naming_the_memory_limit(tight_cluster):
     a = rng(5).standard_normal((7000, 16))
     with tight_cluster.client():
-        with pytest.raises(dcs.PlanError, match=r"memory_limit=300\.0 MiB for 1 thread"):
+        with pytest.raises(dcs.PlanError, match=r"worker tcp://127\.0\.0\.1:\d+ has memory_limit=300\.0 MiB for 1 thread"):
             dcs.cosine_similarity(a, a, chunks=(7000, 7000))
 
 
