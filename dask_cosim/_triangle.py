@@ -1,0 +1,239 @@
+"""Self-similarity graphs: compute only the block upper triangle, derive the rest by transposing.
+
+With ``b=None`` (or ``b is a``) and square blocks, output block ``(i, j)`` with ``j < i``
+is the transpose of block ``(j, i)``, so only the ``nb (nb + 1) / 2`` blocks with
+``j >= i`` run a product; the others are a transpose (:func:`similarity_triangle`), the
+column half of an off-diagonal top-k task (:func:`topk_triangle_parts`), or are not
+needed at all (:func:`pairs_triangle_graph`: each unordered pair once). dask has no
+triangle primitive, so these functions lay out the graph layers themselves, one task
+per upper block, and hand them to dask as ordinary collections.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import array_api_compat
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from ._kernels import similarity_block
+from ._resources import annotate_for, routed
+from ._select import topk_block
+
+if TYPE_CHECKING:
+    from .core import Prepared
+
+__all__ = [
+    "use_triangle",
+    "upper_blocks",
+    "similarity_triangle",
+    "topk_triangle_parts",
+    "pairs_triangle_graph",
+    "transpose_block",
+]
+
+
+def use_triangle(prep: Prepared) -> bool:
+    """Whether ``prep`` is a self-similarity with square blocks and more than one block row."""
+    return (
+        prep.self_similar
+        and prep.plan.rows == prep.plan.cols
+        and len(prep.plan.rows) > 1
+        and 0 not in prep.out_shape
+    )
+
+
+def upper_blocks(nb: int) -> Iterator[tuple[int, int]]:
+    """Block pairs ``(i, j)`` with ``j >= i``, row by row.
+
+    >>> list(upper_blocks(3))
+    [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+    """
+    for i in range(nb):
+        for j in range(i, nb):
+            yield i, j
+
+
+def transpose_block(x):
+    """A contiguous copy of a block with its last two axes swapped (any array namespace).
+
+    >>> transpose_block(np.arange(6).reshape(2, 3))
+    array([[0, 3],
+           [1, 4],
+           [2, 5]])
+    """
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy.ascontiguousarray(cupy.swapaxes(x, -1, -2))
+    xp = array_api_compat.array_namespace(x)
+    return xp.asarray(xp.permute_dims(x, (*range(x.ndim - 2), x.ndim - 1, x.ndim - 2)), copy=True)
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _batch_blocks(prep: Prepared) -> list[int | None]:
+    """Batch block numbers of the output, ``[None]`` for a 2-D output."""
+    return list(range(len(prep.plan.batch))) if len(prep.out_index) == 3 else [None]
+
+
+def _key(name: str, kb: int | None, i: int, j: int) -> tuple:
+    return (name, i, j) if kb is None else (name, kb, i, j)
+
+
+def _input_key(prep: Prepared, kb: int | None, i: int) -> tuple:
+    return (prep.an.name, i, 0) if kb is None else (prep.an.name, kb, i, 0)
+
+
+def _offsets(sizes: tuple[int, ...]) -> list[int]:
+    return [int(v) for v in np.cumsum((0, *sizes))[:-1]]
+
+
+def _upper_layer(prep: Prepared, name: str, task_for: Callable[[int | None, int, int], Callable]) -> dict:
+    """One task ``task_for(kb, i, j)(an[kb, i], an[kb, j])`` per upper block ``j >= i``."""
+    nb = len(prep.plan.rows)
+    return {
+        _key(name, kb, i, j): (task_for(kb, i, j), _input_key(prep, kb, i), _input_key(prep, kb, j))
+        for kb in _batch_blocks(prep)
+        for i, j in upper_blocks(nb)
+    }
+
+
+def _graph(prep: Prepared, layers: dict[str, tuple[dict, set[str]]]) -> HighLevelGraph:
+    """``prep.an``'s graph plus ``layers`` (name -> (tasks, names of layers they need))."""
+    base = prep.an.__dask_graph__()
+    all_layers = dict(base.layers)
+    deps = {k: set(v) for k, v in base.dependencies.items()}
+    for name, (tasks, needs) in layers.items():
+        all_layers[name] = MaterializedLayer(tasks)
+        deps[name] = set(needs)
+    return HighLevelGraph(all_layers, deps)
+
+
+def _annotate(graph: HighLevelGraph, name: str, chunks, dtype) -> None:
+    """Describe a layer's blocks (as dask does for array layers) for graph inspection."""
+    graph.layers[name].collection_annotations = {
+        "type": "dask.array.core.Array",
+        "chunks": tuple(tuple(c) for c in chunks),
+        "chunksize": tuple(max(c) for c in chunks),
+        "dtype": np.dtype(dtype),
+    }
+
+
+# --------------------------------------------------------------------------- cosine_similarity
+
+
+def similarity_triangle(prep: Prepared) -> da.Array:
+    """The ``(batch, N, M)`` self-similarity: products for ``j >= i``, transposes below.
+
+    Task names: ``cosine-block-*`` (the products) and ``cosine-similarity-*`` (the
+    assembled output: an alias of the product above the diagonal, a transpose below).
+    """
+    kwargs = prep.product_kwargs()
+    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, "triangle")
+    prod, out = f"cosine-block-{token}", f"cosine-similarity-{token}"
+    product = routed(partial(similarity_block, **kwargs), prep.device)
+    # a block left on the GPU (like="cupy") is transposed there too
+    transpose = routed(transpose_block, prep.device if prep.like == "cupy" else "cpu")
+    upper = _upper_layer(prep, prod, lambda kb, i, j: product)
+    nb = len(prep.plan.rows)
+    assembled = {
+        _key(out, kb, i, j): (_key(prod, kb, i, j) if j >= i else (transpose, _key(prod, kb, j, i)))
+        for kb in _batch_blocks(prep)
+        for i in range(nb)
+        for j in range(nb)
+    }
+    with annotate_for(prep.device):
+        graph = _graph(prep, {prod: (upper, {prep.an.name}), out: (assembled, {prod})})
+    chunks = prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:]
+    _annotate(graph, prod, chunks, prep.out_dtype)
+    return da.Array(graph, out, chunks, meta=prep.meta)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
+    """Local top-k parts ``(keys, idx)`` for every output block, from the upper blocks only.
+
+    Upper block ``(i, j)`` runs one product and selects both the best columns of its
+    rows (part ``(i, j)``) and, when ``i < j``, the best rows of its columns (part
+    ``(j, i)``). Returns an object array indexed like the output whose block ``(i, j)``
+    is that part; its chunks along the last axis are the parts' widths ``min(k, m_j)``.
+    """
+    kwargs = prep.product_kwargs()
+    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, "topk-triangle")
+    up, parts = f"cosine-topk-{token}", f"cosine-topk-part-{token}"
+    starts = _offsets(prep.plan.rows)
+
+    def task_for(kb: int | None, i: int, j: int) -> Callable:
+        task = partial(
+            topk_block,
+            k=k,
+            row_offset=starts[i],
+            col_offset=starts[j],
+            exclude_self=exclude_self,
+            both=i < j,
+            **kwargs,
+        )
+        return routed(task, prep.device)
+
+    upper = _upper_layer(prep, up, task_for)
+    nb = len(prep.plan.rows)
+    get = routed(operator.getitem, prep.device if prep.like == "cupy" else "cpu")
+    pick: dict[Any, Any] = {}
+    for kb in _batch_blocks(prep):
+        for i in range(nb):
+            for j in range(nb):
+                if i == j:
+                    pick[_key(parts, kb, i, j)] = _key(up, kb, i, i)
+                elif i < j:
+                    pick[_key(parts, kb, i, j)] = (get, _key(up, kb, i, j), 0)
+                else:
+                    pick[_key(parts, kb, i, j)] = (get, _key(up, kb, j, i), 1)
+    with annotate_for(prep.device):
+        graph = _graph(prep, {up: (upper, {prep.an.name}), parts: (pick, {up})})
+    out_chunks = prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:]
+    chunks = (*out_chunks[:-1], tuple(min(k, c) for c in out_chunks[-1]))
+    _annotate(graph, up, chunks, object)
+    meta = np.empty((0,) * len(chunks), dtype=object)
+    return da.Array(graph, parts, chunks, meta=meta)
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def pairs_triangle_graph(
+    prep: Prepared, name: str, task_for: Callable[[int | None, int, int, dict], Callable]
+) -> tuple[HighLevelGraph, list[tuple]]:
+    """One ``pairs`` task per upper block; returns the graph and the keys in block order.
+
+    ``task_for(kb, i, j, offsets)`` returns the callable applied to ``(an[i], an[j])``;
+    ``offsets`` holds ``row_offset``, ``col_offset``, ``batch_offset`` and ``upper``
+    (True on diagonal blocks, where only ``j >= i`` is kept).
+    """
+    starts = _offsets(prep.plan.rows)
+    batch_starts = _offsets(prep.plan.batch)
+
+    def task(kb: int | None, i: int, j: int) -> Callable:
+        offsets = {
+            "row_offset": starts[i],
+            "col_offset": starts[j],
+            "batch_offset": 0 if kb is None else batch_starts[kb],
+            "upper": i == j,
+        }
+        return task_for(kb, i, j, offsets)
+
+    tasks = _upper_layer(prep, name, task)
+    with annotate_for(prep.device):
+        graph = _graph(prep, {name: (tasks, {prep.an.name})})
+    return graph, list(tasks)

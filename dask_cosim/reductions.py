@@ -1,0 +1,379 @@
+"""Reductions that never materialise the similarity array: top-k neighbours and pairs above a threshold.
+
+Both run one task per output block that computes the product and immediately reduces it
+(:func:`dask_cosim._select.topk_block`, :func:`~dask_cosim._select.pairs_block`), so no
+task holds more than one block of S. Top-k parts are merged along the column blocks by
+dask's tree reduction; pairs become one DataFrame partition per block. Self-similarity
+uses only the upper block triangle (:mod:`dask_cosim._triangle`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from functools import partial
+
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from dask.array.core import PerformanceWarning
+
+# dask's tree reduction (the machinery behind ``da.reduction``) used directly, so the
+# per-block product+selection layer keeps its own name instead of being fused into the
+# reduction's chunk step.
+from dask.array.reductions import _tree_reduce
+from dask.base import tokenize
+
+from ._resources import annotate_for, routed
+from ._select import finish_topk, merge_topk, pairs_block, topk_block
+from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
+from .core import Device, Prepared, prepare, record_result
+
+__all__ = ["topk", "pairs_above"]
+
+#: Parts merged by one ``cosine-topk-merge`` task.
+SPLIT_EVERY = 8
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"k: expected a positive integer, received {k!r} ({type(k).__name__})")
+    if k < 1:
+        raise ValueError(f"k: expected a positive integer (k >= 1), received {k}")
+    return int(k)
+
+
+def _check_k_fits(k: int, prep: Prepared, exclude_self: bool) -> None:
+    m = prep.out_shape[-1]
+    if exclude_self and k > m - 1:
+        raise ValueError(
+            f"k: with exclude_self=True each row has only M - 1 = {m - 1} other vectors, "
+            f"received k={k}; expected k <= {m - 1}"
+        )
+    if k > m:
+        raise ValueError(f"k: b has M = {m} vectors, received k={k}; expected k <= M = {m}")
+
+
+def _check_exclude_self(exclude_self, prep: Prepared) -> bool:
+    if not isinstance(exclude_self, (bool, np.bool_)):
+        raise TypeError(f"exclude_self: expected True or False, received {exclude_self!r}")
+    n, m = prep.out_shape[-2:]
+    if exclude_self and not prep.self_similar and n != m:
+        raise ValueError(
+            f"exclude_self=True drops pairs with i == j, which needs b=None (or b is a) or b "
+            f"with as many vectors as a; received a with N={n} and b with M={m}"
+        )
+    return bool(exclude_self)
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold: expected a real number, received {threshold!r}")
+    if np.isnan(threshold):
+        raise ValueError("threshold: received NaN; expected a real number (similarities lie in [-1, 1])")
+    return float(threshold)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def topk(
+    a,
+    b=None,
+    k: int = 10,
+    *,
+    exclude_self: bool = False,
+    chunks="auto",
+    device: Device = "auto",
+) -> tuple[da.Array, da.Array]:
+    """The ``k`` most similar vectors of ``b`` for every vector of ``a``, without storing S.
+
+    Each output block of S is computed by one ``cosine-topk`` task that keeps only its
+    rows' local top-k (values and global column indices); ``cosine-topk-merge`` tasks
+    merge those along the column blocks as a tree. Memory stays at a few blocks per
+    worker whatever the size of S. With ``b=None`` only the block upper triangle runs a
+    product (each block also yields the top-k of its transpose).
+
+    Parameters
+    ----------
+    a, b
+        As :func:`dask_cosim.cosine_similarity` (``b=None`` or ``b is a``: self-similarity).
+    k : int
+        Neighbours per row, ``1 <= k <= M`` (``<= M - 1`` with ``exclude_self``).
+    exclude_self : bool
+        Drop the pair ``i == j`` (for self-similarity; ``b`` must have as many vectors as ``a``).
+    chunks, device
+        As :func:`dask_cosim.cosine_similarity` (blocks of S that one task computes).
+
+    Returns
+    -------
+    values : dask.array.Array
+        ``(batch, N, k)`` (``(N, k)`` for 2-D inputs) similarities in the similarity dtype,
+        each row sorted descending; equal values are ordered by the smaller ``j``, NaN
+        ranks last, so the result does not depend on chunking or scheduler.
+    indices : dask.array.Array
+        Same shape, int64 column indices ``j`` into ``b``.
+
+    Compute both together (``dask.compute(values, indices)``) to run the graph once.
+
+    Examples
+    --------
+    >>> import dask, numpy as np, dask_cosim as dcs
+    >>> a = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    >>> vals, idx = dcs.topk(a, k=2, exclude_self=True)
+    >>> vals, idx = dask.compute(vals, idx)
+    >>> idx
+    array([[1, 2],
+           [0, 2],
+           [1, 0]])
+    >>> vals.round(2)
+    array([[0.8, 0. ],
+           [0.8, 0.6],
+           [0.6, 0. ]])
+    """
+    k = _check_k(k)
+    prep = prepare(a, b, chunks=chunks, device=device)
+    exclude_self = _check_exclude_self(exclude_self, prep)
+    _check_k_fits(k, prep, exclude_self)
+
+    out_chunks = prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:]
+    topk_chunks = (*out_chunks[:-1], (k,))
+    if 0 in prep.out_shape:
+        vals, idx = _empty_topk(prep, topk_chunks)
+    else:
+        parts = (
+            topk_triangle_parts(prep, k, exclude_self)
+            if use_triangle(prep)
+            else _topk_parts(prep, k, exclude_self)
+        )
+        # parts left on the GPU (like="cupy") are merged there too
+        where = prep.device if prep.like == "cupy" else "cpu"
+        with annotate_for(where):
+            merged = _tree_reduce(
+                parts,
+                routed(partial(_merge_parts, k=k, final=True), where),
+                (parts.ndim - 1,),
+                True,
+                object,
+                split_every=SPLIT_EVERY,
+                combine=routed(partial(_merge_parts, k=k, final=False), where),
+                name="cosine-topk-merge",
+                concatenate=False,
+            )
+            vals = merged.map_blocks(
+                routed(_values, where),
+                chunks=topk_chunks,
+                dtype=prep.out_dtype,
+                meta=prep.meta,
+                token="cosine-topk-values",
+            )
+            idx = merged.map_blocks(
+                routed(_indices, where),
+                chunks=topk_chunks,
+                dtype=np.int64,
+                meta=prep.meta.astype(np.int64),
+                token="cosine-topk-indices",
+            )
+    for result in (vals, idx):
+        record_result(result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self)
+    return vals, idx
+
+
+def _empty_topk(prep: Prepared, chunks) -> tuple[da.Array, da.Array]:
+    shape = (*prep.out_shape[:-1], chunks[-1][0])
+    chunks = tuple((max(s, 0),) for s in shape)
+    vals = da.zeros(shape, dtype=prep.out_dtype, chunks=chunks, meta=prep.meta)
+    idx = da.zeros(shape, dtype=np.int64, chunks=chunks, meta=prep.meta.astype(np.int64))
+    return vals, idx
+
+
+def _row_and_col_indices(prep: Prepared) -> tuple[da.Array, da.Array]:
+    """Global row/column numbers as dask arrays chunked like the output (block offsets)."""
+    rows = da.arange(prep.out_shape[-2], chunks=(prep.plan.rows,), dtype=np.int64)
+    cols = da.arange(prep.out_shape[-1], chunks=(prep.plan.cols,), dtype=np.int64)
+    return rows, cols
+
+
+def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
+    """Object array of local top-k parts, one ``cosine-topk`` task per output block."""
+    rows, cols = _row_and_col_indices(prep)
+    with warnings.catch_warnings(), annotate_for(prep.device):
+        # an outer product has more output blocks than input blocks by design
+        warnings.simplefilter("ignore", PerformanceWarning)
+        return da.blockwise(
+            routed(_topk_task, prep.device),
+            prep.out_index,
+            prep.an,
+            prep.a_index,
+            prep.bn,
+            prep.b_index,
+            rows,
+            "i",
+            cols,
+            "j",
+            token="cosine-topk",
+            dtype=object,
+            meta=np.empty((0,) * len(prep.out_index), dtype=object),
+            concatenate=True,
+            adjust_chunks={"j": lambda m: min(k, m)},
+            k=k,
+            exclude_self=exclude_self,
+            **prep.product_kwargs(),
+        )
+
+
+def _topk_task(an, bn, rows, cols, **kwargs):
+    return topk_block(an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]), **kwargs)
+
+
+def _merge_parts(parts, axis=None, keepdims=True, *, k: int, final: bool):
+    merged = merge_topk(parts, k)
+    return finish_topk(merged) if final else merged
+
+
+def _values(pair):
+    return pair[0]
+
+
+def _indices(pair):
+    return pair[1]
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def pairs_above(
+    a,
+    b=None,
+    threshold: float = 0.9,
+    *,
+    exclude_self: bool = False,
+    chunks="auto",
+    device: Device = "auto",
+) -> dd.DataFrame:
+    """Every pair ``(batch, i, j)`` with similarity ``>= threshold``, as a lazy DataFrame.
+
+    One ``cosine-pairs`` task per output block computes the block and keeps only the
+    pairs above the threshold; each becomes one partition (unknown divisions).
+
+    With ``b=None`` (or ``b is a``) each unordered pair is reported once, as ``i < j``,
+    plus the diagonal ``i == j`` unless ``exclude_self=True``; only the block upper
+    triangle is computed, so there is one partition per upper block.
+
+    Parameters
+    ----------
+    a, b, chunks, device
+        As :func:`dask_cosim.cosine_similarity`.
+    threshold : float
+        Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).
+    exclude_self : bool
+        Drop pairs with ``i == j`` (``b`` must have as many vectors as ``a``).
+
+    Returns
+    -------
+    dask.dataframe.DataFrame
+        Columns ``batch``, ``i``, ``j`` (int64; ``batch`` is 0 for 2-D inputs) and
+        ``score`` (the similarity dtype), in block order.
+
+    Examples
+    --------
+    >>> import numpy as np, dask_cosim as dcs
+    >>> a = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    >>> dcs.pairs_above(a, threshold=0.5, exclude_self=True).compute()
+       batch  i  j  score
+    0      0  0  1    0.8
+    1      0  1  2    0.6
+    """
+    threshold = _check_threshold(threshold)
+    prep = prepare(a, b, chunks=chunks, device=device)
+    exclude_self = _check_exclude_self(exclude_self, prep)
+    meta = _pairs_meta(prep.out_dtype)
+    if 0 in prep.out_shape:
+        result = dd.from_pandas(meta, npartitions=1)
+    else:
+        token = tokenize(prep.an.name, prep.bn.name, prep.plan.chunks, threshold, exclude_self)
+        name = f"cosine-pairs-{token}"
+        kwargs = {**prep.product_kwargs(), "like": "numpy", "threshold": threshold}
+        if use_triangle(prep):
+
+            def task_for(kb, i, j, offsets):
+                task = partial(_pairs_frame, exclude_self=exclude_self, **offsets, **kwargs)
+                return routed(task, prep.device)
+
+            graph, keys = pairs_triangle_graph(prep, name, task_for)
+        else:
+            parts = _pairs_parts(prep, name, exclude_self, kwargs)
+            graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
+        divisions = (None,) * (len(keys) + 1)
+        result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-pairs-frame")
+    record_result(result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self)
+    return result
+
+
+def _pairs_meta(dtype) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "batch": np.empty(0, dtype=np.int64),
+            "i": np.empty(0, dtype=np.int64),
+            "j": np.empty(0, dtype=np.int64),
+            "score": np.empty(0, dtype=dtype),
+        }
+    )
+
+
+def _flatten(keys):
+    if isinstance(keys, list):
+        for k in keys:
+            yield from _flatten(k)
+    else:
+        yield keys
+
+
+def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict) -> da.Array:
+    """Object array of per-block DataFrames (rectangular blocks)."""
+    rows, cols = _row_and_col_indices(prep)
+    extra = []
+    if len(prep.out_index) == 3:
+        extra = [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
+    with warnings.catch_warnings(), annotate_for(prep.device):
+        warnings.simplefilter("ignore", PerformanceWarning)
+        return da.blockwise(
+            routed(_pairs_task, prep.device),
+            prep.out_index,
+            prep.an,
+            prep.a_index,
+            prep.bn,
+            prep.b_index,
+            rows,
+            "i",
+            cols,
+            "j",
+            *extra,
+            name=name,
+            dtype=object,
+            meta=np.empty((0,) * len(prep.out_index), dtype=object),
+            concatenate=True,
+            upper=prep.self_similar,
+            exclude_self=exclude_self,
+            **kwargs,
+        )
+
+
+def _pairs_task(an, bn, rows, cols, batches=None, **kwargs):
+    return _pairs_frame(
+        an,
+        bn,
+        row_offset=int(rows[0]),
+        col_offset=int(cols[0]),
+        batch_offset=0 if batches is None else int(batches[0]),
+        **kwargs,
+    )
+
+
+def _pairs_frame(an, bn, **kwargs) -> pd.DataFrame:
+    batch, i, j, score = pairs_block(an, bn, **kwargs)
+    return pd.DataFrame({"batch": batch, "i": i, "j": j, "score": score})
