@@ -366,3 +366,38 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def _failing_store_class():
+    from zarr.storage import WrapperStore
+
+    class FailingStore(WrapperStore):
+        """A zarr store that raises ``OSError(errno)`` when writing the given keys.
+
+        Simulates a full disk (``ENOSPC``) or a location that turned read-only
+        (``EROFS``/``EACCES``) for chosen chunks, in whichever process writes them.
+        """
+
+        def __init__(self, store, fail_keys, err: int):
+            super().__init__(store)
+            self.fail_keys = tuple(fail_keys)
+            self.err = err
+
+        def __reduce__(self):
+            return (make_failing_store, (self._store, self.fail_keys, self.err))
+
+        async def set(self, key, value, *args, **kwargs):
+            if key in self.fail_keys:
+                raise OSError(self.err, os.strerror(self.err), key)
+            return await self._store.set(key, value, *args, **kwargs)
+
+    return FailingStore
+
+
+def make_failing_store(store, fail_keys, err: int):
+    """``store`` (a zarr store or local path) whose writes of ``fail_keys`` raise ``OSError(err)``."""
+    if isinstance(store, (str, os.PathLike)):
+        from zarr.storage import LocalStore
+
+        store = LocalStore(os.fspath(store))
+    return _failing_store_class()(store, fail_keys, err)
