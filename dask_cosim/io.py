@@ -642,7 +642,15 @@ def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray):
 def _write_block(targets, regions, marker, index, *blocks) -> int:
     """Store one output block (every array), then its marker: data first, marker after."""
     for target, region, block in zip(targets, regions, blocks, strict=True):
-        target[region] = to_numpy(block)
+        try:
+            target[region] = to_numpy(block)
+        except OSError as err:  # disk full, read-only location...: say which output and block
+            raise OSError(
+                err.errno,
+                f"to_zarr: cannot write block {tuple(index)} of {str(target.store_path)!r}: "
+                f"{err.strerror or err}; that block is not marked done, so resume=True (--resume) "
+                "writes it once the problem is fixed",
+            ) from err
     marker[tuple(slice(i, i + 1) for i in index)] = np.ones((1,) * len(index), dtype=np.uint8)
     return 1
 
