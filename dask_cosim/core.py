@@ -133,7 +133,7 @@ def prepare(
     except PlanError as err:
         if workers is None or workers.budget != budget:
             raise
-        raise PlanError(f"{err}. Here the budget comes from the cluster: {workers.explain()}") from None
+        raise PlanError(f"{err}. The binding budget is the workers' memory: {workers.explain()}") from None
     on_device = is_device_array(a_in) or is_device_array(b_in)
     norm = {"compute_dtype": work.name, "zero_vector": zero_vector, "device": device}
     an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
