@@ -264,6 +264,8 @@ def start_real_cluster(
                     "--no-dashboard",
                     "--dashboard-address",
                     "127.0.0.1:0",
+                    "--preload",  # import the library before registering: a restarted worker is warm
+                    "dask_cosim",
                     "--name",
                     f"w{i}",
                     "--death-timeout",

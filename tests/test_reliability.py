@@ -9,6 +9,7 @@ and checks the output against a float64 NumPy reference. Every wait is bounded.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import dask.array as da
@@ -92,7 +93,9 @@ def test_auto_blocks_fit_a_tight_worker(tight_cluster):
 def test_oversized_blocks_are_refused_naming_the_memory_limit(tight_cluster):
     a = rng(5).standard_normal((7000, 16))
     with tight_cluster.client():
-        with pytest.raises(dcs.PlanError, match=r"worker tcp://127\.0\.0\.1:\d+ has memory_limit=300\.0 MiB for 1 thread"):
+        with pytest.raises(
+            dcs.PlanError, match=r"worker tcp://127\.0\.0\.1:\d+ has memory_limit=300\.0 MiB for 1 thread"
+        ):
             dcs.cosine_similarity(a, a, chunks=(7000, 7000))
 
 
@@ -215,3 +218,89 @@ def _listening(psutil, pids):
             if conn.status == psutil.CONN_LISTEN:
                 out.append((conn.laddr.ip, conn.laddr.port))
     return out
+
+
+# ---------------------------------------------------------------- fault 2: worker killed mid-write
+
+
+def _check_marked_blocks(group, ref, chunks, array="similarity"):
+    """Every block with a marker holds exactly the reference data; returns the marker grid."""
+    done = group["_blocks_done"][...]
+    data = group[array]
+    for ix in np.argwhere(done == 1):
+        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(ix, chunks, strict=False))
+        np.testing.assert_allclose(data[region], ref[region], rtol=0, atol=TOL64)
+    return done
+
+
+def test_worker_sigkill_during_to_zarr(real_cluster, tmp_path):
+    a, b = rng(12).standard_normal((480, 16)), rng(13).standard_normal((480, 16))
+    ref = reference_cosine(a, b)
+    gate_file, out = tmp_path / "gate", tmp_path / "out.zarr"
+    S = dcs.cosine_similarity(
+        da.from_array(a, chunks=(80, 16)), gated(b, (80, 16), gate_file), chunks=(80, 80)
+    )
+    n_free = S.npartitions - S.numblocks[0]
+
+    def markers() -> int:
+        try:
+            return int(zarr.open_group(str(out), mode="r")["_blocks_done"][...].sum())
+        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+            return 0  # the output group is being created
+
+    with real_cluster.client() as client:
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(dcs.to_zarr, S, str(out))
+            wait_until(lambda: markers() >= n_free // 2, timeout=60, what="written blocks")
+            busy = {w: keys for w, keys in client.processing().items() if keys}
+            writing = [w for w, keys in busy.items() if any("cosine-write" in str(k) for k in keys)]
+            victim = (
+                writing or [w for w in busy if not any("gate" in str(k) for k in busy[w])] or list(busy)
+            )[0]
+            _, pid = real_cluster.kill_worker(victim)
+            # right after the kill: every marker stands for a fully written block
+            at_kill = _check_marked_blocks(zarr.open_group(str(out), mode="r"), ref, (80, 80))
+            open_gate(gate_file)
+            report = job.result(timeout=RESULT_TIMEOUT)
+    assert 0 < at_kill.sum() < S.npartitions
+    group = zarr.open_group(str(out), mode="r")
+    assert _check_marked_blocks(group, ref, (80, 80)).all()
+    np.testing.assert_allclose(group["similarity"][...], ref, rtol=0, atol=TOL64)
+    assert report.blocks_written == S.npartitions
+    assert pid not in real_cluster.wait_for_workers().values()
+
+
+def brute_topk(a, b, k):
+    """float64 top-k by argsort of the full S (descending, ties to the smaller j)."""
+    s = reference_cosine(a, b)
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+    return np.take_along_axis(s, order, axis=-1), order
+
+
+def test_worker_sigkill_during_topk_tree_reduction(real_cluster, tmp_path):
+    a, b = rng(14).standard_normal((240, 16)), rng(15).standard_normal((720, 16))
+    gate_file = tmp_path / "gate"
+    vals, idx = dcs.topk(
+        da.from_array(a, chunks=(80, 16)), gated(b, (80, 16), gate_file), k=7, chunks=(80, 80)
+    )
+    n_cols = 720 // 80
+    with real_cluster.client() as client:
+        futures = client.compute([vals, idx])
+        # the column blocks before the gated one yield local top-k parts and partial merges
+        held = wait_until(
+            lambda: (
+                (h := held_keys(client, "cosine-topk")) and sum(h.values()) >= 3 * (n_cols - 1) // 2 and h
+            ),
+            timeout=60,
+            what="top-k parts in worker memory",
+        )
+        victim = max(held, key=held.get)
+        lost = held[victim]
+        _, pid = real_cluster.kill_worker(victim)
+        open_gate(gate_file)
+        got_vals, got_idx = client.gather(futures)
+    assert lost >= 1
+    ref_vals, ref_idx = brute_topk(a, b, 7)
+    np.testing.assert_array_equal(got_idx, ref_idx)
+    np.testing.assert_allclose(got_vals, ref_vals, rtol=0, atol=2e-6)
+    assert pid not in real_cluster.wait_for_workers().values()
