@@ -7,9 +7,11 @@
 """
 
 from . import _config  # noqa: F401  (registers the cosine.* dask config defaults)
+from ._backend import NoGPUError
 from ._finite import NonFiniteError
 from ._kernels import ZeroVectorError
 from ._plan import PlanError
+from ._resources import GPURouting, NoGPUWorkerError, ensure_gpu_routing
 from ._version import __version__
 from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
@@ -24,4 +26,8 @@ __all__ = [
     "ZeroVectorError",
     "NonFiniteError",
     "InputChunkError",
+    "NoGPUError",
+    "NoGPUWorkerError",
+    "GPURouting",
+    "ensure_gpu_routing",
 ]

@@ -10,9 +10,16 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
-from ._backend import blas_threads_for_task, block_namespace, limit_blas, to_numpy
+from ._backend import blas_threads_for_task, block_namespace, device_matmul, limit_blas, to_numpy
 
-__all__ = ["ZeroVectorError", "normalize_rows", "similarity_block", "cosine_block"]
+__all__ = [
+    "ZeroVectorError",
+    "PRECISIONS",
+    "normalize_rows",
+    "reduce_precision",
+    "similarity_block",
+    "cosine_block",
+]
 
 
 class ZeroVectorError(ValueError):
@@ -70,7 +77,7 @@ def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batche
     x = xp.astype(x, dtype) if x.dtype != dtype else x
     sq = xp.vecdot(x, x)[..., None]
     # the fast path is exact unless a squared norm is zero, non-finite or subnormal
-    tiny = xp.finfo(dtype).tiny
+    tiny = xp.finfo(dtype).smallest_normal
     if not bool(xp.all((sq >= tiny) & (sq <= xp.finfo(dtype).max))):
         return _normalize_careful(xp, x, dtype, zero_vector, input_name, offset, batched)
     return x * (1 / xp.sqrt(sq))
@@ -107,6 +114,44 @@ def _raise_zero_vector(zero, *, input_name, offset, batched):
     )
 
 
+#: Product precisions: "float32" is the blocks' own dtype; the others round the operands.
+PRECISIONS = ("float32", "tf32", "bfloat16", "float16")
+#: explicit mantissa bits and smallest normal exponent of each reduced format
+_FORMATS = {"tf32": (10, -126), "bfloat16": (7, -126), "float16": (10, -14)}
+
+
+def reduce_precision(x, precision: str):
+    """Round to the nearest value of a reduced float format (ties to even), returned as float32.
+
+    The array-API emulation of the operand rounding a tensor-core product does:
+    ``"tf32"`` and ``"float16"`` keep 10 mantissa bits, ``"bfloat16"`` 7; float16's
+    narrow exponent range is honoured down to its subnormals (values below 2**-25 become
+    0). Works in float64 with exact power-of-two scaling, so the result is exactly
+    representable in the target format and in float32. NaN and inf pass through;
+    ``"float32"`` returns ``x`` as float32.
+
+    Examples
+    --------
+    >>> reduce_precision(np.array([1.0 + 2.0**-9, 1.0 + 3 * 2.0**-9]), "bfloat16")
+    array([1.       , 1.0078125], dtype=float32)
+    """
+    xp = array_api_compat.array_namespace(x)
+    if precision == "float32":
+        return xp.astype(x, xp.float32)
+    bits, emin = _FORMATS[precision]
+    w = xp.astype(x, xp.float64)
+    mag = xp.abs(w)
+    regular = xp.isfinite(w) & (mag > 0)
+    mag = xp.where(regular, mag, xp.ones_like(mag))
+    two = xp.full_like(mag, 2.0)
+    e = xp.floor(xp.log2(mag))
+    e = xp.where(xp.pow(two, e) > mag, e - 1, e)  # log2 may round across a power of two
+    e = xp.where(xp.pow(two, e + 1) <= mag, e + 1, e)
+    step = xp.pow(two, xp.clip(e, float(emin), None) - bits)  # spacing of the target format
+    rounded = xp.round(w / step) * step
+    return xp.astype(xp.where(regular, rounded, w), xp.float32)
+
+
 def _clip_unit(xp, s):
     """Clip to [-1, 1] in place where the namespace allows (NumPy, CuPy), NaN kept."""
     if isinstance(s, np.ndarray):
@@ -126,6 +171,7 @@ def similarity_block(
     device: str = "cpu",
     blas_threads: int | None = None,
     like: str = "numpy",
+    precision: str = "float32",
 ):
     """One output block: ``an @ bn.T`` of unit vectors, clipped to [-1, 1].
 
@@ -140,24 +186,34 @@ def similarity_block(
     like
         ``"numpy"`` returns a host array, ``"input"`` leaves the result where it was
         computed (a CuPy block stays on the device).
+    precision
+        ``"float32"`` (default): products in the blocks' dtype (float32, or float64 for
+        float64 work). ``"tf32"``, ``"bfloat16"``, ``"float16"``: operands rounded to that
+        format, products accumulated in float32 (on CuPy by cuBLAS on tensor cores; on
+        other namespaces emulated exactly by :func:`reduce_precision` then a float32
+        product, so results are reproducible on the CPU). See README: GPU workers.
 
     Examples
     --------
     >>> similarity_block(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]))
     array([[1., 0.]])
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, received {precision!r}")
     xp, an = block_namespace(an, device)
     if array_api_compat.is_cupy_array(an):
         import cupy
 
-        bn = cupy.asarray(bn)
+        s = device_matmul(an, cupy.asarray(bn), precision)
     else:
         _, bn = block_namespace(bn, device)
-    if isinstance(an, np.ndarray):
-        with limit_blas(blas_threads_for_task(blas_threads)):
+        if precision != "float32":
+            an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
+        if isinstance(an, np.ndarray):
+            with limit_blas(blas_threads_for_task(blas_threads)):
+                s = xp.matmul(an, xp.matrix_transpose(bn))
+        else:
             s = xp.matmul(an, xp.matrix_transpose(bn))
-    else:
-        s = xp.matmul(an, xp.matrix_transpose(bn))
     s = _clip_unit(xp, s)
     if out_dtype is not None and s.dtype != _dtype(xp, out_dtype):
         s = xp.astype(s, _dtype(xp, out_dtype))

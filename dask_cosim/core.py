@@ -12,13 +12,14 @@ from dask.array.core import PerformanceWarning
 from dask.base import tokenize
 
 from . import _config, _finite, _provenance
-from ._backend import is_device_array
+from ._backend import gpu_available, is_device_array
 from ._inputs import BlockSource, open_input, storage_chunks
-from ._kernels import normalize_rows, similarity_block
+from ._kernels import PRECISIONS, normalize_rows, similarity_block
 from ._plan import (
     Operand,
     Plan,
     PlanError,
+    check_choice,
     check_device,
     check_pair,
     check_zero_vector,
@@ -27,12 +28,15 @@ from ._plan import (
     plan_blocks,
     result_dtype,
 )
+from ._resources import annotate_for, routed
 from ._worker_memory import worker_budget
 from ._zarr_guard import guard_input
 
 __all__ = ["cosine_similarity", "prepare", "Prepared"]
 
 Device = Literal["auto", "cpu", "gpu"]
+Precision = Literal["float32", "tf32", "bfloat16", "float16"]
+Like = Literal["numpy", "cupy"]
 ZeroVector = Literal["zero", "nan", "error"]
 
 
@@ -59,10 +63,14 @@ class Prepared:
     blas_threads: int | None
     self_similar: bool
     on_device: bool  # inputs are CuPy arrays: keep CuPy chunks
+    precision: str = "float32"  # product precision (see similarity_block)
+    like: str = "numpy"  # output blocks on the host ("numpy") or left on the device ("cupy")
 
     @property
     def meta(self):
-        return _meta(self.on_device, len(self.out_index), self.out_dtype)
+        """Output meta: NumPy unless ``like="cupy"`` and this process can build CuPy meta."""
+        cupy_meta = self.like == "cupy" and (self.on_device or gpu_available())
+        return _meta(cupy_meta, len(self.out_index), self.out_dtype)
 
     def product_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`similarity_block` for this graph."""
@@ -70,7 +78,8 @@ class Prepared:
             "out_dtype": self.out_dtype.name,
             "device": self.device,
             "blas_threads": self.blas_threads,
-            "like": "input" if self.on_device else "numpy",
+            "like": "input" if self.like == "cupy" else "numpy",
+            "precision": self.precision,
         }
 
 
@@ -91,17 +100,22 @@ def prepare(
     device: Device = "auto",
     zero_vector: ZeroVector = "zero",
     check_finite: bool = False,
+    precision: Precision = "float32",
+    like: Like | None = None,
 ) -> Prepared:
     """Validate the inputs, plan the blocks and build the normalised inputs (lazily).
 
     ``check_finite=True`` first reads the inputs once, block-wise, and raises
     :class:`~dask_cosim.NonFiniteError` naming the first NaN/inf vector of each input.
+    ``precision`` and ``like`` are described in :func:`cosine_similarity`.
     """
     device = check_device(device)
     zero_vector = check_zero_vector(zero_vector)
+    precision = check_choice("precision", precision, PRECISIONS)
     self_similar = b is None or b is a
     a_in = open_input(a, "a")
     b_in = a_in if self_similar else open_input(b, "b")
+    like = _check_like(like, device, is_device_array(a_in) or is_device_array(b_in))
     op_a = Operand.from_shape("a", a_in.shape, a_in.dtype)
     op_b = Operand.from_shape("b", b_in.shape, b_in.dtype)
     batch = check_pair(op_a, op_b)
@@ -135,11 +149,17 @@ def prepare(
             raise
         raise PlanError(f"{err}. The binding budget is the workers' memory: {workers.explain()}") from None
     on_device = is_device_array(a_in) or is_device_array(b_in)
-    norm = {"compute_dtype": work.name, "zero_vector": zero_vector, "device": device}
+    norm = {
+        "compute_dtype": work.name,
+        "zero_vector": zero_vector,
+        "device": _normalize_device(device, on_device),
+    }
     an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
     if self_similar:
         bn, b_index = an, a_index.replace("i", "j")
-        if plan.cols != plan.rows:
+        if plan.cols != plan.rows and device == "gpu":  # device blocks: no rechunk tasks off the GPU workers
+            bn, _ = _normalized(a_in, op_a, plan, plan.cols, batch, "a", on_device, norm)
+        elif plan.cols != plan.rows:
             bn = an.rechunk({an.ndim - 2: plan.cols})
     else:
         bn, b_index = _normalized(b_in, op_b, plan, plan.cols, batch, "b", on_device, norm)
@@ -148,8 +168,36 @@ def prepare(
     out_shape = (batch, op_a.rows, op_b.rows) if batched else (op_a.rows, op_b.rows)
     return Prepared(
         an, bn, a_index, b_index, out_index, out_shape, out, work, plan, device,
-        _config.blas_threads_setting(), self_similar, on_device,
+        _config.blas_threads_setting(), self_similar, on_device, precision, like,
     )  # fmt: skip
+
+
+def _check_like(like, device: str, on_device: bool) -> str:
+    """Where output blocks live: ``"numpy"`` (host) or ``"cupy"`` (left on the GPU)."""
+    if like is None:
+        return "cupy" if on_device and device != "cpu" else "numpy"
+    like = check_choice("like", like, ("numpy", "cupy"))
+    if like == "cupy" and not (device == "gpu" or (on_device and device == "auto")):
+        raise ValueError(
+            f"like='cupy' keeps output blocks on the GPU, so it needs device='gpu' (or CuPy inputs "
+            f"with device='auto'); received device={device!r} with "
+            f"{'CuPy' if on_device else 'host'} inputs. Use like='numpy' or device='gpu'"
+        )
+    return like
+
+
+def _normalize_device(device: str, on_device: bool) -> str:
+    """Where the normalise tasks run.
+
+    ``"gpu"``: on the GPU workers, and the normalised block stays there as the task
+    result (uploaded once, reused by every product task of that row/column block).
+    ``"auto"`` with host inputs: on NumPy, because on a cluster that may mix GPU and
+    CPU workers a task result must be readable by any worker (a CPU worker cannot
+    unpickle a CuPy array); each product task then uploads its two blocks to the GPU
+    if its worker has one. Normalising is O(rows x D) and memory-bound, the product
+    O(rows x cols x D), so this costs little.
+    """
+    return "cpu" if device == "auto" and not on_device else device
 
 
 def _cores() -> int:
@@ -196,15 +244,16 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
         arr = arr[0]
     index = "kid" if arr.ndim == 3 else "id"
     meta = _meta(on_device, arr.ndim, np.dtype(norm["compute_dtype"]))
-    normed = arr.map_blocks(
-        _normalize_task,
-        dtype=meta.dtype,
-        meta=meta,
-        token="cosine-normalize",
-        input_name=name,
-        batched=arr.ndim == 3,
-        **norm,
-    )
+    with annotate_for(norm["device"]):
+        normed = arr.map_blocks(
+            routed(_normalize_task, norm["device"]),
+            dtype=meta.dtype,
+            meta=meta,
+            token="cosine-normalize",
+            input_name=name,
+            batched=arr.ndim == 3,
+            **norm,
+        )
     return normed, index
 
 
@@ -222,11 +271,11 @@ def similarity_from(prep: Prepared) -> da.Array:
     if 0 in prep.out_shape:
         chunks = tuple((max(s, 0),) for s in prep.out_shape)
         return da.zeros(prep.out_shape, dtype=prep.out_dtype, chunks=chunks, meta=prep.meta)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), annotate_for(prep.device):
         # an outer product has more output blocks than input blocks by design
         warnings.simplefilter("ignore", PerformanceWarning)
         return da.blockwise(
-            similarity_block,
+            routed(similarity_block, prep.device),
             prep.out_index,
             prep.an,
             prep.a_index,
@@ -249,6 +298,8 @@ def cosine_similarity(
     device: Device = "auto",
     zero_vector: ZeroVector = "zero",
     check_finite: bool = False,
+    precision: Precision = "float32",
+    like: Like | None = None,
 ) -> da.Array:
     """Lazy cosine similarity of every vector of ``a`` with every vector of ``b``.
 
@@ -274,7 +325,10 @@ def cosine_similarity(
         narrower floats, float64 otherwise.
     device : {"auto", "cpu", "gpu"}
         Where each block runs, decided on the worker: ``"auto"`` uses CuPy when that
-        worker has a usable GPU, ``"gpu"`` requires one.
+        worker has a usable GPU (NumPy otherwise), ``"gpu"`` requires one and, on a
+        ``distributed`` cluster, sends the normalise and product tasks only to workers
+        that declare ``GPU`` resources (``dask worker --resources GPU=1``). See README:
+        GPU workers.
     zero_vector : {"zero", "nan", "error"}
         Similarity of a zero vector: 0 (scikit-learn's choice), NaN, or raise at compute
         time naming the input, batch and row.
@@ -282,6 +336,16 @@ def cosine_similarity(
         Read the inputs once now (block-wise, on the active scheduler) and raise
         :class:`~dask_cosim.NonFiniteError` naming the first (batch, row) holding NaN or
         inf in each input. Default False: a vector with NaN/inf gives NaN similarities.
+    precision : {"float32", "tf32", "bfloat16", "float16"}
+        Product precision. ``"float32"`` (default): exact products in the work dtype
+        (float64 inputs stay float64). The others round the unit vectors to that format
+        and accumulate in float32 (tensor cores on a GPU; emulated on NumPy), for speed
+        when errors around 1e-3 (tf32, float16) or 1e-2 (bfloat16) are acceptable;
+        float64 inputs then also take the reduced path.
+    like : {"numpy", "cupy"}, optional
+        Where output blocks live: ``"numpy"`` copies each block to host memory in its
+        task, ``"cupy"`` leaves it on the GPU (needs ``device="gpu"``, or CuPy inputs).
+        Default: ``"cupy"`` for CuPy inputs, ``"numpy"`` otherwise.
 
     Returns
     -------
@@ -299,10 +363,11 @@ def cosine_similarity(
            [0.7071, 1.    ]])
     """
     prep = prepare(
-        a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, check_finite=check_finite
-    )
+        a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, check_finite=check_finite,
+        precision=precision, like=like,
+    )  # fmt: skip
     result = similarity_from(prep)
-    record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector)
+    record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector, precision=precision)
     return result
 
 

@@ -28,7 +28,7 @@ from dask.base import tokenize
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
-from .core import Device, Prepared, prepare, record_result
+from .core import Device, Like, Precision, Prepared, prepare, record_result
 
 __all__ = ["topk", "pairs_above"]
 
@@ -89,6 +89,8 @@ def topk(
     exclude_self: bool = False,
     chunks="auto",
     device: Device = "auto",
+    precision: Precision = "float32",
+    like: Like | None = None,
 ) -> tuple[da.Array, da.Array]:
     """The ``k`` most similar vectors of ``b`` for every vector of ``a``, without storing S.
 
@@ -106,8 +108,12 @@ def topk(
         Neighbours per row, ``1 <= k <= M`` (``<= M - 1`` with ``exclude_self``).
     exclude_self : bool
         Drop the pair ``i == j`` (for self-similarity; ``b`` must have as many vectors as ``a``).
-    chunks, device
+    chunks, device, precision
         As :func:`dask_cosim.cosine_similarity` (blocks of S that one task computes).
+        Selection runs where the product ran (on the GPU for CuPy blocks); only the
+        ``k`` best per row leave the device.
+    like : {"numpy", "cupy"}, optional
+        Where the results live, as in :func:`dask_cosim.cosine_similarity`.
 
     Returns
     -------
@@ -136,7 +142,7 @@ def topk(
            [0.6, 0. ]])
     """
     k = _check_k(k)
-    prep = prepare(a, b, chunks=chunks, device=device)
+    prep = prepare(a, b, chunks=chunks, device=device, precision=precision, like=like)
     exclude_self = _check_exclude_self(exclude_self, prep)
     _check_k_fits(k, prep, exclude_self)
 
@@ -179,7 +185,7 @@ def topk(
                 token="cosine-topk-indices",
             )
     for result in (vals, idx):
-        record_result(result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self)
+        record_result(result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, precision=precision)
     return vals, idx
 
 
@@ -254,6 +260,7 @@ def pairs_above(
     exclude_self: bool = False,
     chunks="auto",
     device: Device = "auto",
+    precision: Precision = "float32",
 ) -> dd.DataFrame:
     """Every pair ``(batch, i, j)`` with similarity ``>= threshold``, as a lazy DataFrame.
 
@@ -266,8 +273,9 @@ def pairs_above(
 
     Parameters
     ----------
-    a, b, chunks, device
-        As :func:`dask_cosim.cosine_similarity`.
+    a, b, chunks, device, precision
+        As :func:`dask_cosim.cosine_similarity`. The threshold is applied where the
+        product ran (on the GPU for CuPy blocks); only the pairs leave the device.
     threshold : float
         Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).
     exclude_self : bool
@@ -289,7 +297,7 @@ def pairs_above(
     1      0  1  2    0.6
     """
     threshold = _check_threshold(threshold)
-    prep = prepare(a, b, chunks=chunks, device=device)
+    prep = prepare(a, b, chunks=chunks, device=device, precision=precision)
     exclude_self = _check_exclude_self(exclude_self, prep)
     meta = _pairs_meta(prep.out_dtype)
     if 0 in prep.out_shape:
@@ -310,7 +318,9 @@ def pairs_above(
             graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
         result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-pairs-frame")
-    record_result(result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self)
+    record_result(
+        result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self, precision=precision
+    )
     return result
 
 
