@@ -16,10 +16,13 @@ from ._version import __version__
 from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
 from .io import to_parquet, to_zarr
+from .reductions import pairs_above, topk
 
 __all__ = [
     "__version__",
     "cosine_similarity",
+    "topk",
+    "pairs_above",
     "to_zarr",
     "to_parquet",
     "PlanError",

@@ -253,8 +253,12 @@ def _topk_block_numpy(s, an, bn, k: int, *, both: bool, row_offset: int, col_off
     (cheap) instead of scanning the block; clipping is applied to candidates only
     (see :func:`_threshold`).
     """
-    _mark_numpy(s, an, bn, row_offset, col_offset, exclude_self)
     lead, (n, m) = s.shape[:-2], s.shape[-2:]
+    if s.size == 0:
+        offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
+        rows = select_topk(s, k, axis=-1, **offsets)
+        return (rows, select_topk(s, k, axis=-2, **offsets)) if both else (rows,)
+    _mark_numpy(s, an, bn, row_offset, col_offset, exclude_self)
     batch = int(np.prod(lead)) if lead else 1
     rows = _topk_rows_numpy(s.reshape(batch * n, m), min(k, m))
     rows = (rows[0].reshape(*lead, n, -1), (rows[1] + col_offset).reshape(*lead, n, -1))

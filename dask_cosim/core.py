@@ -29,6 +29,7 @@ from ._plan import (
     result_dtype,
 )
 from ._resources import annotate_for, routed
+from ._triangle import similarity_triangle, use_triangle
 from ._worker_memory import worker_budget
 from ._zarr_guard import guard_input
 
@@ -267,10 +268,16 @@ def _normalize_task(x, block_info=None, **kwargs):
 
 
 def similarity_from(prep: Prepared) -> da.Array:
-    """The ``(batch, N, M)`` similarity array from prepared inputs: one product per block."""
+    """The ``(batch, N, M)`` similarity array from prepared inputs: one product per block.
+
+    Self-similarity with square blocks computes only the blocks ``j >= i`` and
+    transposes them for ``j < i`` (see :mod:`dask_cosim._triangle`).
+    """
     if 0 in prep.out_shape:
         chunks = tuple((max(s, 0),) for s in prep.out_shape)
         return da.zeros(prep.out_shape, dtype=prep.out_dtype, chunks=chunks, meta=prep.meta)
+    if use_triangle(prep):
+        return similarity_triangle(prep)
     with warnings.catch_warnings(), annotate_for(prep.device):
         # an outer product has more output blocks than input blocks by design
         warnings.simplefilter("ignore", PerformanceWarning)

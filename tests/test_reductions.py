@@ -1,0 +1,546 @@
+"""topk and pairs_above against brute force (float64 NumPy), kernels fast path vs generic path."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import array_api_strict as xps
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dask_cosim as dcs
+from dask_cosim import _select
+from dask_cosim._select import (
+    EXCLUDED_KEY,
+    NAN_KEY,
+    finish_topk,
+    merge_topk,
+    select_above,
+    select_topk,
+    topk_block,
+)
+from dask_cosim.testing import reference_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+# ------------------------------------------------------------------ brute-force references
+
+
+def reference_similarity(a, b=None):
+    """float64 S with NaN rows/columns for vectors holding NaN (as the library does)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = a if b is None else np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        s = reference_cosine(np.nan_to_num(a), np.nan_to_num(b))
+    nan_a = np.isnan(a).any(-1)[..., :, None]
+    nan_b = np.isnan(b).any(-1)[..., None, :]
+    return np.where(nan_a | nan_b, np.nan, s)
+
+
+def reference_topk(s, k, exclude_self=False):
+    """argsort of the full S: descending, ties by smaller j (stable), NaN last, diagonal dropped."""
+    key = np.where(np.isnan(s), NAN_KEY, s)
+    if exclude_self:
+        n, m = s.shape[-2:]
+        key = np.where(np.eye(n, m, dtype=bool), EXCLUDED_KEY, key)
+    idx = np.argsort(-key, axis=-1, kind="stable")[..., :k]
+    return np.take_along_axis(s, idx, axis=-1), idx
+
+
+def reference_pairs(s, threshold, *, upper=False, exclude_self=False):
+    s3 = s if s.ndim == 3 else s[None]
+    keep = s3 >= threshold
+    n, m = s3.shape[-2:]
+    r, c = np.arange(n)[:, None], np.arange(m)[None, :]
+    if upper:
+        keep &= c >= r
+    if exclude_self:
+        keep &= c != r
+    b, i, j = np.nonzero(keep)
+    return pd.DataFrame({"batch": b, "i": i, "j": j, "score": s3[keep]})
+
+
+def assert_topk(vals, idx, s, k, *, exclude_self=False, atol=1e-5):
+    """Values match the brute-force top-k; indices equal it wherever a value is not a near-tie.
+
+    Where the library's product rounds differently from the float64 reference, two
+    neighbours closer than ``atol`` may legitimately swap; any other index must match.
+    """
+    ref_vals, ref_idx = reference_topk(s, k, exclude_self)
+    assert vals.shape == ref_vals.shape and idx.shape == ref_idx.shape and idx.dtype == np.int64
+    np.testing.assert_allclose(vals, ref_vals, atol=atol, rtol=0, equal_nan=True)
+    np.testing.assert_allclose(np.take_along_axis(s, idx, axis=-1), vals, atol=atol, rtol=0, equal_nan=True)
+    key = np.where(np.isnan(s), NAN_KEY, s).reshape(-1, s.shape[-1])
+    got, ref = idx.reshape(-1, k), ref_idx.reshape(-1, k)
+    for row, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert len(set(g.tolist())) == k, f"row {row}: repeated indices {g}"
+        if exclude_self:
+            assert row % s.shape[-2] not in g.tolist()
+        other = np.abs(key[row][None, :] - key[row][r][:, None])  # (k, m)
+        other[np.arange(k), r] = np.inf
+        isolated = other.min(axis=1) > 2 * atol
+        np.testing.assert_array_equal(g[isolated], r[isolated], err_msg=f"row {row}")
+
+
+# ------------------------------------------------------------------ topk: values and indices
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [(-1, -1), (7, 5), (13, 64), ((30, 3, 20), (1, 9, 40, 14)), ("auto", "auto"), (4, 1)],
+)
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_matches_brute_force_2d(chunks, k):
+    a, b = rng(0).standard_normal((53, 9)), rng(1).standard_normal((64, 9))
+    vals, idx = dask.compute(*dcs.topk(a, b, k=k, chunks=chunks))
+    assert vals.dtype == np.float64
+    assert_topk(vals, idx, reference_similarity(a, b), k, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 12, 40])
+def test_topk_k_equal_m_and_larger_than_a_block(k):
+    a, b = rng(2).standard_normal((21, 5)), rng(3).standard_normal((40, 5))
+    vals, idx = dask.compute(*dcs.topk(a, b, k=k, chunks=(8, 7)))
+    assert vals.shape == (21, k)
+    assert_topk(vals, idx, reference_similarity(a, b), k, atol=1e-12)
+    if k == 40:  # every column exactly once per row
+        assert (np.sort(idx, axis=1) == np.arange(40)).all()
+
+
+def test_topk_float32_and_3d_batches_with_broadcasting():
+    a = rng(4).standard_normal((3, 30, 16), dtype=np.float32)
+    b = rng(5).standard_normal((1, 45, 16), dtype=np.float32)
+    vals, idx = dask.compute(*dcs.topk(a, b, k=6, chunks=(2, 11, 9)))
+    assert vals.dtype == np.float32 and vals.shape == (3, 30, 6) and idx.shape == (3, 30, 6)
+    assert_topk(vals, idx, reference_similarity(a, b), 6, atol=2e-6)
+    a2 = rng(6).standard_normal((30, 16))  # 2-D a with a 3-D b: each batch of b
+    b3 = rng(7).standard_normal((2, 25, 16))
+    vals, idx = dask.compute(*dcs.topk(a2, b3, k=4, chunks=(1, 10, 10)))
+    assert vals.shape == (2, 30, 4)
+    assert_topk(vals, idx, reference_similarity(a2, b3), 4, atol=1e-12)
+
+
+def test_topk_ties_zero_vectors_and_nan_rows():
+    gen = rng(8)
+    b = gen.standard_normal((30, 4))
+    b[[3, 11, 27]] = b[20]  # duplicates of column 20: exact ties, smaller j first
+    b[[5, 6]] = 0.0  # zero vectors: similarity 0 with everything
+    b[8, 2] = np.nan  # a NaN vector: a NaN column, ranks last
+    a = gen.standard_normal((25, 4))
+    a[4] = b[20] * 3.0  # its top-4 are the four copies of b[20], in j order
+    a[7] = 0.0  # zero row: all zeros (and NaN last) -> columns in j order
+    a[9, 0] = np.nan  # NaN row: all NaN -> columns 0..k-1
+    s = reference_similarity(a, b)
+    for chunks in [(-1, -1), (5, 4), (25, 1), (3, 7)]:
+        vals, idx = dask.compute(*dcs.topk(a, b, k=5, chunks=chunks))
+        assert_topk(vals, idx, s, 5, atol=1e-12)
+        assert list(idx[4, :4]) == [3, 11, 20, 27]
+        assert list(idx[7]) == [0, 1, 2, 3, 4] and (vals[7] == 0).all()
+        assert list(idx[9]) == [0, 1, 2, 3, 4] and np.isnan(vals[9]).all()
+        assert 8 not in idx[np.arange(25) != 9]  # NaN column never beats a number
+    vals, idx = dask.compute(*dcs.topk(a, b, k=30, chunks=(6, 7)))
+    assert (idx[:, -1][np.arange(25) != 9] == 8).all()  # ... and comes last when k == M
+
+
+def test_topk_exclude_self():
+    a = rng(9).standard_normal((33, 6))
+    a[10] = a[2]  # a duplicate: its best other vector is its twin (similarity 1)
+    s = reference_similarity(a)
+    for b, chunks in [(None, (8, 8)), (None, (8, 5)), (a, (8, 5)), (a.copy(), (33, 4))]:
+        vals, idx = dask.compute(*dcs.topk(a, b, k=32, exclude_self=True, chunks=chunks))
+        assert_topk(vals, idx, s, 32, exclude_self=True, atol=1e-12)
+        assert not (idx == np.arange(33)[:, None]).any()
+        assert idx[2, 0] == 10 and idx[10, 0] == 2
+
+
+#: Vectors whose normalised forms and dot products are exact in binary floating point
+#: (dyadic components, power-of-two norms): every BLAS path gives the same similarities,
+#: so equal similarities are exact ties and the tie rule alone decides the order.
+EXACT = np.array(
+    [
+        [1, 0, 0, 0], [0, 1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 4],
+        [0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, -0.5], [-0.5, -0.5, 0.5, 0.5], [2, 2, -2, 2],
+        [0, 0, 0, 0],
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 14),
+    m=st.integers(1, 14),
+    k=st.integers(1, 14),
+    cn=st.integers(3, 14),
+    cm=st.integers(3, 14),
+    self_sim=st.booleans(),
+    exclude_self=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_deterministic_across_chunkings(n, m, k, cn, cm, self_sim, exclude_self, seed):
+    gen = rng(seed)
+    a = EXACT[gen.integers(0, len(EXACT), size=n)]
+    b = None if self_sim else EXACT[gen.integers(0, len(EXACT), size=m)]
+    m = n if self_sim else m
+    exclude_self = exclude_self and self_sim and m > 1
+    k = min(k, m - exclude_self)
+    s = reference_similarity(a, b)
+    ref_vals, ref_idx = reference_topk(s, k, exclude_self)
+    for chunks, scheduler in [((cn, cm), "threads"), ((-1, -1), "sync"), ((cm, cn), "threads")]:
+        vals, idx = dask.compute(
+            *dcs.topk(a, b, k=k, exclude_self=exclude_self, chunks=chunks), scheduler=scheduler
+        )
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(vals, ref_vals)
+
+
+def test_topk_same_result_with_every_scheduler():
+    a, b = rng(10).standard_normal((40, 8)), rng(11).standard_normal((50, 8))
+    results = [dask.compute(*dcs.topk(a, b, k=7, chunks=(9, 11)), scheduler=s) for s in ("sync", "threads")]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+
+
+# ------------------------------------------------------------------ topk: API and graph
+
+
+@pytest.mark.parametrize(
+    ("k", "match"),
+    [
+        (0, r"k: expected a positive integer \(k >= 1\), received 0"),
+        (-3, r"k >= 1"),
+        (2.0, r"k: expected a positive integer, received 2.0 \(float\)"),
+        ("3", r"received '3' \(str\)"),
+        (True, r"received True"),
+        (11, r"k: b has M = 10 vectors, received k=11; expected k <= M = 10"),
+    ],
+)
+def test_topk_rejects_bad_k(k, match):
+    with pytest.raises(ValueError, match=match):
+        dcs.topk(np.ones((4, 3)), np.ones((10, 3)), k=k)
+
+
+def test_topk_rejects_bad_exclude_self():
+    with pytest.raises(ValueError, match=r"exclude_self=True.*N=4 and b with M=10"):
+        dcs.topk(np.ones((4, 3)), np.ones((10, 3)), k=2, exclude_self=True)
+    with pytest.raises(ValueError, match=r"M - 1 = 3 other vectors, received k=4"):
+        dcs.topk(np.ones((4, 3)), k=4, exclude_self=True)
+    with pytest.raises(TypeError, match=r"exclude_self: expected True or False, received 'yes'"):
+        dcs.topk(np.ones((4, 3)), k=1, exclude_self="yes")
+    with pytest.raises(ValueError, match=r"same vector length D"):
+        dcs.topk(np.ones((4, 3)), np.ones((4, 2)), k=1)
+
+
+def test_topk_is_lazy_with_readable_names_and_output_chunks():
+    def boom(x):
+        raise AssertionError("input was read at call time")
+
+    a = da.ones((2, 20, 4), chunks=(1, 10, 4)).map_blocks(boom, dtype=float)
+    vals, idx = dcs.topk(a, np.ones((2, 30, 4)), k=3, chunks=(1, 10, 6))
+    assert vals.shape == idx.shape == (2, 20, 3) and vals.dtype == np.float64 and idx.dtype == np.int64
+    assert vals.chunks == ((1, 1), (10, 10), (3,))
+    prefixes = {name.rsplit("-", 1)[0] for name in vals.dask.layers}
+    assert {"cosine-normalize", "cosine-topk", "cosine-topk-values"} <= prefixes
+    assert any(p.startswith("cosine-topk-merge") for p in prefixes)
+    assert vals.name.startswith("cosine-topk-values-") and idx.name.startswith("cosine-topk-indices-")
+
+
+def test_topk_merges_as_a_tree():
+    a, b = rng(12).standard_normal((10, 4)), rng(13).standard_normal((200, 4))
+    vals, idx = dcs.topk(a, b, k=3, chunks=(10, 2))  # 100 column blocks
+    split = _reductions().SPLIT_EVERY
+    layers = [n for n in vals.dask.layers if n.startswith("cosine-topk-merge")]
+    assert len(layers) == math.ceil(math.log(100, split))  # tree levels
+    deps = vals.dask.get_all_dependencies()
+    fan_in = [len(deps[key]) for name in layers for key in vals.dask.layers[name]]
+    assert max(fan_in) == split and len(fan_in) == 13 + 2 + 1  # 100 parts -> 13 -> 2 -> 1
+    assert_topk(*dask.compute(vals, idx), reference_similarity(a, b), 3, atol=1e-12)
+
+
+def _reductions():
+    from dask_cosim import reductions
+
+    return reductions
+
+
+def test_topk_empty_inputs():
+    vals, idx = dcs.topk(np.ones((0, 3)), np.ones((5, 3)), k=2)
+    assert vals.compute().shape == (0, 2) and idx.compute().dtype == np.int64
+    vals, idx = dcs.topk(np.ones((0, 4, 3)), np.ones((0, 5, 3)), k=5)
+    assert vals.compute().shape == (0, 4, 5)
+
+
+def test_topk_records_provenance():
+    from dask_cosim import _provenance
+
+    a = rng(14).standard_normal((10, 3))
+    vals, idx = dcs.topk(a, k=2, exclude_self=True)
+    for x in (vals, idx):
+        info = _provenance.lookup(x.name)
+        assert info["kind"] == "topk" and info["k"] == 2 and info["exclude_self"] is True
+        assert info["self_similar"] is True
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _layer_block_bytes(layers, k: int, pair_bytes: int) -> dict[str, int]:
+    """Largest block (bytes) of every layer, from the layers' chunk metadata only."""
+    out = {}
+    for name, layer in layers.items():
+        info = layer.collection_annotations
+        assert info and "chunks" in info, f"layer {name} carries no block metadata"
+        size = [max(c) if c else 0 for c in info["chunks"]]
+        dtype = np.dtype(info["dtype"])
+        if dtype.kind == "O":  # (key, index) candidates; merge levels say 1 along j, hold k
+            size[-1] = max(size[-1], k)
+            out[name] = math.prod(size) * pair_bytes
+        else:
+            out[name] = math.prod(size) * dtype.itemsize
+    return out
+
+
+@pytest.mark.parametrize("self_similar", [False, True])
+def test_topk_graph_never_holds_more_than_a_block(self_similar):
+    """N = M = 2e5, D = 64 float32: S would be 160 GB; no task's output may exceed one block of S.
+
+    Checked on the graph (every layer's block metadata), nothing is computed.
+    """
+    n, d, k = 200_000, 64, 10
+    a = da.zeros((n, d), dtype=np.float32, chunks=(25_000, d))
+    b = None if self_similar else da.ones((n, d), dtype=np.float32, chunks=(25_000, d))
+    vals, idx = dcs.topk(a, b, k=k)
+    plan = dcs.core.prepare(a, b).plan
+    s_block = max(plan.rows) * max(plan.cols) * 4
+    assert n * n * 4 > 1000 * s_block  # S is ~160 GB, a block is ~1/1000 of it
+    sizes = _layer_block_bytes({**vals.dask.layers, **idx.dask.layers}, k, pair_bytes=4 + 8)
+    assert max(sizes.values()) <= s_block, {name: v for name, v in sizes.items() if v > s_block}
+    # the top-k parts and merges are tiny next to a block of S: at most 2 x rows x k candidates
+    topk_layers = {name: v for name, v in sizes.items() if name.startswith("cosine-topk")}
+    assert len(topk_layers) >= 4
+    assert max(topk_layers.values()) <= 2 * max(plan.rows) * k * 12
+    assert vals.chunks == (plan.rows, (k,))
+
+
+def test_task_outputs_match_the_graph_metadata_when_run():
+    """Run a small topk and measure every task's output: none exceeds one block of S."""
+    from dask.callbacks import Callback
+    from dask.sizeof import sizeof
+    from dask.utils import key_split
+
+    a, b = rng(15).standard_normal((300, 8)), rng(16).standard_normal((400, 8))
+    biggest: dict[str, int] = {}
+
+    class Sizes(Callback):
+        def _posttask(self, key, result, dsk, state, id):
+            name = key_split(key)
+            biggest[name] = max(biggest.get(name, 0), sizeof(result))
+
+    with Sizes():
+        vals, idx = dask.compute(*dcs.topk(a, b, k=5, chunks=(100, 50)), scheduler="sync")
+    s_block = 100 * 50 * 8
+    assert biggest["cosine-topk"] <= 100 * 5 * 16 + 1024 < s_block
+    assert all(v <= s_block for v in biggest.values()), biggest
+    assert_topk(vals, idx, reference_similarity(a, b), 5, atol=1e-12)
+
+
+# ------------------------------------------------------------------ kernels: fast path == generic
+
+
+@FAST
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(1, 300),
+    k=st.integers(1, 20),
+    row_offset=st.integers(0, 30),
+    col_offset=st.integers(0, 30),
+    exclude_self=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_numpy_fast_path_equals_generic_on_ties_and_clipping(
+    n, m, k, row_offset, col_offset, exclude_self, seed
+):
+    """Raw products with exact ties, values just outside [-1, 1] and NaN vectors."""
+    gen = rng(seed)
+    levels = np.array([-1.0000001, -1.0, -0.5, 0.0, 0.25, 1.0, 1.0000002], dtype=np.float32)
+    s = levels[gen.integers(0, len(levels), size=(n, m))]
+    an = np.ones((n, 2), dtype=np.float32)
+    bn = np.ones((m, 2), dtype=np.float32)
+    nan_rows = gen.random(n) < 0.15
+    nan_cols = gen.random(m) < 0.1
+    an[nan_rows, 0] = np.nan
+    bn[nan_cols, 1] = np.nan
+    s[nan_rows] = np.nan
+    s[:, nan_cols] = np.nan
+    kw = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
+    fast_rows, fast_cols = _select._topk_block_numpy(s.copy(), an, bn, k, both=True, **kw)
+    for axis, fast in ((-1, fast_rows), (-2, fast_cols)):
+        generic = select_topk(s, k, axis=axis, **kw)
+        strict = select_topk(xps.asarray(s), k, axis=axis, **kw)
+        for got in (fast, strict):
+            np.testing.assert_array_equal(np.asarray(got[1]), generic[1])
+            np.testing.assert_array_equal(np.asarray(got[0]), generic[0])
+    # and the generic path against brute force on the clipped keys
+    for axis, offset, full in ((-1, col_offset, s), (-2, row_offset, s.T)):
+        key = np.where(np.isnan(full), NAN_KEY, np.clip(full, -1, 1))
+        if exclude_self:
+            diag = (np.arange(full.shape[0])[:, None] + (row_offset if axis == -1 else col_offset)) == (
+                np.arange(full.shape[1])[None, :] + offset
+            )
+            key = np.where(diag, EXCLUDED_KEY, key)
+        ref_idx = np.argsort(-key, axis=-1, kind="stable")[:, : min(k, full.shape[1])]
+        np.testing.assert_array_equal(select_topk(s, k, axis=axis, **kw)[1] - offset, ref_idx)
+
+
+def test_topk_block_fast_and_generic_agree_on_real_products():
+    gen = rng(17)
+    an = gen.standard_normal((3, 70, 12)).astype(np.float32)
+    bn = gen.standard_normal((3, 90, 12)).astype(np.float32)
+    an /= np.linalg.norm(an, axis=-1, keepdims=True)
+    bn /= np.linalg.norm(bn, axis=-1, keepdims=True)
+    an[0, 5] = np.nan
+    kw = {"k": 7, "row_offset": 10, "col_offset": 0, "exclude_self": True, "both": True}
+    fast = topk_block(an, bn, **kw)
+    generic = topk_block(an, bn, fast=False, **kw)
+    for f, g in zip(fast, generic, strict=True):
+        np.testing.assert_allclose(f[0], g[0], atol=1e-6)
+        assert f[1].dtype == g[1].dtype == np.int64
+        # indices may only differ where the two products round a near-tie differently
+        assert (f[1] == g[1]).mean() > 0.99
+    s = np.clip(np.matmul(an, np.swapaxes(bn, -1, -2)).astype(np.float64), -1, 1)
+    s[0, 5] = np.nan
+    full = np.where(np.eye(70, 90, k=10, dtype=bool), EXCLUDED_KEY, np.where(np.isnan(s), NAN_KEY, s))
+    ref_idx = np.argsort(-full, axis=-1, kind="stable")[..., :7]
+    assert (fast[0][1] == ref_idx).mean() > 0.99
+
+
+def test_merge_and_finish():
+    p1 = (np.array([[0.9, 0.1, NAN_KEY]]), np.array([[3, 1, 4]]))
+    p2 = (np.array([[0.9, NAN_KEY]]), np.array([[0, 2]]))
+    keys, idx = merge_topk([p1, p2], 4)
+    np.testing.assert_array_equal(idx, [[0, 3, 1, 2]])
+    vals, idx = finish_topk(merge_topk([p1, p2], 5))
+    np.testing.assert_array_equal(idx, [[0, 3, 1, 2, 4]])
+    assert np.isnan(vals[0, 3:]).all()
+    strict = merge_topk([tuple(xps.asarray(x) for x in p) for p in (p1, p2)], 4)
+    np.testing.assert_array_equal(np.asarray(strict[1]), [[0, 3, 1, 2]])
+
+
+def test_select_above_generic_and_offsets():
+    s = np.array([[[1.0, 0.5, np.nan], [0.5, 1.0, 0.9]]])
+    b, i, j, score = select_above(s, 0.5, row_offset=1, col_offset=0, batch_offset=4)
+    assert list(zip(b.tolist(), i.tolist(), j.tolist(), score.tolist(), strict=True)) == [
+        (4, 1, 0, 1.0), (4, 1, 1, 0.5), (4, 2, 0, 0.5), (4, 2, 1, 1.0), (4, 2, 2, 0.9)
+    ]  # fmt: skip
+    for offset, pairs in [(1, []), (0, [(0, 1), (1, 2)])]:
+        for x in (s[0], xps.asarray(s[0])):
+            got = select_above(x, 0.5, row_offset=offset, upper=True, exclude_self=True)
+            assert list(zip(np.asarray(got[1]).tolist(), np.asarray(got[2]).tolist(), strict=True)) == pairs
+    got = select_above(s[0], 0.5, upper=True)  # the diagonal stays without exclude_self
+    assert list(zip(got[1].tolist(), got[2].tolist(), strict=True)) == [(0, 0), (0, 1), (1, 1), (1, 2)]
+
+
+# ------------------------------------------------------------------ pairs_above
+
+
+@pytest.mark.parametrize("chunks", [(-1, -1), (7, 9), ((20, 1, 12), (5, 30, 5))])
+def test_pairs_above_matches_brute_force(chunks):
+    a, b = rng(18).standard_normal((33, 5)), rng(19).standard_normal((40, 5))
+    df = dcs.pairs_above(a, b, threshold=0.6, chunks=chunks)
+    assert isinstance(df, dd_DataFrame()) and list(df.columns) == ["batch", "i", "j", "score"]
+    got = df.compute().sort_values(["batch", "i", "j"]).reset_index(drop=True)
+    ref = reference_pairs(reference_similarity(a, b), 0.6)
+    pd.testing.assert_frame_equal(got[["batch", "i", "j"]], ref[["batch", "i", "j"]], check_dtype=False)
+    np.testing.assert_allclose(got["score"], ref["score"], atol=1e-12)
+    assert got.dtypes.to_dict() == {
+        "batch": np.int64, "i": np.int64, "j": np.int64, "score": np.float64
+    }  # fmt: skip
+    nparts = len(dcs.core.prepare(a, b, chunks=chunks).plan.rows) * len(
+        dcs.core.prepare(a, b, chunks=chunks).plan.cols
+    )
+    assert df.npartitions == nparts
+
+
+def dd_DataFrame():
+    import dask.dataframe as dd
+
+    return dd.DataFrame
+
+
+def test_pairs_above_threshold_equal_to_a_score_and_empty_result():
+    a = rng(20).standard_normal((3, 25, 6)).astype(np.float32)
+    b = rng(21).standard_normal((3, 30, 6)).astype(np.float32)
+    S = dcs.cosine_similarity(a, b, chunks=(2, 10, 10)).compute()
+    t = S[1, 4, 7]  # exactly a score (float32, same blocks): that pair must be kept
+    got = dcs.pairs_above(a, b, threshold=float(t), chunks=(2, 10, 10)).compute()
+    assert got.score.dtype == np.float32
+    assert ((got.batch == 1) & (got.i == 4) & (got.j == 7)).sum() == 1
+    bb, ii, jj = np.nonzero(S >= float(t))
+    assert sorted(zip(got.batch, got.i, got.j, strict=True)) == sorted(zip(bb, ii, jj, strict=True))
+    empty = dcs.pairs_above(a, b, threshold=1.5, chunks=(2, 10, 10)).compute()
+    assert len(empty) == 0 and list(empty.columns) == ["batch", "i", "j", "score"]
+    assert empty.dtypes.to_dict() == {"batch": np.int64, "i": np.int64, "j": np.int64, "score": np.float32}
+
+
+def test_pairs_above_nan_never_passes_and_exclude_self():
+    a = rng(22).standard_normal((20, 4))
+    a[3, 1] = np.nan
+    a[5] = a[1]
+    for b, chunks in [(None, (6, 6)), (None, (6, 4)), (a.copy(), (6, 4))]:
+        got = dcs.pairs_above(a, b, threshold=-1.0, exclude_self=True, chunks=chunks).compute()
+        assert not ((got.i == 3) | (got.j == 3)).any() and not (got.i == got.j).any()
+        if b is None:  # each unordered pair once, i < j
+            assert (got.i < got.j).all() and len(got) == 19 * 18 // 2
+        else:
+            assert len(got) == 19 * 18
+
+
+def test_pairs_above_rejects_bad_threshold_and_is_lazy():
+    with pytest.raises(ValueError, match=r"threshold: received NaN"):
+        dcs.pairs_above(np.ones((3, 2)), threshold=float("nan"))
+    with pytest.raises(TypeError, match=r"threshold: expected a real number, received '0.5'"):
+        dcs.pairs_above(np.ones((3, 2)), threshold="0.5")
+
+    def boom(x):
+        raise AssertionError("input was read at call time")
+
+    a = da.ones((20, 4), chunks=(10, 4)).map_blocks(boom, dtype=float)
+    df = dcs.pairs_above(a, np.ones((8, 4)), threshold=0.5, chunks=(10, 4))
+    assert df.npartitions == 4
+    assert any(key_prefix(k) == "cosine-pairs" for k in dict(df.__dask_graph__()))
+
+
+def key_prefix(key):
+    from dask.utils import key_split
+
+    return key_split(key)
+
+
+def test_pairs_above_empty_input():
+    df = dcs.pairs_above(np.ones((0, 3)), np.ones((4, 3)), threshold=0.1)
+    assert len(df.compute()) == 0
+
+
+# ------------------------------------------------------------------ the benchmark stays alive
+
+
+def test_topk_benchmark_quick():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_topk.py"), "--quick"],
+        capture_output=True, text=True, timeout=180, check=True,
+    ).stdout  # fmt: skip
+    for key in ('"bench": "topk"', '"bench": "self_similarity"', '"bench": "memory"', "ratio_to_dense_limit"):
+        assert key in out, out
