@@ -163,6 +163,40 @@ def _clip_unit(xp, s):
     return xp.clip(s, -1.0, 1.0)
 
 
+#: Output panel size for the NumPy fast path: small enough to stay in cache between the
+#: product and the clip/cast that follow it, large enough for efficient GEMMs.
+PANEL_BYTES = 4 * 2**20
+
+
+def matmul_clip_numpy(an: np.ndarray, bn: np.ndarray, out_dtype: str | None = None) -> np.ndarray:
+    """NumPy twin of ``clip(an @ bn.T, -1, 1)`` that clips (and casts) each panel while hot.
+
+    The generic path makes one pass for the product, then a second pass over the whole
+    block in memory for the clip (and a third for a cast); here each batch element, or
+    each panel of rows of at most :data:`PANEL_BYTES`, is clipped and cast right after
+    its GEMM, while it is still in cache. Results equal the generic path's up to the
+    rounding of a differently-blocked GEMM.
+    """
+    work = np.result_type(an, bn)
+    batch = np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])
+    an = np.broadcast_to(an, batch + an.shape[-2:])  # views: no copies
+    bn = np.broadcast_to(bn, batch + bn.shape[-2:])
+    out = np.empty(batch + (an.shape[-2], bn.shape[-2]), dtype=out_dtype or work)
+    m = bn.shape[-2]
+    rows = max(1, PANEL_BYTES // max(1, m * work.itemsize))
+    scratch = None if out.dtype == work else np.empty((min(rows, an.shape[-2]), m), dtype=work)
+    for k in np.ndindex(out.shape[:-2]):
+        ak, bt = an[k], bn[k].T
+        for r0 in range(0, an.shape[-2], rows):
+            dest = out[k][r0 : r0 + rows]
+            panel = dest if scratch is None else scratch[: dest.shape[0]]
+            np.matmul(ak[r0 : r0 + rows], bt, out=panel)
+            np.clip(panel, -1.0, 1.0, out=panel)
+            if scratch is not None:
+                dest[...] = panel
+    return out
+
+
 def similarity_block(
     an,
     bn,
@@ -209,9 +243,9 @@ def similarity_block(
         _, bn = block_namespace(bn, device)
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
-        if isinstance(an, np.ndarray):
+        if isinstance(an, np.ndarray) and isinstance(bn, np.ndarray):
             with limit_blas(blas_threads_for_task(blas_threads)):
-                s = xp.matmul(an, xp.matrix_transpose(bn))
+                return matmul_clip_numpy(an, bn, out_dtype)
         else:
             s = xp.matmul(an, xp.matrix_transpose(bn))
     s = _clip_unit(xp, s)
