@@ -99,6 +99,7 @@ def dask_client(
         processes=processes,
         memory_limit=memory_limit,
         host="127.0.0.1",
+        protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
         dashboard_address=dashboard_address(),
         silence_logs=logging.ERROR if quiet else logging.WARNING,
     )

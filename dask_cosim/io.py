@@ -142,14 +142,25 @@ def _comparable(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in _jsonable(dict(params)).items() if k not in _VOLATILE}
 
 
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _check_same(stored: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
-    old, new = _comparable(stored), _comparable(wanted)
+    old, new = _flatten(_comparable(stored)), _flatten(_comparable(wanted))
     if old == new:
         return
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key}: stored {old.get(key)!r}, now {new.get(key)!r}")
+    diffs = [
+        f"{key}: stored {old.get(key)!r}, now {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
     raise ResumeMismatchError(
         f"resume: the output at {where} was computed with different parameters ("
         + "; ".join(diffs)

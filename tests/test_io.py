@@ -1,0 +1,379 @@
+"""to_zarr / to_parquet: block-by-block writes, markers, resume, overwrite rules, codecs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import zarr
+
+import dask_cosim as dcs
+from dask_cosim.io import (
+    MARKERS,
+    OutputExistsError,
+    ResumeMismatchError,
+    check_output,
+    regular_chunks,
+)
+from dask_cosim.testing import count_task_prefixes, reference_cosine
+
+RTOL = {np.dtype("float32"): 2e-6, np.dtype("float64"): 1e-12}
+
+
+def _data(shape, dtype="float64", seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _chunk_files(path: Path, array: str) -> dict[str, int]:
+    """Data chunk files of ``array`` -> inode (a rewrite replaces the inode: zarr writes via rename)."""
+    root = path / array / "c"
+    return {str(p.relative_to(root)): p.stat().st_ino for p in root.rglob("*") if p.is_file()}
+
+
+def _markers(path: Path) -> np.ndarray:
+    return zarr.open_group(path, mode="r")[MARKERS][...]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # the local threaded scheduler: these tests are about the files, not the cluster
+    with dask.config.set(scheduler="threads", num_workers=2):
+        yield
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "chunks", "dtype"),
+    [
+        ((3, 50, 8), (3, 40, 8), (1, 16, 16), "float64"),
+        ((3, 50, 8), (3, 40, 8), (2, 25, 40), "float32"),
+        ((50, 8), (33, 8), (20, 7), "float32"),
+        ((1, 50, 8), (4, 30, 8), (3, 50, 11), "float64"),  # broadcast batch
+    ],
+)
+def test_similarity_written_block_by_block_matches_numpy(tmp_path, a_shape, b_shape, chunks, dtype):
+    a, b = _data(a_shape, dtype, 1), _data(b_shape, dtype, 2)
+    S = dcs.cosine_similarity(a, b, chunks=chunks)
+    with count_task_prefixes() as counts:
+        report = dcs.to_zarr(S, tmp_path / "out.zarr")
+    g = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    got = g["similarity"][...]
+    assert got.dtype == S.dtype
+    np.testing.assert_allclose(got, reference_cosine(a, b), rtol=0, atol=10 * RTOL[S.dtype])
+    # zarr chunks are the dask blocks, one write task and one marker per block
+    assert g["similarity"].chunks == tuple(c[0] for c in S.chunks)
+    assert report.blocks == report.blocks_written == S.npartitions == counts["cosine-write"]
+    assert _markers(tmp_path / "out.zarr").all()
+    info = g.attrs["dask_cosim"]
+    assert info["complete"] is True
+    assert info["params"]["kind"] == "similarity"
+    assert info["params"]["shape"] == list(S.shape)
+    assert info["params"]["a"]["shape"] == list(a_shape)
+    assert info["params"]["version"] == dcs.__version__
+
+
+def test_irregular_blocks_are_rechunked_so_no_zarr_chunk_is_shared(tmp_path):
+    # blocks (25, 30, 25) cannot be zarr chunks; two blocks writing one chunk concurrently
+    # would lose data, so the writer makes the blocks regular first (and says so)
+    a, b = _data((2, 80, 6)), _data((2, 45, 6), seed=3)
+    S = dcs.cosine_similarity(a, b, chunks=(1, (25, 30, 25), (20, 25)))
+    assert not regular_chunks(S.chunks)
+    with pytest.warns(UserWarning, match="irregular"):
+        dcs.to_zarr(S, tmp_path / "o.zarr")
+    g = zarr.open_group(tmp_path / "o.zarr", mode="r")
+    assert g["similarity"].chunks == (1, 30, 25)
+    with dask.config.set(scheduler="threads", num_workers=8):
+        np.testing.assert_allclose(g["similarity"][...], reference_cosine(a, b), atol=1e-12)
+
+
+def test_all_zero_block_writes_no_chunk_file_but_counts_as_done(tmp_path):
+    # write_empty_chunks=False: an all-zero block leaves no chunk file; the marker is what counts
+    a = _data((1, 40, 5))
+    a[0, :20] = 0.0  # zero vectors -> similarity 0 for the whole first row block
+    S = dcs.cosine_similarity(a, chunks=(1, 20, 20))
+    out = tmp_path / "z.zarr"
+    dcs.to_zarr(S, out)
+    files = _chunk_files(out, "similarity")
+    assert "0/0/0" not in files and "0/0/1" not in files and "0/1/1" in files
+    assert _markers(out).all()
+    again = dcs.to_zarr(S, out, resume=True)
+    assert again.blocks_written == 0 and again.blocks_skipped == 4
+    np.testing.assert_allclose(zarr.open_group(out)["similarity"][...], reference_cosine(a), atol=1e-12)
+
+
+def test_resume_recomputes_exactly_the_unmarked_blocks(tmp_path):
+    a = _data((2, 60, 7))
+    S = dcs.cosine_similarity(a, chunks=(1, 20, 20))
+    out = tmp_path / "r.zarr"
+    dcs.to_zarr(S, out)
+    before = _chunk_files(out, "similarity")
+    g = zarr.open_group(out, mode="r+")
+    # a crash: blocks whose marker never got written, one with a garbage chunk (data written,
+    # marker not), plus the temporaries a killed zarr 3.1 local write leaves behind
+    lost = [(0, 1, 2), (1, 0, 0), (1, 2, 1)]
+    for ix in lost:
+        g[MARKERS][ix] = 0
+    g["similarity"][1, 0:20, 0:20] = 7.0
+    info = dict(g.attrs["dask_cosim"], complete=False)
+    g.attrs["dask_cosim"] = info
+    (out / "similarity" / "c" / "0" / "0" / "0.3f2a.partial").write_bytes(b"half a chunk")
+    (out / MARKERS / "c" / "1" / "1" / "1.a1b2.partial").write_bytes(b"")
+
+    with pytest.raises(OutputExistsError, match=r"resume=True.*overwrite=True"):
+        dcs.to_zarr(S, out)
+    with count_task_prefixes() as counts:
+        report = dcs.to_zarr(S, out, resume=True)
+    assert report.blocks_written == len(lost) == counts["cosine-write"] == counts["cosine-block"]
+    assert report.blocks_skipped == S.npartitions - len(lost)
+    after = _chunk_files(out, "similarity")
+    rewritten = {k for k in before if after.get(k) != before[k]}
+    assert rewritten == {"/".join(map(str, ix)) for ix in lost}
+    assert not list(out.rglob("*.partial"))
+    np.testing.assert_allclose(zarr.open_group(out)["similarity"][...], reference_cosine(a), atol=1e-12)
+    assert zarr.open_group(out).attrs["dask_cosim"]["complete"] is True
+
+
+def test_failed_run_leaves_half_written_output_that_must_be_resumed_or_overwritten(tmp_path):
+    a = _data((1, 60, 4))
+    a[0, 50] = 0.0  # a zero vector in the last row block: zero_vector="error" fails there
+    out = tmp_path / "h.zarr"
+    bad = dcs.cosine_similarity(a, chunks=(1, 20, 60), zero_vector="error")
+    with pytest.raises(dcs.ZeroVectorError):
+        dcs.to_zarr(bad, out)
+    done = _markers(out)
+    assert not done.all()
+    assert zarr.open_group(out).attrs["dask_cosim"]["complete"] is False
+    good = dcs.cosine_similarity(a, chunks=(1, 20, 60), zero_vector="zero")
+    with pytest.raises(OutputExistsError, match=r"half-written.*resume=True.*overwrite=True"):
+        dcs.to_zarr(good, out)
+    with pytest.raises(ResumeMismatchError, match=r"zero_vector: stored 'error', now 'zero'"):
+        dcs.to_zarr(good, out, resume=True)
+    report = dcs.to_zarr(good, out, overwrite=True)
+    assert report.blocks_written == report.blocks == 3
+    np.testing.assert_allclose(zarr.open_group(out)["similarity"][...], reference_cosine(a), atol=1e-12)
+
+
+def test_existing_outputs_are_never_overwritten_without_asking(tmp_path):
+    a = _data((30, 4))
+    S = dcs.cosine_similarity(a, chunks=(10, 10))
+    out = tmp_path / "e.zarr"
+    dcs.to_zarr(S, out)
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    with pytest.raises(OutputExistsError, match=r"already exists; pass overwrite=True"):
+        dcs.to_zarr(S, out)
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp
+    # resume of a complete output with the same parameters: nothing to do
+    assert dcs.to_zarr(S, out, resume=True).blocks_written == 0
+    assert dcs.to_zarr(S, out, overwrite=True).blocks_written == 9
+    with pytest.raises(ValueError, match="overwrite=True and resume=True"):
+        dcs.to_zarr(S, out, overwrite=True, resume=True)
+    # someone else's zarr array: replaced only with overwrite=True
+    other = tmp_path / "other.zarr"
+    zarr.create_array(other, shape=(3,), dtype="f4")
+    with pytest.raises(OutputExistsError, match="not a zarr group written by dask_cosim"):
+        dcs.to_zarr(S, other)
+    dcs.to_zarr(S, other, overwrite=True)
+    # a directory of non-zarr files, or a file: never deleted, even with overwrite=True
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    for target in (folder, folder / "notes.txt"):
+        with pytest.raises(OutputExistsError, match="not zarr; refusing"):
+            dcs.to_zarr(S, target, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    # an empty directory is fine
+    (tmp_path / "empty").mkdir()
+    dcs.to_zarr(S, tmp_path / "empty")
+
+
+def test_resume_checks_parameters_before_computing(tmp_path):
+    a, b = _data((2, 30, 4)), _data((2, 20, 4), seed=1)
+    out = tmp_path / "p.zarr"
+    dcs.to_zarr(dcs.cosine_similarity(a, b, chunks=(1, 10, 10)), out)
+    cases = {
+        "chunks": dcs.cosine_similarity(a, b, chunks=(1, 15, 10)),
+        "dtype": dcs.cosine_similarity(a, b, chunks=(1, 10, 10), dtype="float32"),
+        "shape": dcs.cosine_similarity(a, b[:, :10], chunks=(1, 10, 10)),
+    }
+    for key, other in cases.items():
+        with pytest.raises(ResumeMismatchError, match=rf"{key}: stored .*, now .*overwrite=True"):
+            check_output(other, out, resume=True)
+        with pytest.raises(ResumeMismatchError, match=key), count_task_prefixes() as counts:
+            dcs.to_zarr(other, out, resume=True)
+        assert not counts  # refused before computing anything
+    with pytest.raises(ResumeMismatchError, match="codec: stored 'none', now 'zstd'"):
+        dcs.to_zarr(dcs.cosine_similarity(a, b, chunks=(1, 10, 10)), out, resume=True, codec="zstd")
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "blosc-lz4"])
+def test_codecs_round_trip(tmp_path, codec):
+    a = _data((40, 6), "float32")
+    S = dcs.cosine_similarity(a, chunks=(20, 20))
+    dcs.to_zarr(S, tmp_path / "c.zarr", codec=codec)
+    arr = zarr.open_group(tmp_path / "c.zarr")["similarity"]
+    assert (len(arr.compressors) == 0) == (codec == "none")
+    np.testing.assert_allclose(arr[...], reference_cosine(a), atol=2e-6)
+    with pytest.raises(ValueError, match="codec: expected one of"):
+        dcs.to_zarr(S, tmp_path / "d.zarr", codec="lzma")
+
+
+def test_wrong_result_types_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="result: expected the dask array"):
+        dcs.to_zarr(np.ones((2, 2)), tmp_path / "x.zarr")
+    with pytest.raises(TypeError, match="pairs: expected the dask DataFrame"):
+        dcs.to_parquet(np.ones((2, 2)), tmp_path / "x")
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_npy_and_zarr_inputs(tmp_path):
+    a, b = _data((2, 30, 5), "float32"), _data((2, 25, 5), "float32", 1)
+    np.save(tmp_path / "a.npy", a)
+    zarr.create_array(tmp_path / "b.zarr", shape=b.shape, chunks=(1, 10, 5), dtype="float32")[...] = b
+    S = dcs.cosine_similarity(str(tmp_path / "a.npy"), str(tmp_path / "b.zarr"), chunks=(1, 10, 10))
+    dcs.to_zarr(S, tmp_path / "o.zarr")
+    got = zarr.open_group(tmp_path / "o.zarr")["similarity"][...]
+    np.testing.assert_allclose(got, reference_cosine(a, b), atol=2e-6)
+    params = zarr.open_group(tmp_path / "o.zarr").attrs["dask_cosim"]["params"]
+    assert params["a"]["path"].endswith("a.npy") and params["b"]["path"].endswith("b.zarr")
+
+
+# --------------------------------------------------------------------------- top-k and pairs
+
+needs_topk = pytest.mark.skipif(not hasattr(dcs, "topk"), reason="dcs.topk not merged yet")
+needs_pairs = pytest.mark.skipif(not hasattr(dcs, "pairs_above"), reason="dcs.pairs_above not merged yet")
+
+
+def _ref_topk(a, b, k, exclude_self=False):
+    s = reference_cosine(a, b)
+    if exclude_self:
+        n = s.shape[-1]
+        s[..., np.arange(n), np.arange(n)] = -np.inf
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+    return np.take_along_axis(s, order, axis=-1), order
+
+
+@needs_topk
+def test_topk_written_as_values_and_indices(tmp_path):
+    a, b = _data((2, 50, 6), "float32"), _data((2, 70, 6), "float32", 5)
+    vals, idx = dcs.topk(a, b, k=5, chunks=(1, 20, 30))
+    out = tmp_path / "t.zarr"
+    report = dcs.to_zarr((vals, idx), out)
+    g = zarr.open_group(out, mode="r")
+    ref_v, ref_i = _ref_topk(a, b, 5)
+    np.testing.assert_allclose(g["values"][...], ref_v, atol=2e-6)
+    np.testing.assert_array_equal(g["indices"][...], ref_i)
+    assert g["indices"].dtype == np.int64
+    assert g["values"].chunks[:2] == (1, 20) and g["values"].chunks == g["indices"].chunks
+    assert report.kind == "topk" and report.blocks == 2 * 3 == _markers(out).size
+    params = g.attrs["dask_cosim"]["params"]
+    assert params["kind"] == "topk" and params["k"] == 5
+    # resume with another k is refused before anything runs
+    with pytest.raises(ResumeMismatchError, match="k: stored 5, now 4"):
+        dcs.to_zarr(dcs.topk(a, b, k=4, chunks=(1, 20, 30)), out, resume=True)
+
+
+@needs_pairs
+def test_pairs_to_parquet_one_file_per_block_and_resume(tmp_path):
+    import pandas as pd
+
+    a = _data((2, 40, 3), "float32")
+    pairs = dcs.pairs_above(a, a.copy(), threshold=0.5, chunks=(1, 20, 20))
+    out = tmp_path / "pairs"
+    report = dcs.to_parquet(pairs, out)
+    assert report.blocks == pairs.npartitions
+    assert len(list(out.glob("part-*.parquet"))) == pairs.npartitions
+    got = pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True)
+    s = reference_cosine(a, a)
+    kb, i, j = np.nonzero(s >= 0.5)
+    assert list(got.columns) == ["batch", "i", "j", "score"]
+    np.testing.assert_array_equal(got[["batch", "i", "j"]].to_numpy(), np.stack([kb, i, j], axis=1))
+    np.testing.assert_allclose(got["score"], s[kb, i, j], atol=2e-6)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        dcs.to_parquet(pairs, out)
+    # crash simulation: two partitions lost their marker, one left a temporary file
+    for n in (1, 3):
+        (out / "_dask_cosim" / "done" / f"{n:06d}").unlink()
+    (out / ".part-000001.999.tmp").write_bytes(b"partial")
+    attrs = out / "_dask_cosim" / "attrs.json"
+    attrs.write_text(attrs.read_text().replace('"complete": true', '"complete": false'))
+    with pytest.raises(OutputExistsError, match=r"resume=True.*overwrite=True"):
+        dcs.to_parquet(pairs, out)
+    again = dcs.to_parquet(pairs, out, resume=True)
+    assert again.blocks_written == 2 and again.blocks_skipped == pairs.npartitions - 2
+    assert not list(out.glob(".part-*"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True), got
+    )
+    other = dcs.pairs_above(a, a.copy(), threshold=0.6, chunks=(1, 20, 20))
+    with pytest.raises(ResumeMismatchError, match="threshold"):
+        dcs.to_parquet(other, out, resume=True)
+
+
+# --------------------------------------------------------------------------- on a distributed cluster
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with dask.config.set(scheduler=None):
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=2,
+                processes=False,
+                dashboard_address="127.0.0.1:0",
+            ) as cluster,
+            Client(cluster) as c,
+        ):
+            yield c
+
+
+def test_distributed_write_with_progress_bar(tmp_path, client, capsys):
+    a = _data((2, 64, 8), "float32")
+    S = dcs.cosine_similarity(a, chunks=(1, 32, 32))
+    with dask.config.set(scheduler=None):
+        report = dcs.to_zarr(S, tmp_path / "d.zarr", progress=True)
+    out = capsys.readouterr().out
+    assert "100% Completed" in out  # distributed.progress's text bar
+    assert report.blocks_written == 8
+    np.testing.assert_allclose(
+        zarr.open_group(tmp_path / "d.zarr")["similarity"][...], reference_cosine(a), atol=2e-6
+    )
+
+
+def test_output_larger_than_worker_memory_completes(tmp_path):
+    """512 MiB of output through one worker limited to 256 MiB (no spilling allowed)."""
+    from distributed import Client, LocalCluster
+
+    a = _data((2, 8192, 16), "float32")
+    np.save(tmp_path / "a.npy", a)
+    S = dcs.cosine_similarity(str(tmp_path / "a.npy"), chunks=(1, 1024, 1024))
+    assert S.nbytes == 2 * 8192 * 8192 * 4
+    memory = {f"distributed.worker.memory.{k}": v for k, v in [("target", False), ("spill", False)]}
+    memory.update({"distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.98})
+    limit = 256 * 2**20
+    with dask.config.set({**memory, "scheduler": None}):
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=2,
+                processes=True,
+                memory_limit=limit,
+                dashboard_address="127.0.0.1:0",
+                host="127.0.0.1",
+            ) as cluster,
+            Client(cluster) as c,
+        ):
+            pid = c.run(os.getpid)
+            report = dcs.to_zarr(S, tmp_path / "big.zarr")
+            assert c.run(os.getpid) == pid  # the worker was never restarted
+    assert S.nbytes > limit
+    assert report.blocks_written == 128
+    g = zarr.open_group(tmp_path / "big.zarr", mode="r")["similarity"]
+    rows = np.random.default_rng(0).integers(0, 8192, 16)
+    ref = reference_cosine(a)
+    for r in rows:
+        np.testing.assert_allclose(g[1, r], ref[1, r], atol=2e-6)
