@@ -43,6 +43,10 @@ def _open_path(path: str, name: str):
     try:
         node = zarr.open(path, mode="r")
     except FileNotFoundError as err:
+        if not is_url and os.path.exists(path):  # a file or folder that holds no zarr metadata
+            raise ValueError(
+                f"{name}: {path!r} is not a zarr array (no zarr metadata there) nor a .npy file"
+            ) from err
         raise FileNotFoundError(f"{name}: no zarr array at {path!r}") from err
     except Exception as err:  # noqa: BLE001 - zarr raises many types for "not zarr"
         raise ValueError(f"{name}: {path!r} is not a zarr array ({type(err).__name__}: {err})") from err
