@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -90,19 +92,9 @@ def dask_client(
             client.close()
         return
 
-    from distributed import LocalCluster
-
     n, t = machine_layout(workers, threads_per_worker)
-    cluster = LocalCluster(
-        n_workers=n,
-        threads_per_worker=t,
-        processes=processes,
-        memory_limit=memory_limit,
-        host="127.0.0.1",
-        protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
-        dashboard_address=dashboard_address(),
-        silence_logs=logging.ERROR if quiet else logging.WARNING,
-    )
+    with _children_ignore_sigint(processes):
+        cluster = _local_cluster(n, t, processes, memory_limit, quiet)
     try:
         client = Client(cluster, set_as_default=True)
         try:
@@ -113,3 +105,35 @@ def dask_client(
             client.close()
     finally:
         cluster.close()
+
+
+def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool):
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=n,
+        threads_per_worker=t,
+        processes=processes,
+        memory_limit=memory_limit,
+        host="127.0.0.1",
+        protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
+        dashboard_address=dashboard_address(),
+        silence_logs=logging.ERROR if quiet else logging.WARNING,
+    )
+
+
+@contextmanager
+def _children_ignore_sigint(processes: bool) -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (the setting is inherited).
+
+    Ctrl-C in a terminal signals the whole process group; the workers should not die
+    with tracebacks of their own but be shut down by this process, which catches it.
+    """
+    if not processes or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

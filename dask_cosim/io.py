@@ -219,6 +219,8 @@ def _execute(tasks: list, progress: bool) -> None:
         with ProgressBar() if progress else nullcontext():
             dask.compute(*tasks)
         return
+    from distributed import as_completed
+
     futures = client.compute(tasks)
     try:
         if progress:
@@ -226,7 +228,9 @@ def _execute(tasks: list, progress: bool) -> None:
 
             show_progress(futures, notebook=False)
             print(flush=True)
-        client.gather(futures)
+        for future in as_completed(futures):
+            if future.status == "error":
+                future.result()  # raises the task's exception (fail fast)
     except BaseException:
         client.cancel(futures)
         raise
@@ -300,14 +304,25 @@ def _fallback_params(kind: str, *arrays: da.Array) -> dict[str, Any]:
 
 
 def _dim(facts: Mapping[str, Any]) -> int | None:
-    shape = (facts.get("a") or {}).get("shape")
-    return int(shape[-1]) if shape else None
+    """D, the vector length (for GFLOP/s); read from the input's metadata if not recorded."""
+    return _input_shape(facts.get("a") or {}, -1)
+
+
+def _input_shape(info: Mapping[str, Any], axis: int) -> int | None:
+    shape = info.get("shape")
+    if not shape and info.get("path"):
+        from ._inputs import open_input
+
+        try:
+            shape = open_input(info["path"], "a").shape
+        except Exception:  # noqa: BLE001 - only for the report; never fail a write over it
+            return None
+    return int(shape[axis]) if shape else None
 
 
 def _topk_columns(facts: Mapping[str, Any]) -> int:
     """M, the number of columns each top-k row was chosen from."""
-    b = facts.get("b") or facts.get("a") or {}
-    return int(b["shape"][-2]) if b.get("shape") else 1
+    return _input_shape(facts.get("b") or facts.get("a") or {}, -2) or 1
 
 
 def _local_path(store) -> str | None:
@@ -613,11 +628,24 @@ def _clean_partial_files(store) -> int:
     return removed
 
 
+class _BlockWrite:
+    """Where one block goes: target arrays, regions, marker and block index.
+
+    A plain object (not a dataclass or container) so that dask does not traverse the zarr
+    arrays inside it when building the graph.
+    """
+
+    __slots__ = ("targets", "regions", "marker", "index")
+
+    def __init__(self, targets, regions, marker, index):
+        self.targets, self.regions, self.marker, self.index = targets, regions, marker, index
+
+
 def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray):
     from dask.delayed import delayed
 
     names = list(payload.arrays)
-    targets = {name: group[name] for name in names}
+    targets = [group[name] for name in names]
     marker = group[MARKERS]
     blocks = {name: arr.to_delayed(optimize_graph=False) for name, arr in payload.arrays.items()}
     offsets = {
@@ -627,32 +655,25 @@ def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray):
     token = tokenize(*(a.name for a in payload.arrays.values()), _describe(group.store), group.path)
     key = f"cosine-write-{token}"
     pending = [tuple(int(i) for i in ix) for ix in np.argwhere(~done)]
+    write = delayed(_write_block, pure=True)
     tasks = []
     for ix in pending:
-        parts = []
+        regions, inputs = [], []
         for name in names:
             full = ix + (0,) * (payload.arrays[name].ndim - len(ix))
-            region = tuple(
-                slice(int(off[b]), int(off[b + 1])) for off, b in zip(offsets[name], full, strict=True)
+            regions.append(
+                tuple(slice(int(off[b]), int(off[b + 1])) for off, b in zip(offsets[name], full, strict=True))
             )
-            parts.append((targets[name], region, blocks[name][full]))
-        write = delayed(_write_block, pure=True)
-        tasks.append(
-            write(
-                [p[0] for p in parts],
-                [p[1] for p in parts],
-                marker,
-                ix,
-                *[p[2] for p in parts],
-                dask_key_name=(key, *ix),
-            )
-        )
+            inputs.append(blocks[name][full])
+        where = _BlockWrite(targets, regions, marker, ix)
+        tasks.append(write(where, *inputs, dask_key_name=(key, *ix)))
     return tasks, pending
 
 
-def _write_block(targets, regions, marker, index, *blocks) -> int:
+def _write_block(where: _BlockWrite, *blocks) -> int:
     """Store one output block (every array), then its marker: data first, marker after."""
-    for target, region, block in zip(targets, regions, blocks, strict=True):
+    index = where.index
+    for target, region, block in zip(where.targets, where.regions, blocks, strict=True):
         try:
             target[region] = to_numpy(block)
         except OSError as err:  # disk full, read-only location...: say which output and block
@@ -662,7 +683,7 @@ def _write_block(targets, regions, marker, index, *blocks) -> int:
                 f"{err.strerror or err}; that block is not marked done, so resume=True (--resume) "
                 "writes it once the problem is fixed",
             ) from err
-    marker[tuple(slice(i, i + 1) for i in index)] = np.ones((1,) * len(index), dtype=np.uint8)
+    where.marker[tuple(slice(i, i + 1) for i in index)] = np.ones((1,) * len(index), dtype=np.uint8)
     return 1
 
 

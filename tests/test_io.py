@@ -241,9 +241,6 @@ def test_npy_and_zarr_inputs(tmp_path):
 
 # --------------------------------------------------------------------------- top-k and pairs
 
-needs_topk = pytest.mark.skipif(not hasattr(dcs, "topk"), reason="dcs.topk not merged yet")
-needs_pairs = pytest.mark.skipif(not hasattr(dcs, "pairs_above"), reason="dcs.pairs_above not merged yet")
-
 
 def _ref_topk(a, b, k, exclude_self=False):
     s = reference_cosine(a, b)
@@ -254,7 +251,6 @@ def _ref_topk(a, b, k, exclude_self=False):
     return np.take_along_axis(s, order, axis=-1), order
 
 
-@needs_topk
 def test_topk_written_as_values_and_indices(tmp_path):
     a, b = _data((2, 50, 6), "float32"), _data((2, 70, 6), "float32", 5)
     vals, idx = dcs.topk(a, b, k=5, chunks=(1, 20, 30))
@@ -274,7 +270,6 @@ def test_topk_written_as_values_and_indices(tmp_path):
         dcs.to_zarr(dcs.topk(a, b, k=4, chunks=(1, 20, 30)), out, resume=True)
 
 
-@needs_pairs
 def test_pairs_to_parquet_one_file_per_block_and_resume(tmp_path):
     import pandas as pd
 

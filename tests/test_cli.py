@@ -1,0 +1,423 @@
+"""The ``dask-cosim`` command: end-to-end jobs, every bad input, kill -9 + resume, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import zarr
+
+import dask_cosim as dcs
+from dask_cosim.cli import main
+from dask_cosim.io import MARKERS, regular_chunks
+from dask_cosim.testing import reference_cosine
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY = re.compile(
+    r"^(?P<path>\S+): (?P<kind>\w+) shape \((?P<shape>[\d, ]+)\), (?P<blocks>\d+) blocks "
+    r"\((?P<written>\d+) written(, (?P<skipped>\d+) already done)?\) in [\d.]+ s, [\d.e+]+ pairs/s"
+    r"(, [\d.]+ GFLOP/s)?$",
+    re.M,
+)
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Inputs of every kind, good and bad."""
+    d = tmp_path_factory.mktemp("cli")
+    a = _rng(0).standard_normal((2, 300, 16)).astype("float32")
+    b = _rng(1).standard_normal((2, 200, 16)).astype("float32")
+    za = zarr.create_array(d / "a.zarr", shape=a.shape, chunks=(1, 100, 16), dtype="float32")
+    za[...] = a
+    np.save(d / "b.npy", b)
+    np.save(d / "flat.npy", np.ones(5, dtype="float32"))
+    np.save(d / "d8.npy", np.ones((2, 200, 8), dtype="float32"))
+    zarr.open_group(d / "group.zarr", mode="w").create_array("x", shape=(3, 2), dtype="f4")
+    (d / "notzarr").mkdir()
+    (d / "notzarr" / "readme.txt").write_text("not zarr")
+    return {"dir": d, "a": a, "b": b, "A": str(d / "a.zarr"), "B": str(d / "b.npy")}
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """An in-process cluster reachable over TCP on 127.0.0.1, for ``--scheduler`` runs."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    ) as cluster:
+        yield cluster
+
+
+def _run(capsys, *args):
+    rc = main(["run", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _summary(out: str) -> re.Match:
+    match = SUMMARY.search(out)
+    assert match, out
+    return match
+
+
+def test_similarity_job_end_to_end(data, scheduler, capsys, tmp_path):
+    out = tmp_path / "s.zarr"
+    rc, stdout, err = _run(
+        capsys,
+        data["A"],
+        data["B"],
+        "-o",
+        out,
+        "--chunks",
+        "1,128,128",
+        "--scheduler",
+        scheduler.scheduler_address,
+    )
+    assert rc == 0, err
+    assert f"Connected to {scheduler.scheduler_address}; dashboard: http://127.0.0.1:" in stdout
+    assert "100% Completed" in stdout  # distributed's progress bar
+    m = _summary(stdout)
+    assert m["path"] == str(out) and m["kind"] == "similarity" and m["shape"] == "2, 300, 200"
+    assert m["blocks"] == m["written"] == str(2 * 3 * 2) and "GFLOP/s" in m[0]
+    got = zarr.open_group(out, mode="r")["similarity"][...]
+    np.testing.assert_allclose(got, reference_cosine(data["a"], data["b"]), atol=2e-6)
+    params = zarr.open_group(out, mode="r").attrs["dask_cosim"]["params"]
+    assert params["a"]["path"] == data["A"] and params["b"]["path"] == data["B"]
+    assert scheduler.workers  # an existing cluster is never shut down by the CLI
+
+
+def test_auto_chunks_become_regular_zarr_chunks(data, scheduler, capsys, tmp_path):
+    # 301 rows: the planner balances them into blocks such as (76, 75, 75, 75), which no
+    # zarr chunk grid can match; the CLI asks for regular blocks (76, 76, 76, 73) instead
+    x = _rng(5).standard_normal((301, 16)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "auto.zarr"
+    with dask.config.set({"array.chunk-size": "64KiB"}):
+        planned = dcs.cosine_similarity(x, dtype="float64").chunks
+    assert not regular_chunks(planned)
+    with dask.config.set({"array.chunk-size": "64KiB"}), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*irregular")  # no silent rechunk
+        rc, stdout, err = _run(
+            capsys, tmp_path / "x.npy", "-o", out, "--quiet", "--dtype", "float64",
+            "--scheduler", scheduler.scheduler_address,
+        )  # fmt: skip
+    assert rc == 0, err
+    assert stdout.count("\n") == 1 and "Completed" not in stdout  # --quiet: the summary line only
+    s = zarr.open_group(out, mode="r")["similarity"]
+    assert s.dtype == np.float64 and s.chunks == (max(planned[0]), max(planned[1]))
+    blocks = zarr.open_group(out, mode="r")[MARKERS]
+    assert blocks.shape == tuple(-(-301 // c) for c in s.chunks) and blocks[...].all()
+    np.testing.assert_allclose(s[...], reference_cosine(x), atol=1e-6)
+
+
+def test_topk_job_end_to_end(data, scheduler, capsys, tmp_path):
+    out = tmp_path / "t.zarr"
+    rc, stdout, err = _run(
+        capsys, data["A"], "-o", out, "--topk", "7", "--exclude-self", "--chunks", "1,64,64",
+        "--quiet", "--scheduler", scheduler.scheduler_address,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert _summary(stdout)["kind"] == "topk"
+    s = reference_cosine(data["a"])
+    s[:, np.arange(300), np.arange(300)] = -np.inf
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :7]
+    g = zarr.open_group(out, mode="r")
+    np.testing.assert_array_equal(g["indices"][...], order)
+    np.testing.assert_allclose(g["values"][...], np.take_along_axis(s, order, -1), atol=2e-6)
+    assert g.attrs["dask_cosim"]["params"]["k"] == 7
+
+
+def test_threshold_job_end_to_end(data, scheduler, capsys, tmp_path):
+    out = tmp_path / "pairs"
+    rc, stdout, err = _run(
+        capsys, data["A"], data["B"], "-o", out, "--threshold", "0.45", "--chunks", "1,100,100",
+        "--quiet", "--scheduler", scheduler.scheduler_address,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert _summary(stdout)["blocks"] == str(2 * 3 * 2)
+    got = pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True)
+    s = reference_cosine(data["a"], data["b"])
+    kb, i, j = np.nonzero(s >= 0.45)
+    assert len(got) == len(kb) > 0
+    np.testing.assert_array_equal(got[["batch", "i", "j"]].to_numpy(), np.stack([kb, i, j], 1))
+    np.testing.assert_allclose(got["score"], s[kb, i, j], atol=2e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD = {
+    "missing input": (
+        ["run", "{dir}/nope.zarr", "-o", "{out}"],
+        r"a: no such file or zarr store: .*nope\.zarr",
+    ),
+    "missing second input": (["run", "{A}", "{dir}/nope.npy", "-o", "{out}"], r"b: no such file"),
+    "not a zarr array (group)": (
+        ["run", "{dir}/group.zarr", "-o", "{out}"],
+        r"is a zarr group, not an array",
+    ),
+    "not a zarr array (folder)": (["run", "{dir}/notzarr", "-o", "{out}"], r"not a zarr array"),
+    "wrong ndim": (["run", "{dir}/flat.npy", "-o", "{out}"], r"a: expected a 2-D \(N, D\) or 3-D"),
+    "D mismatch": (["run", "{A}", "{dir}/d8.npy", "-o", "{out}"], r"same vector length D.*D=16.*D=8"),
+    "k > M": (["run", "{A}", "{B}", "-o", "{out}", "--topk", "201"], r"k.*201.*200"),
+    "exclude-self without a reduction": (["run", "{A}", "-o", "{out}", "--exclude-self"], r"--exclude-self"),
+    "dtype with topk": (
+        ["run", "{A}", "-o", "{out}", "--topk", "3", "--dtype", "float64"],
+        r"--dtype does not",
+    ),
+    "bad memory limit": (["run", "{A}", "-o", "{out}", "--memory-limit", "lots"], r"--memory-limit"),
+    "output exists": (
+        ["run", "{A}", "-o", "{existing}"],
+        r"already exists; pass overwrite=True \(--overwrite\)",
+    ),
+    "output is not zarr": (
+        ["run", "{A}", "-o", "{dir}/notzarr", "--overwrite"],
+        r"refusing to use or delete",
+    ),
+    "params differ on resume": (
+        ["run", "{A}", "-o", "{existing}", "--chunks", "1,50,50", "--resume"],
+        r"resume: .* different parameters \(chunks: stored",
+    ),
+    "scheduler unreachable": (
+        ["run", "{A}", "-o", "{out}", "--scheduler", "tcp://127.0.0.1:{port}", "--timeout", "1"],
+        r"cannot reach a Dask scheduler at 'tcp://127\.0\.0\.1:\d+' within 1 s",
+    ),
+}
+USAGE = {
+    "topk and threshold": ["run", "{A}", "-o", "{out}", "--topk", "3", "--threshold", "0.5"],
+    "resume and overwrite": ["run", "{A}", "-o", "{out}", "--resume", "--overwrite"],
+    "k = 0": ["run", "{A}", "-o", "{out}", "--topk", "0"],
+    "bad chunks": ["run", "{A}", "-o", "{out}", "--chunks", "1,x,3"],
+    "no output": ["run", "{A}"],
+    "no command": [],
+}
+
+
+@pytest.fixture(scope="module")
+def existing(data, scheduler):
+    out = data["dir"] / "existing.zarr"
+    assert main(["run", data["A"], "-o", str(out), "--chunks", "1,100,100", "--quiet",
+                 "--scheduler", scheduler.scheduler_address]) == 0  # fmt: skip
+    return out
+
+
+def _fill(args, data, existing, tmp_path):
+    values = {"dir": data["dir"], "A": data["A"], "B": data["B"], "out": tmp_path / "o.zarr"}
+    values.update(existing=existing, port=_free_port())
+    return [a.format(**values) for a in args]
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exit_code_2_and_one_line(case, data, existing, capsys, tmp_path):
+    args, message = BAD[case]
+    rc = main(_fill(args, data, existing, tmp_path))
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dask-cosim: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.zarr").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("case", list(USAGE))
+def test_usage_errors_exit_code_2(case, data, existing, capsys, tmp_path):
+    rc = main(_fill(USAGE[case], data, existing, tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "usage: dask-cosim" in err and "error:" in err and "Traceback" not in err
+
+
+def test_failure_during_compute_exit_code_1(data, scheduler, capsys, tmp_path):
+    a = np.ones((40, 4), dtype="float32")
+    a[33] = 0.0
+    np.save(tmp_path / "z.npy", a)
+    rc, out, err = _run(
+        capsys, tmp_path / "z.npy", "-o", tmp_path / "z.zarr", "--zero-vector", "error", "--quiet",
+        "--chunks", "10,40", "--scheduler", scheduler.scheduler_address,
+    )  # fmt: skip
+    assert rc == 1
+    assert err.splitlines()[0].startswith("dask-cosim: error: ZeroVectorError: ")
+    assert "--traceback" in err and "Traceback" not in err
+
+
+def _cli(*args, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-m", "dask_cosim", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^dask-cosim \d", out) and "BLAS:" in out and "GPU:" in out
+    assert "dask config cosine:" in out and "127.0.0.1" in out
+
+
+def test_console_script(tmp_path):
+    script = Path(sys.executable).with_name("dask-cosim")
+    p = subprocess.run([str(script), "run", tmp_path / "missing.zarr", "-o", tmp_path / "o.zarr"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no such file" in p.stderr
+
+
+def _count_markers(out: Path) -> int:
+    root = out / MARKERS / "c"
+    return (
+        sum(1 for p in root.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+        if root.exists()
+        else 0
+    )
+
+
+def _done_blocks(out: Path) -> set[tuple[int, ...]]:
+    root = out / MARKERS / "c"
+    return {tuple(int(x) for x in p.relative_to(root).parts) for p in root.rglob("*") if p.is_file()}
+
+
+def _wait_for_markers(p: subprocess.Popen, out: Path, at_least: int, timeout: float = 150.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = _count_markers(out)
+        if n >= at_least:
+            return n
+        if p.poll() is not None:
+            pytest.fail(f"the run ended before {at_least} blocks were done: {p.communicate()}")
+        time.sleep(0.02)
+    pytest.fail("no progress")
+
+
+def _reap(procs: list[psutil.Process], timeout: float = 30.0) -> list[int]:
+    """Wait for the given processes to exit; kill (by pid) and report any that do not."""
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        proc.kill()
+    return [proc.pid for proc in alive]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    d = tmp_path_factory.mktemp("big")
+    a = _rng(3).standard_normal((2, 1024, 32)).astype("float32")
+    b = _rng(4).standard_normal((2, 768, 32)).astype("float32")
+    zarr.create_array(d / "a.zarr", shape=a.shape, chunks=(1, 512, 32), dtype="float32")[...] = a
+    np.save(d / "b.npy", b)
+    return d, a, b
+
+
+def test_kill_9_mid_run_then_resume_recomputes_only_missing_blocks(big, scheduler, capsys, tmp_path):
+    d, a, b = big
+    out = tmp_path / "k.zarr"
+    args = [d / "a.zarr", d / "b.npy", "-o", out, "--chunks", "1,128,128"]
+    p = _cli("run", *args, "--workers", "1", "--threads-per-worker", "1", "--quiet")
+    try:
+        _wait_for_markers(p, out, at_least=12)
+        children = psutil.Process(p.pid).children(recursive=True)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        assert p.returncode == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    # the embedded cluster's worker processes notice their parent died and exit
+    assert _reap(children) == []
+    total = 2 * 8 * 6
+    done = _done_blocks(out)
+    assert 12 <= len(done) < total
+    data_files = {ix: out / "similarity" / "c" / "/".join(map(str, ix)) for ix in done}
+    inodes = {ix: f.stat().st_ino for ix, f in data_files.items()}
+    marker_inodes = {ix: (out / MARKERS / "c" / "/".join(map(str, ix))).stat().st_ino for ix in done}
+    (out / "similarity" / "c" / "1" / "0" / "0.dead.partial").parent.mkdir(parents=True, exist_ok=True)
+    (out / "similarity" / "c" / "1" / "0" / "0.dead.partial").write_bytes(b"cut short")
+
+    # without --resume/--overwrite: refused, naming both options
+    rc, _, err = _run(capsys, *args, "--scheduler", scheduler.scheduler_address)
+    assert rc == 2 and "--resume" in err and "--overwrite" in err
+
+    prefixes = scheduler.scheduler.task_prefixes
+
+    def finished(prefix):
+        return prefixes[prefix].state_counts["memory"] if prefix in prefixes else 0
+
+    before = {k: finished(k) for k in ("cosine-block", "cosine-write")}
+    rc, stdout, err = _run(capsys, *args, "--resume", "--quiet", "--scheduler", scheduler.scheduler_address)
+    assert rc == 0, err
+    m = _summary(stdout)
+    assert int(m["blocks"]) == total
+    assert int(m["skipped"]) == len(done) and int(m["written"]) == total - len(done)
+    # the scheduler computed exactly the missing blocks: no product of a finished block ran again
+    assert finished("cosine-block") - before["cosine-block"] == total - len(done)
+    assert finished("cosine-write") - before["cosine-write"] == total - len(done)
+    for ix in done:  # finished blocks were not rewritten (zarr writes by rename: new inode)
+        assert data_files[ix].stat().st_ino == inodes[ix]
+        assert (out / MARKERS / "c" / "/".join(map(str, ix))).stat().st_ino == marker_inodes[ix]
+    assert not list(out.rglob("*.partial"))
+    got = zarr.open_group(out, mode="r")["similarity"][...]
+    np.testing.assert_allclose(got, reference_cosine(a, b), atol=2e-6)
+
+
+def test_ctrl_c_shuts_the_embedded_cluster_down(big, tmp_path):
+    d, _, _ = big
+    out = tmp_path / "c.zarr"
+    p = _cli(
+        "run", d / "a.zarr", d / "b.npy", "-o", out, "--chunks", "1,128,128",
+        "--workers", "1", "--threads-per-worker", "1", "--quiet",
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_markers(p, out, at_least=5)
+        children = psutil.Process(p.pid).children(recursive=True)
+        assert children  # the embedded cluster's worker process(es)
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130
+    assert err.strip().splitlines() == [
+        line for line in err.strip().splitlines() if line.startswith("dask-cosim: interrupted")
+    ], err  # one line, no tracebacks from the workers
+    assert _reap(children, timeout=10) == []
+    assert zarr.open_group(out, mode="r").attrs["dask_cosim"]["complete"] is False
+
+
+def test_demo_verifies_against_numpy(scheduler, capsys):
+    rc = main(["demo", "--n", "600", "--dim", "16", "--scheduler", scheduler.scheduler_address])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "demo: verified 2000 sampled similarities" in out and ": OK" in out
+    assert len(SUMMARY.findall(out)) == 2

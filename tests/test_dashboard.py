@@ -1,0 +1,86 @@
+"""The embedded cluster's dashboard: up on 127.0.0.1, and it saw each stage as its own task prefix."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.request
+from contextlib import closing
+
+import numpy as np
+import pytest
+
+import dask_cosim as dcs
+from dask_cosim.cluster import DEFAULT_DASHBOARD_PORT, dashboard_address, dask_client
+
+STAGES = {
+    "cosine-normalize",  # each input block normalised once
+    "cosine-block",  # one product per output block
+    "cosine-write",  # one write (+ marker) per output block
+    "cosine-topk",  # local top-k per block
+    "cosine-topk-merge-aggregate",  # tree merge of the local top-k (its final level)
+    "cosine-pairs",  # pairs above the threshold per block
+    "cosine-write-parquet",  # one Parquet file per block
+}
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read().decode()
+
+
+def _finished_by_prefix(metrics: str) -> dict[str, float]:
+    """Tasks per prefix that reached "memory", from the Prometheus prefix-state totals."""
+    out: dict[str, float] = {}
+    for labels, value in re.findall(
+        r"^dask_scheduler_prefix_state_totals_total\{([^}]*)\} (\S+)$", metrics, re.M
+    ):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if fields.get("state") == "memory":
+            out[fields["task_prefix_name"]] = float(value)
+    return out
+
+
+@pytest.fixture
+def port_8787_taken():
+    """Occupy 8787 (if nobody else does) so the cluster must find another port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", DEFAULT_DASHBOARD_PORT))
+        s.listen(1)
+    except OSError:
+        pass  # already taken by something else: just as good
+    with closing(s):
+        yield
+
+
+def test_dashboard_address_falls_back_to_a_free_port(port_8787_taken):
+    assert dashboard_address() == "127.0.0.1:0"
+
+
+def test_dashboard_is_up_and_shows_every_stage(port_8787_taken, tmp_path):
+    lines: list[str] = []
+    a = np.random.default_rng(0).standard_normal((2, 96, 8)).astype("float32")
+    b = np.random.default_rng(1).standard_normal((2, 64, 8)).astype("float32")
+    with dask_client(workers=1, threads_per_worker=2, processes=False, echo=lines.append) as client:
+        link = client.dashboard_link
+        assert re.fullmatch(r"http://127\.0\.0\.1:(\d+)/status", link)
+        assert int(link.split(":")[2].split("/")[0]) != DEFAULT_DASHBOARD_PORT
+        assert lines and link in lines[0]  # the link is printed for the user
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+
+        dcs.to_zarr(dcs.cosine_similarity(a, b, chunks=(1, 32, 32)), tmp_path / "s.zarr")
+        dcs.to_zarr(dcs.topk(a, b, k=3, chunks=(1, 32, 32)), tmp_path / "t.zarr")
+        dcs.to_parquet(dcs.pairs_above(a, b, threshold=0.5, chunks=(1, 32, 32)), tmp_path / "p")
+
+        base = link.rsplit("/", 1)[0]
+        status, page = _get(link)
+        assert status == 200 and "Dask" in page
+        status, metrics = _get(f"{base}/metrics")
+        assert status == 200
+        finished = _finished_by_prefix(metrics)
+        assert STAGES <= set(finished), " ".join(sorted(finished))
+        assert all(finished[stage] > 0 for stage in STAGES), finished
+    # the embedded cluster is gone: its dashboard no longer answers
+    with pytest.raises(OSError):
+        _get(link)
