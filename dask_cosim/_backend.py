@@ -10,6 +10,7 @@ import functools
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -210,7 +211,26 @@ _blas_saved: list | None = None
 def _controller():
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()
+    controller = ThreadpoolController()
+    for lib in controller.select(user_api="blas").lib_controllers:
+        # OpenBLAS initialises its thread settings lazily on first use; a get/set pair here
+        # does it once, before any task changes them (else a first limit could be undone).
+        lib.set_num_threads(lib.num_threads)
+    return controller
+
+
+def _set_threads(lib, n: int) -> None:
+    """Set a BLAS library's thread count and check that it took.
+
+    OpenBLAS (0.3.30/0.3.31 here) occasionally ignores ``openblas_set_num_threads`` called
+    from a thread while it settles its own thread pool; the call is repeated until the
+    library reports the new count (a few ms at most).
+    """
+    for _ in range(100):
+        lib.set_num_threads(n)
+        if lib.num_threads == n:
+            return
+        time.sleep(0.001)
 
 
 @contextmanager
@@ -226,9 +246,8 @@ def limit_blas(threads: int) -> Iterator[None]:
         if _blas_users == 0:
             ctl = _controller().select(user_api="blas")
             _blas_saved = [(lib, lib.num_threads) for lib in ctl.lib_controllers]
-            for lib, current in _blas_saved:
-                if current != threads:
-                    lib.set_num_threads(threads)
+            for lib, _ in _blas_saved:
+                _set_threads(lib, threads)
         _blas_users += 1
     try:
         yield
@@ -237,8 +256,7 @@ def limit_blas(threads: int) -> Iterator[None]:
             _blas_users -= 1
             if _blas_users == 0 and _blas_saved is not None:
                 for lib, previous in _blas_saved:
-                    if lib.num_threads != previous:
-                        lib.set_num_threads(previous)
+                    _set_threads(lib, previous)
                 _blas_saved = None
 
 
