@@ -7,7 +7,7 @@ import threading
 
 import dask
 import numpy as np
-from threadpoolctl import threadpool_info
+from threadpoolctl import ThreadpoolController
 
 import dask_cosim as dcs
 from dask_cosim import _kernels
@@ -16,8 +16,11 @@ from dask_cosim._backend import blas_threads_for_task, limit_blas
 CORES = len(os.sched_getaffinity(0))
 
 
+_BLAS = ThreadpoolController().select(user_api="blas").lib_controllers
+
+
 def blas_threads():
-    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    return [lib.num_threads for lib in _BLAS]
 
 
 def test_threads_per_task_follow_the_scheduler():
