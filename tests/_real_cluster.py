@@ -10,8 +10,9 @@ cluster whose machines are preempted.
 Fixtures:
 
 ``real_cluster``
-    A session-wide scheduler with two nanny-managed workers, checked before every test
-    to have both workers up again (after a previous test killed one).
+    A session-wide scheduler with two nanny-managed workers (two threads each), checked
+    before every test to have both workers up again (after a previous test killed one),
+    and settled after it (no task left processing).
 
 The task helpers at the bottom (``gate``...) run inside worker processes; this module
 is pickled *by value* so workers need not import it.
@@ -131,6 +132,25 @@ class RealCluster:
         pid = pids[address]
         os.kill(pid, signal.SIGKILL)
         return address, pid
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until no task is processing; restart (SIGKILL) workers still busy after ``timeout``.
+
+        Keeps a failed test's leftovers (a task stuck on a gate or pipe) out of the next test.
+        """
+        probe = self._probe()
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [w for w, keys in probe.processing().items() if keys]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                for address in busy:
+                    with contextlib.suppress(KeyError, ProcessLookupError):
+                        self.kill_worker(address)
+                self.wait_for_workers()
+                return
+            time.sleep(0.1)
 
     def check_alive(self) -> None:
         """Raise if the scheduler or a nanny process has exited."""
@@ -302,7 +322,9 @@ def _stop_leftovers() -> None:  # e.g. the test run was interrupted
 
 @pytest.fixture(scope="session")
 def _real_cluster_session() -> Iterator[RealCluster]:
-    with start_real_cluster(2) as cluster:
+    # two threads per worker: a task held back by a gate blocks one thread, and the tasks
+    # the scheduler queued behind it on the same worker still run on the other
+    with start_real_cluster(2, nthreads=2) as cluster:
         yield cluster
 
 
@@ -313,6 +335,16 @@ def real_cluster(_real_cluster_session: RealCluster) -> Iterator[RealCluster]:
     cluster.wait_for_workers()
     yield cluster
     cluster.check_alive()
+    cluster.settle()
+
+
+@pytest.fixture
+def gate_file(tmp_path) -> Iterator[Path]:
+    """A gate for :func:`gated` that is always opened at teardown (a failed test never
+    leaves a worker thread waiting on it)."""
+    path = tmp_path / "gate"
+    yield path
+    open_gate(path)
 
 
 # -- helpers that run inside tasks, and fault-injection helpers --------------------------
@@ -358,16 +390,45 @@ def held_keys(client, prefix: str) -> dict[str, int]:
     }
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    """Poll ``predicate`` until it returns something truthy; raise ``TimeoutError`` after ``timeout``."""
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    client=None,
+) -> object:
+    """Poll ``predicate`` until it returns something truthy; raise ``TimeoutError`` after
+    ``timeout``, with the scheduler's view when ``client`` is given."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            state = f"; scheduler: {diagnose(client)}" if client is not None else ""
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{state}")
         time.sleep(interval)
+
+
+def _scheduler_state(dask_scheduler) -> dict:
+    from collections import Counter
+
+    from dask.utils import key_split
+
+    states = Counter(f"{key_split(ts.key)}:{ts.state}" for ts in dask_scheduler.tasks.values())
+    workers = {
+        addr: (ws.status.name, ws.memory.process >> 20, [str(ts.key)[:60] for ts in ws.processing])
+        for addr, ws in dask_scheduler.workers.items()
+    }
+    return {"workers": workers, "tasks": dict(states), "queued": len(dask_scheduler.queued)}
+
+
+def diagnose(client) -> dict:
+    """Workers (status, MiB, processing keys) and task states by prefix, from the scheduler."""
+    try:
+        return client.run_on_scheduler(_scheduler_state)
+    except Exception as err:  # noqa: BLE001 - diagnostics only
+        return {"error": repr(err)}
 
 
 def _failing_store_class():

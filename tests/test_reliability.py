@@ -8,8 +8,14 @@ and checks the output against a float64 NumPy reference. Every wait is bounded.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import stat
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import dask
 import dask.array as da
@@ -22,7 +28,7 @@ import dask_cosim as dcs
 from dask_cosim._worker_memory import TASK_SHARE
 from dask_cosim.testing import reference_cosine
 
-from ._real_cluster import gated, held_keys, open_gate, start_real_cluster, wait_until
+from ._real_cluster import diagnose, gated, held_keys, open_gate, start_real_cluster, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,12 +44,11 @@ def rng(seed=0):
 
 
 @pytest.mark.parametrize("batched", [False, True])
-def test_worker_sigkill_during_compute(real_cluster, tmp_path, batched):
+def test_worker_sigkill_during_compute(real_cluster, gate_file, batched):
     """SIGKILL the worker holding the most finished blocks; dask recomputes what it lost."""
     shape = (2, 480, 24) if batched else (480, 24)
     a, b = rng(1).standard_normal(shape), rng(2).standard_normal(shape)
     in_chunks = (1, 80, 24) if batched else (80, 24)
-    gate_file = tmp_path / "gate"
     A = da.from_array(a, chunks=in_chunks)
     B = gated(b, in_chunks, gate_file)  # the last block of b waits for the gate
     S = dcs.cosine_similarity(A, B, chunks=(1, 80, 80) if batched else (80, 80))
@@ -54,6 +59,7 @@ def test_worker_sigkill_during_compute(real_cluster, tmp_path, batched):
             lambda: (h := held_keys(client, "cosine-block")) and sum(h.values()) >= n_free // 2 and h,
             timeout=60,
             what="finished product blocks in worker memory",
+            client=client,
         )
         victim = max(held, key=held.get)
         lost = held[victim]
@@ -223,6 +229,14 @@ def _listening(psutil, pids):
 # ---------------------------------------------------------------- fault 2: worker killed mid-write
 
 
+def marker_grid(out) -> np.ndarray:
+    """The output's block markers (all zero while the group is being created)."""
+    try:
+        return zarr.open_group(str(out), mode="r")["_blocks_done"][...]
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+        return np.zeros(1, dtype=np.uint8)
+
+
 def _check_marked_blocks(group, ref, chunks, array="similarity"):
     """Every block with a marker holds exactly the reference data; returns the marker grid."""
     done = group["_blocks_done"][...]
@@ -233,25 +247,21 @@ def _check_marked_blocks(group, ref, chunks, array="similarity"):
     return done
 
 
-def test_worker_sigkill_during_to_zarr(real_cluster, tmp_path):
+def test_worker_sigkill_during_to_zarr(real_cluster, tmp_path, gate_file):
     a, b = rng(12).standard_normal((480, 16)), rng(13).standard_normal((480, 16))
     ref = reference_cosine(a, b)
-    gate_file, out = tmp_path / "gate", tmp_path / "out.zarr"
+    out = tmp_path / "out.zarr"
     S = dcs.cosine_similarity(
         da.from_array(a, chunks=(80, 16)), gated(b, (80, 16), gate_file), chunks=(80, 80)
     )
     n_free = S.npartitions - S.numblocks[0]
-
-    def markers() -> int:
-        try:
-            return int(zarr.open_group(str(out), mode="r")["_blocks_done"][...].sum())
-        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
-            return 0  # the output group is being created
+    markers = partial(marker_grid, out)
 
     with real_cluster.client() as client:
         with ThreadPoolExecutor(1) as pool:
             job = pool.submit(dcs.to_zarr, S, str(out))
-            wait_until(lambda: markers() >= n_free // 2, timeout=60, what="written blocks")
+            enough = lambda: markers().sum() >= n_free // 2  # noqa: E731
+            wait_until(enough, timeout=60, what="written blocks", client=client)
             busy = {w: keys for w, keys in client.processing().items() if keys}
             writing = [w for w, keys in busy.items() if any("cosine-write" in str(k) for k in keys)]
             victim = (
@@ -277,22 +287,24 @@ def brute_topk(a, b, k):
     return np.take_along_axis(s, order, axis=-1), order
 
 
-def test_worker_sigkill_during_topk_tree_reduction(real_cluster, tmp_path):
+def test_worker_sigkill_during_topk_tree_reduction(real_cluster, gate_file):
+    """Kill the worker holding the partial merges of the tree reduction: the parts they were
+    merged from are gone too, so dask recomputes products, parts and merges."""
+    from dask_cosim import reductions
+
     a, b = rng(14).standard_normal((240, 16)), rng(15).standard_normal((720, 16))
-    gate_file = tmp_path / "gate"
     vals, idx = dcs.topk(
         da.from_array(a, chunks=(80, 16)), gated(b, (80, 16), gate_file), k=7, chunks=(80, 80)
     )
-    n_cols = 720 // 80
+    assert reductions.SPLIT_EVERY < 720 // 80  # so partial merges exist before the gated column
     with real_cluster.client() as client:
         futures = client.compute([vals, idx])
-        # the column blocks before the gated one yield local top-k parts and partial merges
+        # every row block (3) merges its columns before the gated last one
         held = wait_until(
-            lambda: (
-                (h := held_keys(client, "cosine-topk")) and sum(h.values()) >= 3 * (n_cols - 1) // 2 and h
-            ),
+            lambda: (h := held_keys(client, "cosine-topk-merge")) and sum(h.values()) >= 3 and h,
             timeout=60,
-            what="top-k parts in worker memory",
+            what="partial top-k merges in worker memory",
+            client=client,
         )
         victim = max(held, key=held.get)
         lost = held[victim]
@@ -304,3 +316,77 @@ def test_worker_sigkill_during_topk_tree_reduction(real_cluster, tmp_path):
     np.testing.assert_array_equal(got_idx, ref_idx)
     np.testing.assert_allclose(got_vals, ref_vals, rtol=0, atol=2e-6)
     assert pid not in real_cluster.wait_for_workers().values()
+
+
+# ---------------------------------------------------------------- fault 3: the CLI client killed
+
+
+class FifoChunk:
+    """Turn a zarr chunk file into a named pipe: a task reading it blocks (in ``open``) until
+    :meth:`release` hands it the chunk's bytes and puts the regular file back."""
+
+    def __init__(self, path):
+        self.path = path
+        self.payload = path.read_bytes()
+        path.unlink()
+        os.mkfifo(path)
+
+    def release(self):
+        if not stat.S_ISFIFO(os.lstat(self.path).st_mode):
+            return
+        spare = self.path.with_name(self.path.name + ".restore")
+        spare.write_bytes(self.payload)
+        try:  # a reader blocked in open() gets the bytes, then end of file
+            fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno != errno.ENXIO:  # ENXIO: nobody is reading
+                raise
+        else:
+            os.set_blocking(fd, True)
+            try:
+                os.write(fd, self.payload)
+            except BrokenPipeError:
+                pass
+            finally:
+                os.close(fd)
+        os.replace(spare, self.path)  # later reads see the regular file
+
+
+def test_cli_client_sigkill_then_resume(real_cluster, tmp_path):
+    a, b = rng(16).standard_normal((400, 16)), rng(17).standard_normal((600, 16))
+    _write_zarr(tmp_path / "a.zarr", a, (100, 16))
+    _write_zarr(tmp_path / "b.zarr", b, (100, 16))
+    gate = FifoChunk(tmp_path / "b.zarr" / "c" / "5" / "0")  # the last column of blocks waits on it
+    out = tmp_path / "out.zarr"
+    cmd = [sys.executable, "-m", "dask_cosim", "run", tmp_path / "a.zarr", tmp_path / "b.zarr", "-o", out,
+           "--chunks", "100,100", "--scheduler", real_cluster.address, "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            wait_until(
+                lambda: marker_grid(out).sum() >= 20 or proc.poll() is not None, timeout=90, what="20 blocks"
+            )
+        except TimeoutError as err:
+            with real_cluster.client() as client:
+                state = diagnose(client)
+            proc.kill()
+            raise TimeoutError(f"{err}; markers {marker_grid(out)}; {state}; {proc.communicate()}") from None
+        assert proc.poll() is None, proc.communicate()
+        at_kill = marker_grid(out)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        with real_cluster.client() as client:  # the scheduler drops the dead client's tasks
+            wait_until(lambda: not any(client.processing().values()), timeout=30, what="tasks released")
+        gate.release()
+        assert proc.returncode == -signal.SIGKILL
+        assert at_kill.sum() == 20 and not at_kill[:, 5].any()
+        _check_marked_blocks(zarr.open_group(str(out), mode="r"), reference_cosine(a, b), (100, 100))
+        r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        gate.release()
+    assert r.returncode == 0, r.stderr
+    assert "24 blocks (4 written, 20 already done)" in r.stdout  # finished blocks were not recomputed
+    got = zarr.open_group(str(out), mode="r")["similarity"][...]
+    np.testing.assert_allclose(got, reference_cosine(a, b), rtol=0, atol=TOL64)
