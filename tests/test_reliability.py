@@ -25,7 +25,7 @@ import zarr
 from distributed.scheduler import KilledWorker
 
 import dask_cosim as dcs
-from dask_cosim._worker_memory import TASK_SHARE
+from dask_cosim._worker_memory import TASK_SHARE, killed_worker_message
 from dask_cosim.testing import reference_cosine
 
 from ._real_cluster import diagnose, gated, held_keys, open_gate, start_real_cluster, wait_until
@@ -113,8 +113,11 @@ def test_worker_out_of_memory_is_restarted_and_the_job_fails_not_hangs(tight_clu
     (pid_before,) = tight_cluster.wait_for_workers().values()
     with tight_cluster.client() as client:
         future = client.compute(S.sum())
-        with pytest.raises(KilledWorker):
+        with pytest.raises(KilledWorker) as info:
             future.result(timeout=RESULT_TIMEOUT)
+        # what the CLI prints for it: the memory limit, the usual reason
+        msg = killed_worker_message(info.value, client)
+        assert "has memory_limit=300.0 MiB for 1 thread(s)" in msg and "--memory-limit" in msg
         # the worker is back and usable: a job that fits completes on the same cluster
         (pid_after,) = tight_cluster.wait_for_workers().values()
         assert pid_after != pid_before
@@ -390,3 +393,22 @@ def test_cli_client_sigkill_then_resume(real_cluster, tmp_path):
     assert "24 blocks (4 written, 20 already done)" in r.stdout  # finished blocks were not recomputed
     got = zarr.open_group(str(out), mode="r")["similarity"][...]
     np.testing.assert_allclose(got, reference_cosine(a, b), rtol=0, atol=TOL64)
+
+
+def test_embedded_cluster_binds_localhost_only():
+    """The CLI's embedded LocalCluster: scheduler, nannies, workers and dashboard on 127.0.0.1."""
+    psutil = pytest.importorskip("psutil")
+    from urllib.parse import urlparse
+
+    from dask_cosim.cluster import dask_client
+
+    with dask_client(workers=1, threads_per_worker=1, echo=None, quiet=True) as client:
+        info = client.scheduler_info(n_workers=-1)
+        assert urlparse(info["address"]).hostname == "127.0.0.1"
+        assert all(urlparse(addr).hostname == "127.0.0.1" for addr in info["workers"])
+        assert urlparse(client.dashboard_link).hostname == "127.0.0.1"
+        pids = [os.getpid(), *client.run(os.getpid).values(), *client.run(os.getpid, nanny=True).values()]
+        addrs = _listening(psutil, pids)
+    dashboard_port = urlparse(client.dashboard_link).port
+    assert ("127.0.0.1", dashboard_port) in addrs
+    assert len(addrs) >= 4 and all(ip == "127.0.0.1" for ip, _ in addrs), addrs
