@@ -104,12 +104,16 @@ def worker_budget(client=None) -> WorkerBudget | None:
     return tightest
 
 
-def killed_worker_message(err: BaseException, client=None) -> str:
-    """``KilledWorker`` with what usually explains it: the workers' memory limit."""
+def killed_worker_message(err: BaseException, budget: WorkerBudget | None = None, client=None) -> str:
+    """``KilledWorker`` with what usually explains it: the workers' memory limit.
+
+    ``budget``: the workers as known before the run (while a worker restarts, the
+    scheduler may list none); else asked from ``client`` (default: the active client).
+    """
     from ._plan import format_bytes
 
     text = " ".join(str(err).split())
-    tight = worker_budget(client)
+    tight = budget if budget is not None else worker_budget(client)
     if tight is None:
         return f"{text} Workers have no memory limit here, so look for the reason in their logs."
     return (

@@ -181,7 +181,8 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
     from .cluster import SchedulerUnreachable, dask_client
 
     try:
-        with assume_workers(_planned_workers(spec)):  # "auto" blocks that fit the workers' memory
+        workers = _planned_workers(spec)
+        with assume_workers(workers):  # "auto" blocks that fit the workers' memory
             job = prepare_job(spec)
     except SchedulerUnreachable as err:
         raise BadInput(str(err)) from err
@@ -200,7 +201,7 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
             try:
                 return execute_job(job, progress=not spec.quiet)
             except KilledWorker as err:  # name the memory limit, the usual reason
-                raise RuntimeError(killed_worker_message(err, client)) from err
+                raise RuntimeError(killed_worker_message(err, workers, client)) from err
     except SchedulerUnreachable as err:
         raise BadInput(str(err)) from err
 

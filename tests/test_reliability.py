@@ -25,7 +25,7 @@ import zarr
 from distributed.scheduler import KilledWorker
 
 import dask_cosim as dcs
-from dask_cosim._worker_memory import TASK_SHARE, killed_worker_message
+from dask_cosim._worker_memory import TASK_SHARE, killed_worker_message, worker_budget
 from dask_cosim.testing import reference_cosine
 
 from ._real_cluster import diagnose, gated, held_keys, open_gate, start_real_cluster, wait_until
@@ -112,11 +112,12 @@ def test_worker_out_of_memory_is_restarted_and_the_job_fails_not_hangs(tight_clu
     S = dcs.cosine_similarity(a, a.copy(), chunks=(7000, 7000))  # 392 MB block > 300 MiB worker
     (pid_before,) = tight_cluster.wait_for_workers().values()
     with tight_cluster.client() as client:
+        budget = worker_budget(client)
         future = client.compute(S.sum())
         with pytest.raises(KilledWorker) as info:
             future.result(timeout=RESULT_TIMEOUT)
         # what the CLI prints for it: the memory limit, the usual reason
-        msg = killed_worker_message(info.value, client)
+        msg = killed_worker_message(info.value, budget)
         assert "has memory_limit=300.0 MiB for 1 thread(s)" in msg and "--memory-limit" in msg
         # the worker is back and usable: a job that fits completes on the same cluster
         (pid_after,) = tight_cluster.wait_for_workers().values()
