@@ -91,6 +91,7 @@ def topk(
     device: Device = "auto",
     precision: Precision = "float32",
     like: Like | None = None,
+    check_finite: bool = False,
 ) -> tuple[da.Array, da.Array]:
     """The ``k`` most similar vectors of ``b`` for every vector of ``a``, without storing S.
 
@@ -114,6 +115,8 @@ def topk(
         ``k`` best per row leave the device.
     like : {"numpy", "cupy"}, optional
         Where the results live, as in :func:`dask_cosim.cosine_similarity`.
+    check_finite : bool
+        As :func:`dask_cosim.cosine_similarity`: refuse NaN/inf inputs before building.
 
     Returns
     -------
@@ -142,7 +145,9 @@ def topk(
            [0.6, 0. ]])
     """
     k = _check_k(k)
-    prep = prepare(a, b, chunks=chunks, device=device, precision=precision, like=like)
+    prep = prepare(
+        a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite
+    )
     exclude_self = _check_exclude_self(exclude_self, prep)
     _check_k_fits(k, prep, exclude_self)
 
@@ -261,6 +266,7 @@ def pairs_above(
     chunks="auto",
     device: Device = "auto",
     precision: Precision = "float32",
+    check_finite: bool = False,
 ) -> dd.DataFrame:
     """Every pair ``(batch, i, j)`` with similarity ``>= threshold``, as a lazy DataFrame.
 
@@ -280,6 +286,8 @@ def pairs_above(
         Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).
     exclude_self : bool
         Drop pairs with ``i == j`` (``b`` must have as many vectors as ``a``).
+    check_finite : bool
+        As :func:`dask_cosim.cosine_similarity`: refuse NaN/inf inputs before building.
 
     Returns
     -------
@@ -297,7 +305,7 @@ def pairs_above(
     1      0  1  2    0.6
     """
     threshold = _check_threshold(threshold)
-    prep = prepare(a, b, chunks=chunks, device=device, precision=precision)
+    prep = prepare(a, b, chunks=chunks, device=device, precision=precision, check_finite=check_finite)
     exclude_self = _check_exclude_self(exclude_self, prep)
     meta = _pairs_meta(prep.out_dtype)
     if 0 in prep.out_shape:
