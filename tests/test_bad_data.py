@@ -168,6 +168,19 @@ def test_cli_check_finite_refuses_before_writing(real_cluster, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "row 12 (nan in column 3)" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+    r = cli(
+        "run",
+        tmp_path / "a.npy",
+        "-o",
+        out,
+        "--topk",
+        "3",
+        "--check-finite",
+        "--scheduler",
+        real_cluster.address,
+    )
+    assert r.returncode == 2 and "row 12 (nan in column 3)" in r.stderr, r.stderr
+    assert not out.exists()
     r = cli("run", tmp_path / "a.npy", "-o", out, "--scheduler", real_cluster.address, "--quiet")
     assert r.returncode == 0, r.stderr  # without the flag: documented NaN semantics
     assert np.isnan(zarr.open_group(str(out))["similarity"][12]).all()
