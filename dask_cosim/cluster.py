@@ -84,6 +84,15 @@ def dask_client(
                 f"scheduler: cannot reach a Dask scheduler at {scheduler!r} within {timeout:g} s "
                 f"({type(err).__name__}); is it running and is the address right?"
             ) from err
+        except TypeError as err:  # distributed's way of saying "tls:// without TLS settings"
+            if "TLS" not in str(err):
+                raise
+            raise SchedulerUnreachable(
+                f"scheduler: {scheduler!r} requires TLS, and no client certificate is configured: set "
+                "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key in the "
+                "dask config (e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem); see the README's "
+                "security section"
+            ) from err
         try:
             if echo:
                 echo(f"Connected to {scheduler}; dashboard: {client.dashboard_link}")
