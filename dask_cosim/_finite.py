@@ -14,6 +14,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ._backend import to_numpy
 from ._zarr_guard import guard_input
 
 __all__ = ["NonFiniteError", "nonfinite_summary", "check_finite"]
@@ -30,7 +31,7 @@ class NonFiniteError(ValueError):
 
 def _block_record(x: np.ndarray, block_info=None) -> np.ndarray:
     """One record per block: the block's first non-finite vector (global batch/row) and the count."""
-    x = np.asarray(x)
+    x = to_numpy(x)  # a CuPy block is checked on the host
     loc = block_info[0]["array-location"]
     out = np.full((1,) * (x.ndim - 1) + (_FIELDS,), _NONE, dtype=np.int64)
     out[..., 4] = 0

@@ -105,6 +105,18 @@ def test_oversized_blocks_are_refused_naming_the_memory_limit(tight_cluster):
             dcs.cosine_similarity(a, a, chunks=(7000, 7000))
 
 
+def test_cli_refuses_blocks_too_big_for_the_workers(tight_cluster, tmp_path):
+    """The CLI plans for the --scheduler's workers: exit 2, naming their memory limit, nothing written."""
+    np.save(tmp_path / "a.npy", rng(5).standard_normal((7000, 16)))
+    out = tmp_path / "out.zarr"
+    cmd = [sys.executable, "-m", "dask_cosim", "run", tmp_path / "a.npy", "-o", out, "--chunks", "7000,7000",
+           "--scheduler", tight_cluster.address, "--quiet"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "has memory_limit=300.0 MiB for 1 thread(s)" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
 def test_worker_out_of_memory_is_restarted_and_the_job_fails_not_hangs(tight_cluster):
     """A graph planned without the cluster (no client yet) whose block cannot fit: the nanny
     kills and restarts the worker; the task is given up with KilledWorker, bounded in time."""
