@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,7 +121,7 @@ class RealCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"only {len(pids)} of {n} workers registered with {self.address} after {timeout:.0f}s; "
-                    f"logs in {self.workdir}"
+                    f"logs in {self.workdir} (kept with DCS_KEEP_CLUSTER_LOGS=1)"
                 )
             time.sleep(0.1)
 
@@ -157,7 +158,8 @@ class RealCluster:
         for what, proc in [("scheduler", self.scheduler)] + [("nanny", p) for p in self.nannies]:
             if proc.poll() is not None:
                 raise RuntimeError(
-                    f"{what} process {proc.pid} exited with {proc.returncode}; logs in {self.workdir}"
+                    f"{what} process {proc.pid} exited with {proc.returncode}; logs in {self.workdir} "
+                    "(kept with DCS_KEEP_CLUSTER_LOGS=1)\n" + self.logs()
                 )
 
     def logs(self) -> str:
@@ -187,6 +189,8 @@ class RealCluster:
                 proc.wait(timeout=5)
         if self in _LIVE:
             _LIVE.remove(self)
+        if not os.environ.get("DCS_KEEP_CLUSTER_LOGS"):  # set it to keep logs and worker dirs
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
