@@ -12,19 +12,30 @@ rank by the smaller column index ``j``; NaN ranks after every number; an exclude
 diagonal entry (``exclude_self``) ranks after NaN and never reaches a final result.
 Internally a candidate is a *key* (the clipped similarity, or :data:`NAN_KEY` /
 :data:`EXCLUDED_KEY`, both below -1) and a global column index.
+
+Pruning: a block's local top-k needs only the entries that can still reach the row's
+final top-k. Any top-k part of the same rows (a *pivot*, e.g. from the block computed
+first) bounds that: its k-th best key ``t`` is at most the final k-th best, so entries
+below ``t`` are dropped early and the part is filled with :data:`PAD_KEY` / index -1
+(never in a final result). Without a pivot, each row's bound comes from the maxima of
+``g`` column groups (at least ``k`` groups reach it).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import array_api_compat
 import numpy as np
 
-from ._backend import blas_threads_for_task, block_namespace, limit_blas, to_host_like
+from ._backend import blas_threads_for_task, block_namespace, limit_blas, to_host_like, to_numpy
 from ._kernels import reduce_precision, similarity_block
 
 __all__ = [
     "NAN_KEY",
     "EXCLUDED_KEY",
+    "PAD_KEY",
+    "part_bound",
     "similarity_keys",
     "select_topk",
     "topk_block",
@@ -38,10 +49,14 @@ __all__ = [
 NAN_KEY = -2.0
 #: Key of an excluded diagonal entry: below NaN.
 EXCLUDED_KEY = -3.0
+#: Key of padding (index -1) where a pruned block has fewer than k candidates in a row.
+PAD_KEY = -4.0
 #: Number of column groups whose maxima bound the k-th best value of a row.
 _GROUPS = 128
 #: Row strips of the NumPy fast path hold about this many bytes of similarities.
 _STRIP_BYTES = 4 * 2**20
+#: ... and at least this many rows (small GEMMs are inefficient).
+_MIN_STRIP_ROWS = 256
 
 
 # --------------------------------------------------------------------------- keys
@@ -119,6 +134,7 @@ def select_topk(
     row_offset: int = 0,
     col_offset: int = 0,
     exclude_self: bool = False,
+    bound=None,
 ):
     """Local top-``k`` of a similarity block ``(..., n, m)`` for any array namespace.
 
@@ -137,6 +153,10 @@ def select_topk(
         Global index of the block's first row and column.
     exclude_self
         Drop the global diagonal (rank it last, as :data:`EXCLUDED_KEY`).
+    bound
+        Optional lower bound of each selected row's final k-th best key (shape
+        ``(..., n)`` for ``axis=-1``, ``(..., m)`` for ``axis=-2``): entries below it are
+        dropped and the rows padded (:data:`PAD_KEY`, index -1).
 
     Returns
     -------
@@ -164,12 +184,36 @@ def select_topk(
     if n == 0 or kk == 0 or any(d == 0 for d in lead):
         empty_k = xp.empty((*lead, n, kk), dtype=key.dtype, device=array_api_compat.device(key))
         return empty_k, xp.astype(xp.zeros_like(empty_k), xp.int64)
+    if bound is not None:
+        pad = xp.asarray(PAD_KEY, dtype=key.dtype, device=array_api_compat.device(key))
+        key = xp.where(key >= xp.astype(bound, key.dtype)[..., None], key, pad)
     batch = 1
     for d in lead:
         batch *= d
     top, cols = _topk_rows(xp, xp.reshape(key, (batch * n, m)), kk)
     idx = xp.astype(cols, xp.int64) + offset
+    if bound is not None:
+        idx = xp.where(
+            top == PAD_KEY, xp.asarray(-1, dtype=xp.int64, device=array_api_compat.device(idx)), idx
+        )
     return xp.reshape(top, (*lead, n, kk)), xp.reshape(idx, (*lead, n, kk))
+
+
+def part_bound(part, k: int):
+    """Lower bound of the final k-th best key of each row, from any top-k part of those rows.
+
+    The part's own k-th best key (``-inf`` if it holds fewer than ``k`` entries).
+
+    Examples
+    --------
+    >>> part_bound((np.array([[0.9, 0.5, 0.1]]), np.array([[4, 2, 0]])), 2)
+    array([0.5])
+    """
+    keys = part[0]
+    xp = array_api_compat.array_namespace(keys)
+    if keys.shape[-1] < k:
+        return xp.full(keys.shape[:-1], -xp.inf, dtype=keys.dtype, device=array_api_compat.device(keys))
+    return keys[..., k - 1]
 
 
 # --------------------------------------------------------------------------- fused block
@@ -189,6 +233,8 @@ def topk_block(
     blas_threads: int | None = None,
     like: str = "numpy",
     precision: str = "float32",
+    row_pivot=None,
+    col_pivot=None,
     fast: bool = True,
 ):
     """Product of two normalised blocks and its local top-``k``, without keeping the product.
@@ -198,6 +244,8 @@ def topk_block(
     of every column (the top-k of the transposed block, for self-similarity triangles).
     Selection runs where the product ran; ``like="numpy"`` brings the small results to
     the host. ``precision`` is that of :func:`~dask_cosim._kernels.similarity_block`.
+    ``row_pivot`` / ``col_pivot``: top-k parts of the same rows / columns from another
+    block, whose k-th best keys prune this block (:func:`part_bound`).
     ``fast=False`` forces the generic array-API path (used by tests).
 
     Examples
@@ -216,21 +264,44 @@ def topk_block(
     else:
         _, bn = block_namespace(bn, device)
     offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
-    if fast and isinstance(an, np.ndarray) and isinstance(bn, np.ndarray):
+    row_bound = None if row_pivot is None else _bound_like(part_bound(row_pivot, k), an)
+    col_bound = None if col_pivot is None else _bound_like(part_bound(col_pivot, k), an)
+    if fast and _fast_path_fits(an, bn):
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
         with limit_blas(blas_threads_for_task(blas_threads)):
-            s = np.matmul(an, np.swapaxes(bn, -1, -2))
-        parts = _topk_block_numpy(s, an, bn, k, both=both, **offsets)
+            parts = _topk_block_numpy(
+                an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets
+            )
     else:
         s = similarity_block(
             an, bn, device=device, blas_threads=blas_threads, like="input", precision=precision
         )
-        rows = select_topk(s, k, axis=-1, **offsets)
-        parts = (rows, select_topk(s, k, axis=-2, **offsets)) if both else (rows,)
-    del s
+        rows = select_topk(s, k, axis=-1, bound=row_bound, **offsets)
+        parts = (rows, select_topk(s, k, axis=-2, bound=col_bound, **offsets)) if both else (rows,)
+        del s
     parts = tuple(_cast_part(p, out_dtype, like) for p in parts)
     return parts if both else parts[0]
+
+
+def _bound_like(bound, x):
+    """A pivot's bound moved to where block ``x`` lives."""
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy.asarray(bound)
+    if isinstance(x, np.ndarray):
+        return to_numpy(bound)
+    return bound
+
+
+def _fast_path_fits(an, bn) -> bool:
+    """NumPy blocks big enough for the fused path (tiny batched blocks vectorise better generically)."""
+    if not (isinstance(an, np.ndarray) and isinstance(bn, np.ndarray)):
+        return False
+    n, m = an.shape[-2], bn.shape[-2]
+    batch = int(np.prod(np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])))
+    return n > 0 and m > 0 and (batch == 1 or n * m >= 2**16)
 
 
 def _cast_part(part, out_dtype, like: str):
@@ -244,47 +315,188 @@ def _cast_part(part, out_dtype, like: str):
 
 
 # --------------------------------------------------------------------------- NumPy fast path
+#
+# The same selection as :func:`select_topk`, fused with the product and organised for
+# speed on the CPU: the block is computed in row strips that are scanned while they are
+# in cache; candidates come from one comparison pass per strip against each row's bound
+# (a pivot's, or the k-th best of the row's column-group maxima); the few candidates are
+# ranked by sorting one packed integer (row, key descending, column). NaN similarities
+# only come from NaN vectors, so they are marked from ``an``/``bn`` rather than found by
+# scanning; clipping is applied to candidates only (see :func:`_threshold`).
+
+#: Packed keys hold a column (or row) index in 16 bits and a group in 15.
+_PACK_LIMIT = 2**15
 
 
-def _topk_block_numpy(s, an, bn, k: int, *, both: bool, row_offset: int, col_offset: int, exclude_self: bool):
-    """NumPy twin of ``select_topk`` on a raw (unclipped) product, modified in place.
+def _topk_block_numpy(
+    an,
+    bn,
+    k: int,
+    *,
+    both: bool,
+    row_offset: int,
+    col_offset: int,
+    exclude_self: bool,
+    row_bound=None,
+    col_bound=None,
+    product=None,
+):
+    """NumPy twin of :func:`select_topk` on ``an @ bn.T`` (raw), one 2-D block at a time.
 
-    NaN similarities only come from NaN vectors, so they are marked from ``an``/``bn``
-    (cheap) instead of scanning the block; clipping is applied to candidates only
-    (see :func:`_threshold`).
+    ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
+    product into ``out`` (default: the GEMM); tests pass synthetic products through it.
     """
-    lead, (n, m) = s.shape[:-2], s.shape[-2:]
-    if s.size == 0:
-        offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
-        rows = select_topk(s, k, axis=-1, **offsets)
-        return (rows, select_topk(s, k, axis=-2, **offsets)) if both else (rows,)
-    _mark_numpy(s, an, bn, row_offset, col_offset, exclude_self)
-    batch = int(np.prod(lead)) if lead else 1
-    rows = _topk_rows_numpy(s.reshape(batch * n, m), min(k, m))
-    rows = (rows[0].reshape(*lead, n, -1), (rows[1] + col_offset).reshape(*lead, n, -1))
+    lead = np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])
+    n, m = an.shape[-2], bn.shape[-2]
+    a3 = np.broadcast_to(an, lead + an.shape[-2:]).reshape(-1, n, an.shape[-1])
+    b3 = np.broadcast_to(bn, lead + bn.shape[-2:]).reshape(-1, m, bn.shape[-1])
+    if product is None:
+        bt = np.ascontiguousarray(np.swapaxes(b3, -1, -2))  # cheaper GEMM packing per strip
+
+        def product(b, r0, r1, out):
+            np.matmul(a3[b, r0:r1], bt[b], out=out)
+
+    def flat_bound(bound, size):
+        return None if bound is None else np.broadcast_to(bound, lead + (size,)).reshape(-1, size)
+
+    rb, cb = flat_bound(row_bound, n), flat_bound(col_bound, m)
+    dtype = np.result_type(an, bn)
+    offsets = (row_offset, col_offset, exclude_self)
+    parts = [
+        _topk_pair_numpy(
+            a3[b],
+            b3[b],
+            k,
+            both,
+            offsets,
+            partial(product, b),
+            dtype,
+            None if rb is None else rb[b],
+            None if cb is None else cb[b],
+        )  # fmt: skip
+        for b in range(len(a3))
+    ]
+    rows = _stack_parts([p[0] for p in parts], lead)
+    return (rows, _stack_parts([p[1] for p in parts], lead)) if both else (rows,)
+
+
+def _stack_parts(parts, lead):
+    keys = np.stack([p[0] for p in parts]).reshape(*lead, *parts[0][0].shape)
+    idx = np.stack([p[1] for p in parts]).reshape(*lead, *parts[0][1].shape)
+    return keys, idx
+
+
+def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound):
+    """Rows part (and with ``both`` the columns part) of one 2-D block."""
+    row_offset, col_offset, exclude_self = offsets
+    n, m = an.shape[0], bn.shape[0]
+    kk_r, kk_c = min(k, m), min(k, n)
+    nan_rows, nan_cols = np.isnan(an).any(axis=1), np.isnan(bn).any(axis=1)
+    nan_cols = nan_cols.nonzero()[0] if nan_cols.any() else None
+    g_r = _group_count(m, kk_r)
+    g_c = _group_count(n, kk_c)
+    t_r = None if row_bound is None else _threshold(row_bound.astype(dtype))
+    t_c = None if col_bound is None else _threshold(col_bound.astype(dtype))
+    step = max(_MIN_STRIP_ROWS, _STRIP_BYTES // max(1, m * dtype.itemsize))
+    group_cols = both and t_c is None
+    if group_cols:
+        step = -(-step // g_c) * g_c  # whole row groups per strip
+        col_max = np.full((g_c, m), -np.inf, dtype=dtype)
+    full = np.empty((n, m), dtype=dtype) if group_cols else None
+    buf = None if group_cols else np.empty((min(step, n), m), dtype=dtype)
+    mask = np.empty((min(step, n), m), dtype=bool)
+    mask2 = np.empty_like(mask) if both and not group_cols else None
+    rows = _Candidates(n, m)
+    cols = _Candidates(n, m) if both and not group_cols else None
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        strip = full[r0:r1] if group_cols else buf[: r1 - r0]
+        product(r0, r1, strip)
+        _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
+        t = _group_threshold(strip, kk_r, g_r) if t_r is None else t_r[r0:r1]
+        if cols is None:
+            rows.add(strip, t[:, None], r0, mask)
+        else:  # one scan for both bounds, then split the (few) hits
+            hit = np.greater_equal(strip, t[:, None], out=mask[: r1 - r0])
+            hit |= np.greater_equal(strip, t_c[None, :], out=mask2[: r1 - r0])
+            flat = np.flatnonzero(hit)
+            vals = strip.reshape(-1)[flat]
+            r, c = np.divmod(flat, m)
+            row_hit, col_hit = vals >= t[r], vals >= t_c[c]
+            rows.extend(flat[row_hit] + r0 * m, vals[row_hit])
+            cols.extend(flat[col_hit] + r0 * m, vals[col_hit])
+        if group_cols:
+            whole = (r1 - r0) // g_c * g_c
+            if whole:
+                np.maximum(col_max, strip[:whole].reshape(-1, g_c, m).max(axis=0), out=col_max)
+    keys, idx = rows.rank_rows(kk_r, row_bound)
+    out_rows = (keys, np.where(idx < 0, -1, idx + col_offset))
     if not both:
-        return (rows,)
-    s3 = s.reshape(batch, n, m)
-    cols = [_topk_cols_numpy(s3[b], min(k, n)) for b in range(batch)]
-    keys = np.stack([c[0] for c in cols]).reshape(*lead, m, -1)
-    idx = (np.stack([c[1] for c in cols]) + row_offset).reshape(*lead, m, -1)
-    return rows, (keys, idx)
+        return out_rows, None
+    if group_cols:
+        if n % g_c:  # rows beyond the last whole group join their groups (row % g_c)
+            tail = full[n - n % g_c :]
+            col_max[: n % g_c] = np.maximum(col_max[: n % g_c], tail)
+        t = _threshold(np.partition(col_max, g_c - kk_c, axis=0)[g_c - kk_c])
+        cols = _Candidates(n, m)
+        for r0 in range(0, n, step):
+            cols.add(full[r0 : r0 + step], t[None, :], r0, mask)
+    keys, idx = cols.rank_cols(kk_c, col_bound)
+    return out_rows, (keys, np.where(idx < 0, -1, idx + row_offset))
 
 
-def _mark_numpy(s, an, bn, row_offset: int, col_offset: int, exclude_self: bool) -> None:
-    nan_a = np.isnan(an).any(axis=-1)
-    nan_b = np.isnan(bn).any(axis=-1)
-    if nan_a.any() or nan_b.any():
-        nan = nan_a[..., :, None] | nan_b[..., None, :]
-        s[np.broadcast_to(nan, s.shape)] = NAN_KEY
+class _Candidates:
+    """Entries ``>= bound`` of a block, collected strip by strip as flat indices and values."""
+
+    def __init__(self, n: int, m: int):
+        self.n, self.m = n, m
+        self.flat: list[np.ndarray] = []
+        self.vals: list[np.ndarray] = []
+
+    def add(self, strip, bound, r0: int, mask) -> None:
+        hit = np.flatnonzero(np.greater_equal(strip, bound, out=mask[: strip.shape[0]]))
+        self.extend(hit + r0 * self.m, strip.reshape(-1)[hit])
+
+    def extend(self, flat, vals) -> None:
+        self.flat.append(flat)
+        self.vals.append(vals)
+
+    def _gather(self):
+        flat = np.concatenate(self.flat) if len(self.flat) > 1 else self.flat[0]
+        vals = np.concatenate(self.vals) if len(self.vals) > 1 else self.vals[0]
+        return np.divmod(flat, self.m), vals
+
+    def rank_rows(self, kk: int, bound=None):
+        (r, c), vals = self._gather()
+        return _rank(r, c, vals, kk, self.n, bound)
+
+    def rank_cols(self, kk: int, bound=None):
+        (r, c), vals = self._gather()
+        return _rank(c, r, vals, kk, self.m, bound)
+
+
+def _mark_strip(strip, nan_rows, nan_cols, row_offset: int, col_offset: int, exclude_self: bool) -> None:
+    """Write the NaN / excluded keys into a raw strip (cheap: only the rows/columns affected)."""
+    if nan_rows.any():
+        strip[nan_rows] = NAN_KEY
+    if nan_cols is not None:
+        strip[:, nan_cols] = NAN_KEY
     if exclude_self:
-        n, m = s.shape[-2:]
+        n, m = strip.shape
         r = np.arange(max(0, col_offset - row_offset), min(n, m + col_offset - row_offset))
-        s[..., r, r + row_offset - col_offset] = EXCLUDED_KEY
+        strip[r, r + row_offset - col_offset] = EXCLUDED_KEY
+
+
+def _group_threshold(strip, kk: int, g: int):
+    """Each row's candidate bound from the k-th best of its ``g`` column-group maxima."""
+    r, m = strip.shape
+    slabs = m // g
+    gmax = strip[:, : slabs * g].reshape(r, slabs, g).max(axis=1)  # group: column % g
+    return _threshold(np.partition(gmax, g - kk, axis=1)[:, g - kk])
 
 
 def _threshold(t):
-    """Candidate bound on raw products from a bound ``t`` of the k-th best raw value.
+    """Candidate bound on raw products from a bound ``t`` of the k-th best (clipped) key.
 
     Clipping to [-1, 1] is monotone, so an entry below ``t`` loses to the ``kk`` entries
     at or above it, unless clipping makes them equal: at ``t >= 1`` every entry that
@@ -296,61 +508,61 @@ def _threshold(t):
 
 
 def _clip_candidates(vals):
-    """Clip candidate values to [-1, 1], leaving the NaN/excluded keys (< -1.5) alone."""
-    return np.where(vals < -1.5, vals, np.clip(vals, -1.0, 1.0))
+    """Clip candidate values to [-1, 1], leaving the NaN/excluded keys (< -1.5) alone; -0.0 -> 0.0."""
+    out = np.clip(vals, -1.0, 1.0)
+    special = vals < -1.5
+    if special.any():
+        out[special] = vals[special]
+    out += 0.0  # -0.0 == 0.0 must tie (the packed sort compares bits)
+    return out
 
 
-def _rank_groups(group, vals, kk: int, ngroups: int):
-    """Indices (into the candidates) of the best ``kk`` per group, ordered; ties keep input order."""
-    order = np.lexsort((-vals, group))
-    group = group[order]
+def _pack_desc(vals):
+    """float32 -> int64 in [0, 2**32) whose ascending order is the floats' descending order."""
+    i = vals.view(np.int32)
+    ordered = i ^ ((i >> 31) & 0x7FFFFFFF)  # signed order == float order
+    return (~ordered).astype(np.int64) + 2**31
+
+
+def _unpack_desc(packed32):
+    ordered = ~(packed32 - 2**31).astype(np.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(np.float32)
+
+
+def _rank(group, member, vals, kk: int, ngroups: int, bound=None):
+    """The best ``kk`` candidates of every group, by (key descending, member); padded.
+
+    float32 keys with small indices are packed into one int64 (group, key, member) and
+    sorted once; other cases use a lexsort. Groups with fewer than ``kk`` candidates
+    (keys ``>= bound`` of the group, when given) are filled with :data:`PAD_KEY` and
+    member -1.
+    """
+    vals = _clip_candidates(vals)
+    if bound is not None:
+        keep = vals >= bound[group]
+        group, member, vals = group[keep], member[keep], vals[keep]
+    if (
+        vals.dtype == np.float32
+        and ngroups < _PACK_LIMIT
+        and (not member.size or member.max() < 2 * _PACK_LIMIT)
+    ):
+        packed = (group.astype(np.int64) << 48) | (_pack_desc(vals) << 16) | member
+        packed.sort()
+        group, member = packed >> 48, packed & 0xFFFF
+        vals = _unpack_desc((packed >> 16) & 0xFFFFFFFF)
+    else:
+        order = np.lexsort((member, -vals, group))
+        group, member, vals = group[order], member[order], vals[order]
     counts = np.bincount(group, minlength=ngroups)
-    starts = np.cumsum(counts) - counts
-    rank = np.arange(group.size) - starts[group]
-    return order[rank < kk]
-
-
-def _topk_rows_numpy(s, kk: int):
-    """Top-``kk`` of every row of a contiguous 2-D raw product, strip by strip."""
-    rows_n, m = s.shape
-    keys = np.empty((rows_n, kk), dtype=s.dtype)
-    idx = np.empty((rows_n, kk), dtype=np.int64)
-    g = _group_count(m, kk)
-    slabs = m // g
-    step = max(1, _STRIP_BYTES // max(1, m * s.itemsize))
-    mask = np.empty((min(step, rows_n), m), dtype=bool)
-    for start in range(0, rows_n, step):
-        block = s[start : start + step]
-        r = block.shape[0]
-        gmax = block[:, : slabs * g].reshape(r, slabs, g).max(axis=1)
-        t = _threshold(np.partition(gmax, g - kk, axis=1)[:, g - kk])
-        flat = np.flatnonzero(np.greater_equal(block, t[:, None], out=mask[:r]))
-        vals = _clip_candidates(block.reshape(-1)[flat])
-        chosen = _rank_groups(flat // m, vals, kk, r)
-        keys[start : start + r] = vals[chosen].reshape(r, kk)
-        idx[start : start + r] = (flat[chosen] % m).reshape(r, kk)
+    rank = np.arange(group.size) - (np.cumsum(counts) - counts)[group]
+    chosen = rank < kk
+    if (counts >= kk).all():
+        return vals[chosen].reshape(ngroups, kk), member[chosen].reshape(ngroups, kk)
+    keys = np.full((ngroups, kk), PAD_KEY, dtype=vals.dtype)
+    idx = np.full((ngroups, kk), -1, dtype=np.int64)
+    keys[group[chosen], rank[chosen]] = vals[chosen]
+    idx[group[chosen], rank[chosen]] = member[chosen]
     return keys, idx
-
-
-def _topk_cols_numpy(s, kk: int):
-    """Top-``kk`` of every column of a 2-D raw product (the rows of its transpose)."""
-    n, m = s.shape
-    g = _group_count(n, kk)
-    slabs = n // g
-    gmax = s[: slabs * g].reshape(slabs, g, m).max(axis=0)
-    t = _threshold(np.partition(gmax, g - kk, axis=0)[g - kk])
-    step = max(1, _STRIP_BYTES // max(1, m * s.itemsize))
-    mask = np.empty((min(step, n), m), dtype=bool)
-    flats = []
-    for start in range(0, n, step):
-        block = s[start : start + step]
-        flats.append(
-            np.flatnonzero(np.greater_equal(block, t[None, :], out=mask[: block.shape[0]])) + start * m
-        )
-    flat = np.concatenate(flats)
-    vals = _clip_candidates(s.reshape(-1)[flat])
-    chosen = _rank_groups(flat % m, vals, kk, m)
-    return vals[chosen].reshape(m, kk), (flat[chosen] // m).reshape(m, kk)
 
 
 # --------------------------------------------------------------------------- merging

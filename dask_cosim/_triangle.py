@@ -167,8 +167,10 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
 
     Upper block ``(i, j)`` runs one product and selects both the best columns of its
     rows (part ``(i, j)``) and, when ``i < j``, the best rows of its columns (part
-    ``(j, i)``). Returns an object array indexed like the output whose block ``(i, j)``
-    is that part; its chunks along the last axis are the parts' widths ``min(k, m_j)``.
+    ``(j, i)``). The diagonal blocks run first: their parts bound the k-th best values of
+    rows ``i`` and ``j``, which prunes the off-diagonal tasks. Returns an object array
+    indexed like the output whose block ``(i, j)`` is that part; its chunks along the
+    last axis are the parts' widths ``min(k, m_j)``.
     """
     kwargs = prep.product_kwargs()
     token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, "topk-triangle")
@@ -177,7 +179,7 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
 
     def task_for(kb: int | None, i: int, j: int) -> Callable:
         task = partial(
-            topk_block,
+            topk_block if i == j else _pivoted_topk_block,
             k=k,
             row_offset=starts[i],
             col_offset=starts[j],
@@ -188,6 +190,10 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
         return routed(task, prep.device)
 
     upper = _upper_layer(prep, up, task_for)
+    for kb in _batch_blocks(prep):  # off-diagonal tasks are pruned by both diagonal parts
+        for i, j in upper_blocks(len(prep.plan.rows)):
+            if i < j:
+                upper[_key(up, kb, i, j)] += (_key(up, kb, i, i), _key(up, kb, j, j))
     nb = len(prep.plan.rows)
     get = routed(operator.getitem, prep.device if prep.like == "cupy" else "cpu")
     pick: dict[Any, Any] = {}
@@ -207,6 +213,11 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
     _annotate(graph, up, chunks, object)
     meta = np.empty((0,) * len(chunks), dtype=object)
     return da.Array(graph, parts, chunks, meta=meta)
+
+
+def _pivoted_topk_block(an, bn, row_pivot, col_pivot, **kwargs):
+    """:func:`~dask_cosim._select.topk_block` pruned by the diagonal blocks' parts."""
+    return topk_block(an, bn, row_pivot=row_pivot, col_pivot=col_pivot, **kwargs)
 
 
 # --------------------------------------------------------------------------- pairs

@@ -210,35 +210,59 @@ def _row_and_col_indices(prep: Prepared) -> tuple[da.Array, da.Array]:
 
 
 def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
-    """Object array of local top-k parts, one ``cosine-topk`` task per output block."""
+    """Object array of local top-k parts, one ``cosine-topk`` task per output block.
+
+    The first column block of every row block is its *pivot*: those tasks run first, and
+    each row's k-th best value there is a lower bound of its final k-th best, so the
+    tasks of the other column blocks keep only entries at or above it (pruning).
+    """
     rows, cols = _row_and_col_indices(prep)
+    common = {
+        "dtype": object,
+        "meta": np.empty((0,) * len(prep.out_index), dtype=object),
+        "concatenate": True,
+        "adjust_chunks": {"j": lambda m: min(k, m)},
+        "k": k,
+        "exclude_self": exclude_self,
+        **prep.product_kwargs(),
+    }
+    jb = prep.bn.ndim - 2  # the j axis of bn
+
+    def column_blocks(x, axis: int, sl: slice):
+        index = [slice(None)] * x.ndim
+        index[axis] = sl
+        return x.blocks[tuple(index)]
+
+    task = routed(_topk_task, prep.device)
     with warnings.catch_warnings(), annotate_for(prep.device):
         # an outer product has more output blocks than input blocks by design
         warnings.simplefilter("ignore", PerformanceWarning)
-        return da.blockwise(
-            routed(_topk_task, prep.device),
-            prep.out_index,
-            prep.an,
-            prep.a_index,
-            prep.bn,
-            prep.b_index,
-            rows,
-            "i",
-            cols,
-            "j",
-            token="cosine-topk",
-            dtype=object,
-            meta=np.empty((0,) * len(prep.out_index), dtype=object),
-            concatenate=True,
-            adjust_chunks={"j": lambda m: min(k, m)},
-            k=k,
-            exclude_self=exclude_self,
-            **prep.product_kwargs(),
-        )
+        if len(prep.plan.cols) == 1 or prep.plan.cols[0] < k:  # no pivot with k columns
+            return da.blockwise(
+                task, prep.out_index, prep.an, prep.a_index, prep.bn, prep.b_index,
+                rows, "i", cols, "j", token="cosine-topk", **common,
+            )  # fmt: skip
+        first, others = slice(0, 1), slice(1, None)
+        pivot = da.blockwise(
+            task, prep.out_index, prep.an, prep.a_index, column_blocks(prep.bn, jb, first), prep.b_index,
+            rows, "i", column_blocks(cols, 0, first), "j", token="cosine-topk", **common,
+        )  # fmt: skip
+        pruned = da.blockwise(
+            routed(_pruned_topk_task, prep.device),
+            prep.out_index, prep.an, prep.a_index, column_blocks(prep.bn, jb, others), prep.b_index,
+            pivot, prep.out_index,  # one block along j: every column block of the row block
+            rows, "i", column_blocks(cols, 0, others), "j",
+            token="cosine-topk", align_arrays=False, **common,
+        )  # fmt: skip
+    return da.concatenate([pivot, pruned], axis=len(prep.out_index) - 1)
 
 
 def _topk_task(an, bn, rows, cols, **kwargs):
     return topk_block(an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]), **kwargs)
+
+
+def _pruned_topk_task(an, bn, pivot, rows, cols, **kwargs):
+    return topk_block(an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]), row_pivot=pivot, **kwargs)
 
 
 def _merge_parts(parts, axis=None, keepdims=True, *, k: int, final: bool):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import array_api_strict as xps
@@ -21,6 +22,7 @@ from dask_cosim import _select
 from dask_cosim._select import (
     EXCLUDED_KEY,
     NAN_KEY,
+    PAD_KEY,
     finish_topk,
     merge_topk,
     select_above,
@@ -368,14 +370,16 @@ def test_task_outputs_match_the_graph_metadata_when_run():
     row_offset=st.integers(0, 30),
     col_offset=st.integers(0, 30),
     exclude_self=st.booleans(),
+    bounds=st.sampled_from(["none", "rows", "cols", "both"]),
+    strip=st.sampled_from([None, 8]),
     seed=st.integers(0, 2**16),
 )
-def test_numpy_fast_path_equals_generic_on_ties_and_clipping(
-    n, m, k, row_offset, col_offset, exclude_self, seed
+def test_numpy_fast_path_equals_generic_on_ties_clipping_and_bounds(
+    n, m, k, row_offset, col_offset, exclude_self, bounds, strip, seed
 ):
-    """Raw products with exact ties, values just outside [-1, 1] and NaN vectors."""
+    """Raw products with exact ties, values just outside [-1, 1], NaN vectors and pivot bounds."""
     gen = rng(seed)
-    levels = np.array([-1.0000001, -1.0, -0.5, 0.0, 0.25, 1.0, 1.0000002], dtype=np.float32)
+    levels = np.array([-1.0000001, -1.0, -0.5, -0.0, 0.0, 0.25, 1.0, 1.0000002], dtype=np.float32)
     s = levels[gen.integers(0, len(levels), size=(n, m))]
     an = np.ones((n, 2), dtype=np.float32)
     bn = np.ones((m, 2), dtype=np.float32)
@@ -385,24 +389,54 @@ def test_numpy_fast_path_equals_generic_on_ties_and_clipping(
     bn[nan_cols, 1] = np.nan
     s[nan_rows] = np.nan
     s[:, nan_cols] = np.nan
+    key_levels = np.array([-np.inf, -3.0, -2.0, -1.0, -0.5, 0.0, 0.25, 1.0], dtype=np.float32)
+    row_bound = key_levels[gen.integers(0, 8, size=n)] if bounds in ("rows", "both") else None
+    col_bound = key_levels[gen.integers(0, 8, size=m)] if bounds in ("cols", "both") else None
     kw = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
-    fast_rows, fast_cols = _select._topk_block_numpy(s.copy(), an, bn, k, both=True, **kw)
-    for axis, fast in ((-1, fast_rows), (-2, fast_cols)):
-        generic = select_topk(s, k, axis=axis, **kw)
-        strict = select_topk(xps.asarray(s), k, axis=axis, **kw)
+
+    def product(b, r0, r1, out):
+        out[...] = s[r0:r1]
+
+    with strip_rows(strip):
+        fast_rows, fast_cols = _select._topk_block_numpy(
+            an, bn, k, both=True, row_bound=row_bound, col_bound=col_bound, product=product, **kw
+        )
+    for axis, fast, bound in ((-1, fast_rows, row_bound), (-2, fast_cols, col_bound)):
+        generic = select_topk(s, k, axis=axis, bound=bound, **kw)
+        strict = select_topk(
+            xps.asarray(s), k, axis=axis, bound=None if bound is None else xps.asarray(bound), **kw
+        )
         for got in (fast, strict):
             np.testing.assert_array_equal(np.asarray(got[1]), generic[1])
             np.testing.assert_array_equal(np.asarray(got[0]), generic[0])
     # and the generic path against brute force on the clipped keys
-    for axis, offset, full in ((-1, col_offset, s), (-2, row_offset, s.T)):
+    for axis, offset, full, bound in ((-1, col_offset, s, row_bound), (-2, row_offset, s.T, col_bound)):
         key = np.where(np.isnan(full), NAN_KEY, np.clip(full, -1, 1))
         if exclude_self:
             diag = (np.arange(full.shape[0])[:, None] + (row_offset if axis == -1 else col_offset)) == (
                 np.arange(full.shape[1])[None, :] + offset
             )
             key = np.where(diag, EXCLUDED_KEY, key)
+        if bound is not None:
+            key = np.where(key >= bound[:, None], key, PAD_KEY)
         ref_idx = np.argsort(-key, axis=-1, kind="stable")[:, : min(k, full.shape[1])]
-        np.testing.assert_array_equal(select_topk(s, k, axis=axis, **kw)[1] - offset, ref_idx)
+        ref_keys = np.take_along_axis(key, ref_idx, axis=-1)
+        ref_idx = np.where(ref_keys == PAD_KEY, -1, ref_idx + offset)
+        got_keys, got_idx = select_topk(s, k, axis=axis, bound=bound, **kw)
+        np.testing.assert_array_equal(got_idx, ref_idx)
+        np.testing.assert_array_equal(got_keys, ref_keys)
+
+
+@contextmanager
+def strip_rows(rows):
+    """Set the fast path's row strips to ``rows`` (None: the default) for one call."""
+    saved = _select._STRIP_BYTES, _select._MIN_STRIP_ROWS
+    if rows is not None:
+        _select._STRIP_BYTES, _select._MIN_STRIP_ROWS = 1, rows
+    try:
+        yield
+    finally:
+        _select._STRIP_BYTES, _select._MIN_STRIP_ROWS = saved
 
 
 def test_topk_block_fast_and_generic_agree_on_real_products():
