@@ -13,6 +13,7 @@ import numbers
 import warnings
 from functools import partial
 
+import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
@@ -25,6 +26,7 @@ from dask.array.core import PerformanceWarning
 from dask.array.reductions import _tree_reduce
 from dask.base import tokenize
 
+from . import _config
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
@@ -34,6 +36,11 @@ __all__ = ["topk", "pairs_above"]
 
 #: Parts merged by one ``cosine-topk-merge`` task.
 SPLIT_EVERY = 8
+#: ``chunks="auto"`` aims at blocks of S of at most this many bytes here (dask's
+#: ``array.chunk-size`` if smaller): nothing is stored, so blocks smaller than
+#: ``cosine_similarity``'s cost little, balance better across workers and make the
+#: self-similarity triangle closer to half the work.
+AUTO_BLOCK_BYTES = 32 * 2**20
 
 
 # --------------------------------------------------------------------------- validation
@@ -78,6 +85,13 @@ def _check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def _prepare(a, b, **kwargs) -> Prepared:
+    """:func:`~dask_cosim.core.prepare` with "auto" blocks of at most :data:`AUTO_BLOCK_BYTES`."""
+    target = min(_config.target_block_bytes(), AUTO_BLOCK_BYTES)
+    with dask.config.set({"array.chunk-size": target}):
+        return prepare(a, b, **kwargs)
+
+
 # --------------------------------------------------------------------------- top-k
 
 
@@ -110,7 +124,8 @@ def topk(
     exclude_self : bool
         Drop the pair ``i == j`` (for self-similarity; ``b`` must have as many vectors as ``a``).
     chunks, device, precision
-        As :func:`dask_cosim.cosine_similarity` (blocks of S that one task computes).
+        As :func:`dask_cosim.cosine_similarity` (blocks of S that one task computes),
+        except that ``chunks="auto"`` aims at blocks of at most 32 MiB (:data:`AUTO_BLOCK_BYTES`).
         Selection runs where the product ran (on the GPU for CuPy blocks); only the
         ``k`` best per row leave the device.
     like : {"numpy", "cupy"}, optional
@@ -145,7 +160,7 @@ def topk(
            [0.6, 0. ]])
     """
     k = _check_k(k)
-    prep = prepare(
+    prep = _prepare(
         a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite
     )
     exclude_self = _check_exclude_self(exclude_self, prep)
@@ -304,7 +319,8 @@ def pairs_above(
     Parameters
     ----------
     a, b, chunks, device, precision
-        As :func:`dask_cosim.cosine_similarity`. The threshold is applied where the
+        As :func:`dask_cosim.cosine_similarity` (``chunks="auto"``: blocks of at most
+        32 MiB, :data:`AUTO_BLOCK_BYTES`). The threshold is applied where the
         product ran (on the GPU for CuPy blocks); only the pairs leave the device.
     threshold : float
         Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).
@@ -329,7 +345,7 @@ def pairs_above(
     1      0  1  2    0.6
     """
     threshold = _check_threshold(threshold)
-    prep = prepare(a, b, chunks=chunks, device=device, precision=precision, check_finite=check_finite)
+    prep = _prepare(a, b, chunks=chunks, device=device, precision=precision, check_finite=check_finite)
     exclude_self = _check_exclude_self(exclude_self, prep)
     meta = _pairs_meta(prep.out_dtype)
     if 0 in prep.out_shape:

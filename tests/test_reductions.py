@@ -29,6 +29,7 @@ from dask_cosim._select import (
     select_topk,
     topk_block,
 )
+from dask_cosim.reductions import AUTO_BLOCK_BYTES, _prepare
 from dask_cosim.testing import reference_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +279,16 @@ def _reductions():
     return reductions
 
 
+def test_topk_auto_blocks_are_at_most_auto_block_bytes():
+    a = da.zeros((60_000, 32), dtype=np.float32, chunks=(60_000, 32))
+    vals, _ = dcs.topk(a, k=3)
+    plan = _prepare(a, None).plan
+    assert max(plan.rows) * max(plan.cols) * 4 <= AUTO_BLOCK_BYTES < 60_000**2 * 4 / 100
+    assert vals.chunks[0] == plan.rows
+    with dask.config.set({"array.chunk-size": "1MiB"}):  # a smaller dask setting wins
+        assert max(_prepare(a, None).plan.rows) ** 2 * 4 <= 2**20
+
+
 def test_topk_empty_inputs():
     vals, idx = dcs.topk(np.ones((0, 3)), np.ones((5, 3)), k=2)
     assert vals.compute().shape == (0, 2) and idx.compute().dtype == np.int64
@@ -325,7 +336,7 @@ def test_topk_graph_never_holds_more_than_a_block(self_similar):
     a = da.zeros((n, d), dtype=np.float32, chunks=(25_000, d))
     b = None if self_similar else da.ones((n, d), dtype=np.float32, chunks=(25_000, d))
     vals, idx = dcs.topk(a, b, k=k)
-    plan = dcs.core.prepare(a, b).plan
+    plan = _prepare(a, b).plan  # as topk plans it
     s_block = max(plan.rows) * max(plan.cols) * 4
     assert n * n * 4 > 1000 * s_block  # S is ~160 GB, a block is ~1/1000 of it
     sizes = _layer_block_bytes({**vals.dask.layers, **idx.dask.layers}, k, pair_bytes=4 + 8)
