@@ -79,7 +79,7 @@ def verify_topk(path: str, a: np.ndarray, k: int, rows: int, seed: int, exclude_
 
 def run_demo(args: argparse.Namespace) -> int:
     """Generate data, run a similarity and a top-k job on one cluster, verify, summarise."""
-    from .cli import EXIT_FAILED, EXIT_OK, JobSpec, execute_job, prepare_job
+    from .cli import EXIT_FAILED, EXIT_OK, JobSpec, build_job, execute_job
     from .cluster import dask_client
 
     say = (lambda *_: None) if args.quiet else print
@@ -90,12 +90,13 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"demo: writing two ({args.batch}, {args.n}, {args.dim}) float32 embedding sets to {root}")
         a = make_embeddings(a_path, args.batch, args.n, args.dim, args.seed)
         b = make_embeddings(b_path, args.batch, args.n, args.dim, args.seed + 100)
-        common = {"overwrite": True, "quiet": args.quiet}
+        side = min(args.n, 1024)  # several blocks per batch, so the progress bar has work to show
+        common = {"overwrite": True, "quiet": args.quiet, "chunks": (1, side, side)}
         jobs = [
             JobSpec(a_path, b_path, os.path.join(root, "similarity.zarr"), **common),
             JobSpec(a_path, None, os.path.join(root, "topk.zarr"), topk=args.k, exclude_self=True, **common),
         ]
-        prepared = [prepare_job(spec) for spec in jobs]
+        prepared = [build_job(spec) for spec in jobs]
         with dask_client(
             args.scheduler,
             workers=args.workers,

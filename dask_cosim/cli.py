@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["main", "JobSpec", "run_job", "prepare_job", "execute_job"]
+__all__ = ["main", "JobSpec", "run_job", "build_job", "prepare_job", "execute_job"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "dask-cosim"
@@ -73,6 +73,7 @@ class JobSpec:
 class Job:
     spec: JobSpec
     result: Any  # dask array, (vals, idx) or dask DataFrame
+    workers: Any = None  # the worker budget "auto" blocks were planned for
 
 
 def _location(path: str | None) -> str | None:
@@ -170,6 +171,25 @@ def execute_job(job: Job, *, progress: bool) -> Any:
     return to_zarr(job.result, _location(spec.output), codec=spec.codec, **kwargs)
 
 
+def build_job(spec: JobSpec) -> Job:
+    """:func:`prepare_job` for the cluster the run will use: "auto" blocks that fit its
+    workers' memory, BLAS threads that fit the embedded cluster's layout."""
+    from ._worker_memory import assume_workers
+    from .cluster import SchedulerUnreachable, embedded_blas_threads
+
+    try:
+        workers = _planned_workers(spec)
+        with (
+            assume_workers(workers),
+            embedded_blas_threads(spec.scheduler, spec.workers, spec.threads_per_worker),
+        ):
+            job = prepare_job(spec)
+    except SchedulerUnreachable as err:
+        raise BadInput(str(err)) from err
+    job.workers = workers
+    return job
+
+
 def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
     """What ``dask-cosim run`` does: check everything, start/connect the cluster, write.
 
@@ -177,15 +197,10 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
     """
     from distributed import KilledWorker
 
-    from ._worker_memory import assume_workers, killed_worker_message
+    from ._worker_memory import killed_worker_message
     from .cluster import SchedulerUnreachable, dask_client
 
-    try:
-        workers = _planned_workers(spec)
-        with assume_workers(workers):  # "auto" blocks that fit the workers' memory
-            job = prepare_job(spec)
-    except SchedulerUnreachable as err:
-        raise BadInput(str(err)) from err
+    job = build_job(spec)
     cluster = dask_client(
         spec.scheduler,
         workers=spec.workers,
@@ -201,7 +216,7 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
             try:
                 return execute_job(job, progress=not spec.quiet)
             except KilledWorker as err:  # name the memory limit, the usual reason
-                raise RuntimeError(killed_worker_message(err, workers, client)) from err
+                raise RuntimeError(killed_worker_message(err, job.workers, client)) from err
     except SchedulerUnreachable as err:
         raise BadInput(str(err)) from err
 

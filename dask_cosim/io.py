@@ -226,8 +226,7 @@ def _execute(tasks: list, progress: bool) -> None:
         if progress:
             from distributed import progress as show_progress
 
-            show_progress(futures, notebook=False)
-            print(flush=True)
+            show_progress(futures, notebook=False)  # clears its line when done
         for future in as_completed(futures):
             if future.status == "error":
                 future.result()  # raises the task's exception (fail fast)

@@ -25,7 +25,7 @@ from dask_cosim.testing import reference_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
-    r"^(?P<path>\S+): (?P<kind>\w+) shape \((?P<shape>[\d, ]+)\), (?P<blocks>\d+) blocks "
+    r"(?:^|\r)(?P<path>[^\s\x1b]+): (?P<kind>\w+) shape \((?P<shape>[\d, ]+)\), (?P<blocks>\d+) blocks "
     r"\((?P<written>\d+) written(, (?P<skipped>\d+) already done)?\) in [\d.]+ s, [\d.e+]+ pairs/s"
     r"(, [\d.]+ GFLOP/s)?$",
     re.M,
