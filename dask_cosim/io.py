@@ -254,13 +254,8 @@ def _zarr_payload(result) -> _ZarrPayload:
         arr = _regularize(result, "to_zarr")
         kind = facts.get("kind", "array")
         params = facts or _fallback_params("array", result)
-        grid = arr.numblocks
-        sizes = np.ones(grid, dtype=np.int64)
-        for axis, c in enumerate(arr.chunks):
-            shape = [1] * len(grid)
-            shape[axis] = len(c)
-            sizes = sizes * np.asarray(c, dtype=np.int64).reshape(shape)
-        return _ZarrPayload(kind, {"similarity": arr}, grid, params, sizes, _dim(facts))
+        sizes = _block_sizes(arr.chunks)
+        return _ZarrPayload(kind, {"similarity": arr}, arr.numblocks, params, sizes, _dim(facts))
     if (
         isinstance(result, (tuple, list))
         and len(result) == 2
@@ -277,18 +272,25 @@ def _zarr_payload(result) -> _ZarrPayload:
         whole_k = {vals.ndim - 1: -1}
         vals = _regularize(vals.rechunk(whole_k), "to_zarr values")
         idx = _regularize(idx.rechunk(vals.chunks), "to_zarr indices")
-        grid = vals.numblocks[:-1]
-        width = _topk_columns(facts)
-        sizes = np.ones(grid, dtype=np.int64) * width
-        for axis, c in enumerate(vals.chunks[:-1]):
-            shape = [1] * len(grid)
-            shape[axis] = len(c)
-            sizes = sizes * np.asarray(c, dtype=np.int64).reshape(shape)
-        return _ZarrPayload("topk", {"values": vals, "indices": idx}, grid, params, sizes, _dim(facts))
+        # each row of a block was chosen among M columns: M = the similarity's last axis
+        m = int(facts["shape"][-1]) if facts.get("shape") else 1
+        sizes = _block_sizes(vals.chunks[:-1]) * m
+        arrays = {"values": vals, "indices": idx}
+        return _ZarrPayload("topk", arrays, vals.numblocks[:-1], params, sizes, _dim(facts))
     raise TypeError(
         "result: expected the dask array of cosine_similarity or the (values, indices) pair of topk, "
         f"received {type(result).__name__}; write pairs_above results with to_parquet"
     )
+
+
+def _block_sizes(chunks) -> np.ndarray:
+    """Number of elements of every block of a chunked array (an array over the block grid)."""
+    sizes = np.ones(tuple(len(c) for c in chunks), dtype=np.int64)
+    for axis, c in enumerate(chunks):
+        shape = [1] * len(chunks)
+        shape[axis] = len(c)
+        sizes = sizes * np.asarray(c, dtype=np.int64).reshape(shape)
+    return sizes
 
 
 def _fallback_params(kind: str, *arrays: da.Array) -> dict[str, Any]:
@@ -308,6 +310,7 @@ def _dim(facts: Mapping[str, Any]) -> int | None:
 
 
 def _input_shape(info: Mapping[str, Any], axis: int) -> int | None:
+    """One axis of an input's shape, from the recorded facts or the input's metadata."""
     shape = info.get("shape")
     if not shape and info.get("path"):
         from ._inputs import open_input
@@ -317,11 +320,6 @@ def _input_shape(info: Mapping[str, Any], axis: int) -> int | None:
         except Exception:  # noqa: BLE001 - only for the report; never fail a write over it
             return None
     return int(shape[axis]) if shape else None
-
-
-def _topk_columns(facts: Mapping[str, Any]) -> int:
-    """M, the number of columns each top-k row was chosen from."""
-    return _input_shape(facts.get("b") or facts.get("a") or {}, -2) or 1
 
 
 def _local_path(store) -> str | None:
@@ -518,9 +516,7 @@ def to_zarr(
         _check_same(stored.get("layout", {}), layout, where)
         _clean_partial_files(group.store)
         _ensure_arrays(group, payload, layout)
-    else:
-        if status not in ("absent", "empty") and not overwrite:  # pragma: no cover - _refuse covers it
-            raise OutputExistsError(_exists_message(where, status == "partial"))
+    else:  # new, empty, or replaced (_refuse allowed it: overwrite=True)
         group = _create(store, payload, layout, storage_options)
     done = group[MARKERS][...].astype(bool)
     tasks, pending = _zarr_tasks(payload, group, done)
