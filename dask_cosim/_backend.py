@@ -194,12 +194,35 @@ def _dask_threads_here() -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def _env_blas_cap() -> int | None:
+    """The BLAS thread count the process environment asks for, if any.
+
+    ``distributed``'s nanny starts workers with these set to 1 (its one-BLAS-thread-per-
+    worker default); a user may set them too.
+    """
+    for name in _BLAS_ENV:
+        value = os.environ.get(name, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
 def blas_threads_for_task(setting: int | None = None) -> int:
-    """BLAS threads for one task so that dask threads x BLAS threads <= cores."""
+    """BLAS threads for one task so that dask threads x BLAS threads <= cores.
+
+    ``setting`` (``cosine.blas-threads``) wins; otherwise cores // dask threads of this
+    process, and never more than the environment's ``OPENBLAS_NUM_THREADS`` /
+    ``MKL_NUM_THREADS`` / ``OMP_NUM_THREADS``.
+    """
     if setting:
         return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // _dask_threads_here())
+    threads = max(1, (cores or 1) // _dask_threads_here())
+    cap = _env_blas_cap()
+    return min(threads, cap) if cap else threads
 
 
 _blas_lock = threading.Lock()

@@ -65,3 +65,12 @@ def test_product_tasks_run_under_the_limit(monkeypatch):
     with dask.config.set(num_workers=2):
         dcs.cosine_similarity(a, a, chunks=(1, 25, 25)).compute(scheduler="threads")
     assert seen and set(seen) == {max(1, CORES // 2)}
+
+
+def test_environment_caps_blas_threads(monkeypatch):
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert dask.delayed(blas_threads_for_task)().compute(scheduler="sync") == CORES
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what distributed's nanny gives its workers
+    assert dask.delayed(blas_threads_for_task)().compute(scheduler="sync") == 1
+    assert blas_threads_for_task(2) == 2  # an explicit cosine.blas-threads still wins
