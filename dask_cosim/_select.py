@@ -23,13 +23,14 @@ below ``t`` are dropped early and the part is filled with :data:`PAD_KEY` / inde
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import array_api_compat
 import numpy as np
 
 from ._backend import blas_threads_for_task, block_namespace, limit_blas, to_host_like, to_numpy
-from ._kernels import reduce_precision, similarity_block
+from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
 
 __all__ = [
     "NAN_KEY",
@@ -57,6 +58,10 @@ _GROUPS = 128
 _STRIP_BYTES = 4 * 2**20
 #: ... and at least this many rows (small GEMMs are inefficient).
 _MIN_STRIP_ROWS = 256
+#: OpenBLAS runs a product with fewer multiply-adds than this on one thread anyway
+#: (``GEMM_MULTITHREAD_THRESHOLD`` x 65536), so such blocks skip the process-wide BLAS
+#: thread limit, whose changes cost more than the product.
+_SMALL_GEMM = 4 * 65536
 
 
 # --------------------------------------------------------------------------- keys
@@ -269,7 +274,8 @@ def topk_block(
     if fast and _fast_path_fits(an, bn):
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
-        with limit_blas(blas_threads_for_task(blas_threads)):
+        small = _is_small_numpy(an, bn, device)
+        with nullcontext() if small else limit_blas(blas_threads_for_task(blas_threads)):
             parts = _topk_block_numpy(
                 an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets
             )
@@ -282,6 +288,14 @@ def topk_block(
         del s
     parts = tuple(_cast_part(p, out_dtype, like) for p in parts)
     return parts if both else parts[0]
+
+
+def _is_small_numpy(an, bn, device: str) -> bool:
+    """NumPy blocks whose product is below :data:`_SMALL_GEMM` multiply-adds."""
+    if device == "gpu" or not (isinstance(an, np.ndarray) and isinstance(bn, np.ndarray)):
+        return False
+    batch = int(np.prod(np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])))
+    return batch * an.shape[-2] * bn.shape[-2] * an.shape[-1] < _SMALL_GEMM
 
 
 def _bound_like(bound, x):
@@ -568,8 +582,10 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None):
 # --------------------------------------------------------------------------- merging
 
 
-def merge_topk(parts, k: int):
+def merge_topk(parts, k: int, *, fast: bool = True):
     """Merge local top-k parts ``[(keys, idx), ...]`` of the same rows into one, best first.
+
+    ``fast=False`` forces the generic path (the NumPy float32 twin sorts packed keys).
 
     Examples
     --------
@@ -583,11 +599,25 @@ def merge_topk(parts, k: int):
     xp = array_api_compat.array_namespace(parts[0][0], parts[0][1])
     keys = xp.concat([p[0] for p in parts], axis=-1) if len(parts) > 1 else parts[0][0]
     idx = xp.concat([p[1] for p in parts], axis=-1) if len(parts) > 1 else parts[0][1]
+    if fast and isinstance(keys, np.ndarray) and keys.dtype == np.float32 and keys.size:
+        return _merge_numpy(keys, idx, k)
     by_index = xp.argsort(idx, axis=-1, stable=True)
     keys = xp.take_along_axis(keys, by_index, axis=-1)
     idx = xp.take_along_axis(idx, by_index, axis=-1)
     order = xp.argsort(keys, axis=-1, descending=True, stable=True)[..., :k]
     return xp.take_along_axis(keys, order, axis=-1), xp.take_along_axis(idx, order, axis=-1)
+
+
+def _merge_numpy(keys, idx, k: int):
+    """NumPy twin of :func:`merge_topk` for float32 keys: one sort of (key desc, index) packed in int64."""
+    if idx.min() < -1 or idx.max() >= 2**32 - 1:
+        return merge_topk([(keys, idx)], k, fast=False)
+    desc = _pack_desc(keys + np.float32(0.0)).astype(np.uint64)  # -0.0 -> 0.0
+    packed = (desc << np.uint64(32)) | (idx + 1).astype(np.uint64)  # padding (-1) -> 0
+    packed.sort(axis=-1)
+    top = packed[..., :k]
+    keys = _unpack_desc((top >> np.uint64(32)).astype(np.int64))
+    return keys, (top & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1
 
 
 def finish_topk(part):
@@ -677,15 +707,20 @@ def pairs_block(
     >>> j, score
     (array([1]), array([1.]))
     """
-    s = similarity_block(
-        an,
-        bn,
-        out_dtype=out_dtype,
-        device=device,
-        blas_threads=blas_threads,
-        like="input",
-        precision=precision,
-    )
+    if _is_small_numpy(an, bn, device):  # as similarity_block, without the BLAS thread limit
+        if precision != "float32":
+            an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
+        s = matmul_clip_numpy(an, bn, out_dtype)
+    else:
+        s = similarity_block(
+            an,
+            bn,
+            out_dtype=out_dtype,
+            device=device,
+            blas_threads=blas_threads,
+            like="input",
+            precision=precision,
+        )
     out = select_above(
         s,
         threshold,

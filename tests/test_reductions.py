@@ -472,6 +472,33 @@ def test_topk_block_fast_and_generic_agree_on_real_products():
     assert (fast[0][1] == ref_idx).mean() > 0.99
 
 
+@FAST
+@given(
+    widths=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+    k=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_numpy_merge_equals_generic(widths, k, seed):
+    """Packed-key merge == generic merge, with ties, -0.0, NaN/excluded/padding keys."""
+    gen = rng(seed)
+    levels = np.array(
+        [PAD_KEY, EXCLUDED_KEY, NAN_KEY, -1.0, -0.25, -1e-30, -0.0, 0.0, 0.5, 1.0], dtype=np.float32
+    )
+    cols = gen.permutation(200)
+    parts, start = [], 0
+    for w in widths:
+        keys = np.sort(levels[gen.integers(0, len(levels), size=(3, w))], axis=-1)[:, ::-1]
+        idx = np.broadcast_to(cols[start : start + w], (3, w)).copy()
+        idx[keys == PAD_KEY] = -1
+        parts.append((np.ascontiguousarray(keys), idx))
+        start += w
+    fast = merge_topk(parts, k)
+    generic = merge_topk(parts, k, fast=False)
+    assert fast[0].dtype == np.float32 and fast[1].dtype == np.int64
+    np.testing.assert_array_equal(fast[1], generic[1])
+    np.testing.assert_array_equal(fast[0], generic[0])
+
+
 def test_merge_and_finish():
     p1 = (np.array([[0.9, 0.1, NAN_KEY]]), np.array([[3, 1, 4]]))
     p2 = (np.array([[0.9, NAN_KEY]]), np.array([[0, 2]]))
