@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import dask
@@ -10,7 +13,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 import dask_cosim as dcs
-from dask_cosim import _kernels
+from dask_cosim import _backend, _kernels
 from dask_cosim._backend import blas_threads_for_task, limit_blas
 
 CORES = len(os.sched_getaffinity(0))
@@ -31,16 +34,42 @@ def test_threads_per_task_follow_the_scheduler():
     assert blas_threads_for_task(3) == 3  # an explicit setting (cosine.blas-threads) wins
 
 
-def test_limit_is_shared_by_concurrent_tasks_and_restored():
-    before = blas_threads()
-    for _ in range(300):  # OpenBLAS once ignored a restore in a few hundred rounds
+class FakeBlas:
+    """A BLAS library controller that records the thread counts it is given."""
+
+    def __init__(self, threads):
+        self.num_threads = threads
+        self.history = [threads]
+
+    def set_num_threads(self, n):
+        self.num_threads = n
+        self.history.append(n)
+
+
+def test_limit_is_shared_by_concurrent_tasks_and_restored(monkeypatch):
+    """Reference counting: the first task in sets the limit, the last one out restores it.
+
+    Run against recording controllers: the OpenBLAS builds here sometimes ignore a thread
+    count change after worker threads have run BLAS, which would make a check through the
+    real libraries flaky without telling anything about this logic.
+    """
+    libs = [FakeBlas(2), FakeBlas(4)]
+
+    class Controller:
+        lib_controllers = libs
+
+        def select(self, **kw):
+            return self
+
+    monkeypatch.setattr(_backend, "_controller", lambda: Controller())
+    for _ in range(100):
         inside = []
         barrier = threading.Barrier(2)
 
         def task(inside=inside, barrier=barrier):
             with limit_blas(1):
                 barrier.wait()
-                inside.append(blas_threads())
+                inside.append([lib.num_threads for lib in libs])
                 barrier.wait()
 
         threads = [threading.Thread(target=task) for _ in range(2)]
@@ -48,8 +77,27 @@ def test_limit_is_shared_by_concurrent_tasks_and_restored():
             t.start()
         for t in threads:
             t.join()
-        assert inside == [[1] * len(before)] * 2
-        assert blas_threads() == before
+        assert inside == [[1, 1], [1, 1]]
+        assert [lib.num_threads for lib in libs] == [2, 4]
+        assert _backend._blas_users == 0
+    # one set and one restore per round: concurrent tasks shared a single limit
+    assert libs[0].history == [2] + [1, 2] * 100
+
+
+def test_limit_reaches_the_real_blas_in_a_fresh_process():
+    code = (
+        "import numpy as np\n"
+        "from threadpoolctl import ThreadpoolController\n"
+        "from dask_cosim._backend import limit_blas\n"
+        "libs = ThreadpoolController().select(user_api='blas').lib_controllers\n"
+        "before = [l.num_threads for l in libs]\n"
+        "with limit_blas(1):\n"
+        "    inside = [l.num_threads for l in libs]\n"
+        "print(before, inside, [l.num_threads for l in libs])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, inside, after = (json.loads(part) for part in out.strip().replace("] [", "]|[").split("|"))
+    assert inside == [1] * len(before) and after == before
 
 
 def test_product_tasks_run_under_the_limit(monkeypatch):
