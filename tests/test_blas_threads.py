@@ -10,20 +10,12 @@ import threading
 
 import dask
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 import dask_cosim as dcs
 from dask_cosim import _backend, _kernels
 from dask_cosim._backend import blas_threads_for_task, limit_blas
 
 CORES = len(os.sched_getaffinity(0))
-
-
-_BLAS = ThreadpoolController().select(user_api="blas").lib_controllers
-
-
-def blas_threads():
-    return [lib.num_threads for lib in _BLAS]
 
 
 def test_threads_per_task_follow_the_scheduler():
