@@ -3,17 +3,19 @@
 Workload (the cluster-jobs issue): A, B of shape (4, 16384, 128) float32 stored as zarr,
 S = cos(A, B) of 4 GiB written to a local zarr group by ``dask_cosim.cli.run_job`` (what
 ``dask-cosim run A B -o OUT`` does: embedded LocalCluster sized to the machine, block-by-block
-writes with markers). Reported, each the median of ``--repeat`` runs after a warm-up:
+writes with markers). Reported:
 
-* ``t_job_s``: wall time of the write (``WriteReport.seconds``; cluster start-up excluded,
-  reported separately as ``t_job_with_cluster_start_s``);
-* ``peak_rss_tree_gib``: peak RSS summed over this process and all its children (the
-  embedded scheduler/workers), sampled every 10 ms during the job;
-* ``t_compute_only_s``: the same graph on the same kind of cluster, every block computed
-  and discarded;
-* ``t_plain_zarr_write_s``: writing the same bytes (an in-memory S) with ``zarr`` directly,
-  same chunks and codec;
-* ``ratio = t_job / (t_compute_only + t_plain_zarr_write)`` (target <= 1.3);
+* ``run_job_with_cluster_start``: one full run of the command's path (cluster start-up,
+  write, shut-down) with its peak RSS;
+* then, on one embedded cluster, ``--repeat`` repetitions each interleaving (so that the
+  machine's drifting load hits all three alike): ``t_job_s``, the write
+  (``execute_job``, ``WriteReport.seconds``); ``t_compute_only_s``, the same graph with
+  every block computed and discarded; ``t_plain_zarr_write_s``, the same bytes (read back
+  into memory, untimed) written with ``zarr`` directly, same chunks, no compression;
+* ``peak_rss_tree_gib_max``: peak RSS summed over this process and all its children (the
+  embedded scheduler/workers), sampled every 10 ms during each job;
+* ``ratio = t_job / (t_compute_only + t_plain_zarr_write)``, median over repetitions
+  (target <= 1.3);
 * for scale: NumPy in memory (time, peak RSS) and, with ``--codecs``, output size and
   write time per codec (none, zstd, blosc-lz4+bitshuffle, and float16 output).
 
@@ -99,35 +101,46 @@ def _discard(block):
     return np.zeros((1,) * block.ndim, dtype=np.uint8)
 
 
-def compute_only(spec: JobSpec, repeat: int) -> float:
+def timed(fn) -> float:
+    flush()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def plain_write(s: np.ndarray, chunks, path: str) -> float:
+    """Write ``s`` with zarr directly (same chunks, no compression, zarr's own concurrency)."""
+    shutil.rmtree(path, ignore_errors=True)
+    z = zarr.create_array(path, shape=s.shape, chunks=chunks, dtype=s.dtype, compressors=None)
+
+    def write():
+        z[...] = s
+
+    t = timed(write)
+    shutil.rmtree(path, ignore_errors=True)
+    return t
+
+
+def interleaved(spec: JobSpec, root: str, repeat: int) -> dict:
+    """Job, compute-only and plain write, interleaved per repetition on one embedded cluster."""
     job = build_job(spec)  # the graph run_job builds for the embedded cluster
-    result = job.result
-    tiny = result.map_blocks(_discard, chunks=(1,) * result.ndim, dtype=np.uint8, name="discard")
+    tiny = job.result.map_blocks(_discard, chunks=(1,) * job.result.ndim, dtype=np.uint8, name="discard")
+    rows = {"job": [], "compute": [], "plain": [], "peak": []}
     with dask_client(echo=None, quiet=True):
         tiny.compute()  # warm-up
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            tiny.compute()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def plain_zarr_write(s: np.ndarray, chunks, path: str, repeat: int, codec: str = "none") -> float:
-    from dask_cosim.io import _compressors
-
-    times = []
-    for _ in range(repeat + 1):
-        shutil.rmtree(path, ignore_errors=True)
-        flush()
-        z = zarr.create_array(
-            path, shape=s.shape, chunks=chunks, dtype=s.dtype, compressors=_compressors(codec, s.dtype)
-        )
-        t0 = time.perf_counter()
-        z[...] = s
-        times.append(time.perf_counter() - t0)
-    shutil.rmtree(path, ignore_errors=True)
-    return statistics.median(times[1:])
+        for i in range(repeat):
+            flush()
+            with TreePeakRSS() as rss:
+                report = execute_job(job, progress=False)
+            rows["job"].append(report.seconds)
+            rows["peak"].append(rss.peak / GIB)
+            rows["compute"].append(timed(tiny.compute))
+            arr = zarr.open_group(spec.output, mode="r")["similarity"]
+            s = arr[...]  # the real bytes, read back (not timed); freed before the next job
+            rows["plain"].append(plain_write(s, arr.chunks, os.path.join(root, "plain.zarr")))
+            del s
+            print(json.dumps({"rep": i, **{k: round(v[-1], 2) for k, v in rows.items()}}), flush=True)
+    return {"rows": rows, "blocks": report.blocks, "chunks": list(arr.chunks)}
 
 
 def numpy_in_memory(a_path: str, b_path: str) -> tuple[float, float, np.ndarray]:
@@ -202,52 +215,40 @@ def main():
         }
         print(json.dumps(info), flush=True)
 
-        job_times, total_times, peaks, report = [], [], [], None
-        for i in range(args.repeat + 1):
-            flush()
-            with TreePeakRSS() as rss:
-                t0 = time.perf_counter()
-                report = run_job(spec, echo=lambda *_: None)
-                total = time.perf_counter() - t0
-            if i:  # the first run is the warm-up
-                job_times.append(report.seconds)
-                total_times.append(total)
-                peaks.append(rss.peak / GIB)
-            print(
-                json.dumps(
-                    {
-                        "run": i,
-                        "t_job_s": round(report.seconds, 2),
-                        "peak_rss_tree_gib": round(rss.peak / GIB, 2),
-                    }
-                ),
-                flush=True,
-            )
-        got = zarr.open_group(out, mode="r")["similarity"]
-        chunks = got.chunks
-        t_compute = compute_only(spec, args.repeat)
-        # last, so that the 4 GiB in-memory S never counts in the job's process-tree RSS
-        t_np, rss_np, s = numpy_in_memory(a_path, b_path)
-        numpy_row = {"t_numpy_in_memory_s": round(t_np, 2), "peak_rss_numpy_gib": round(rss_np, 2)}
-        print(json.dumps(numpy_row), flush=True)
-        sample = np.random.default_rng(1).integers(0, args.n, (64, 3)) % [args.batch, args.n, args.n]
-        err = float(np.max(np.abs(got.vindex[tuple(sample.T)] - s[tuple(sample.T)])))
-        t_plain = plain_zarr_write(s, chunks, os.path.join(root, "plain.zarr"), args.repeat)
-        t_job = statistics.median(job_times)
+        # the command's whole path once, cluster start-up included
+        flush()
+        with TreePeakRSS() as rss:
+            t0 = time.perf_counter()
+            report = run_job(spec, echo=lambda *_: None)
+            total = time.perf_counter() - t0
+        full = {"t_run_job_s": round(total, 2), "t_write_s": round(report.seconds, 2)}
+        full["peak_rss_tree_gib"] = round(rss.peak / GIB, 2)
+        print(json.dumps({"run_job_with_cluster_start": full}), flush=True)
+
+        m = interleaved(spec, root, args.repeat)
+        med = {k: statistics.median(v) for k, v in m["rows"].items()}
+        rows = m["rows"]
+        ratios = [j / (c + w) for j, c, w in zip(rows["job"], rows["compute"], rows["plain"], strict=True)]
         result = {
-            "blocks": report.blocks,
-            "zarr_chunks": list(chunks),
-            "t_job_s": round(t_job, 2),
-            "t_job_with_cluster_start_s": round(statistics.median(total_times), 2),
-            "peak_rss_tree_gib": round(max(peaks), 2),
-            "t_compute_only_s": round(t_compute, 2),
-            "t_plain_zarr_write_s": round(t_plain, 2),
-            "ratio_job_to_compute_plus_write": round(t_job / (t_compute + t_plain), 3),
-            "gflops_job": round(2 * args.batch * args.n * args.n * args.dim / t_job / 1e9, 1),
-            "max_abs_err_sample_vs_numpy": err,
+            "blocks": m["blocks"],
+            "zarr_chunks": m["chunks"],
+            "t_job_s": round(med["job"], 2),
+            "peak_rss_tree_gib_max": round(max(m["rows"]["peak"] + [full["peak_rss_tree_gib"]]), 2),
+            "t_compute_only_s": round(med["compute"], 2),
+            "t_plain_zarr_write_s": round(med["plain"], 2),
+            "ratio_job_to_compute_plus_write": round(statistics.median(ratios), 3),
+            "gflops_job": round(2 * args.batch * args.n * args.n * args.dim / med["job"] / 1e9, 1),
         }
         print(json.dumps(result), flush=True)
+
+        # for scale, last (its 4 GiB S must not count in the job's RSS)
+        t_np, rss_np, s = numpy_in_memory(a_path, b_path)
+        got = zarr.open_group(out, mode="r")["similarity"]
+        sample = np.random.default_rng(1).integers(0, args.n, (64, 3)) % [args.batch, args.n, args.n]
+        err = float(np.max(np.abs(got.vindex[tuple(sample.T)] - s[tuple(sample.T)])))
         del s
+        numpy_row = {"t_numpy_in_memory_s": round(t_np, 2), "peak_rss_numpy_gib": round(rss_np, 2)}
+        print(json.dumps({**numpy_row, "max_abs_err_sample_vs_numpy": err}), flush=True)
         if args.codecs:
             codec_table(spec, max(1, args.repeat // 2))
     finally:

@@ -199,9 +199,9 @@ def _distributed_client():
     if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
         return None
     try:
-        from distributed import default_client
+        from distributed import Client
 
-        return default_client()
+        return Client.current()  # the `as_current` client, else the default one
     except (ImportError, ValueError):
         return None
 
