@@ -322,12 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exclude-self", action="store_true", help="drop i == j (self-similarity)")
     run.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="output blocks")
     run.add_argument("--dtype", choices=("float16", "float32", "float64"), help="similarity output dtype")
-    run.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    run.add_argument(
+        "--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU where a worker has one"
+    )
     run.add_argument("--zero-vector", choices=("zero", "nan", "error"), help="similarity of zero vectors")
     run.add_argument(
         "--check-finite", action="store_true", help="refuse inputs with NaN/inf (reads them once first)"
     )
-    run.add_argument("--codec", choices=("auto", "none", "zstd", "blosc-lz4"), default="auto")
+    run.add_argument(
+        "--codec",
+        choices=("auto", "none", "zstd", "blosc-lz4"),
+        default="auto",
+        help="output compression (auto: none for similarity, blosc-lz4 for top-k)",
+    )
     run.add_argument("--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="finish a half-written OUT")
