@@ -239,6 +239,28 @@ def test_npy_and_zarr_inputs(tmp_path):
     assert params["a"]["path"].endswith("a.npy") and params["b"]["path"].endswith("b.zarr")
 
 
+def test_fsspec_url_outputs(tmp_path):
+    """Object-storage style outputs (an fsspec URL; the in-memory filesystem stands in for s3://)."""
+    import fsspec
+    import pandas as pd
+
+    root = f"memory://{tmp_path.name}"
+    a = _data((2, 40, 5))
+    S = dcs.cosine_similarity(a, chunks=(1, 20, 20))
+    try:
+        assert dcs.to_zarr(S, f"{root}/s.zarr").blocks_written == 8
+        got = zarr.open_group(f"{root}/s.zarr", mode="r")["similarity"][...]
+        np.testing.assert_allclose(got, reference_cosine(a), atol=1e-12)
+        with pytest.raises(OutputExistsError):
+            dcs.to_zarr(S, f"{root}/s.zarr")
+        assert dcs.to_zarr(S, f"{root}/s.zarr", resume=True).blocks_written == 0
+        pairs = dcs.pairs_above(a, threshold=0.3, chunks=(1, 20, 20))
+        dcs.to_parquet(pairs, f"{root}/pairs")
+        assert len(pd.read_parquet(f"{root}/pairs")) == len(pairs.compute()) > 0
+    finally:
+        fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
+
+
 # --------------------------------------------------------------------------- top-k and pairs
 
 
