@@ -195,13 +195,15 @@ def _is_int(x) -> bool:
 
 
 def _balanced(size: int, block: int) -> tuple[int, ...]:
-    """Split ``size`` into near-equal blocks of at most ``block``."""
+    """Split ``size`` into as few blocks of at most ``block`` as possible, all equal but a
+    smaller last one (regular chunks, as zarr stores them), evened out so the last block is
+    not a sliver: 16384 by 6000 gives (5462, 5462, 5460).
+    """
     if size == 0:
         return (0,)
     block = max(1, min(block, size))
-    nblocks = math.ceil(size / block)
-    base, extra = divmod(size, nblocks)
-    return (base + 1,) * extra + (base,) * (nblocks - extra)
+    step = math.ceil(size / math.ceil(size / block))
+    return (step,) * (size // step) + ((size % step,) if size % step else ())
 
 
 def _snap(block: int, size: int, grain: int | None) -> int:
