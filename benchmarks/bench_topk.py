@@ -177,6 +177,7 @@ def tie_free_rows(
 
 
 def part_topk(n: int, d: int, k: int, repeat: int, sklearn_repeat: int, coretypes) -> dict:
+    """Part 1 (``sklearn_repeat=0`` leaves sklearn out)."""
     a, b = data(n, n, d)
     an, bn = unit(a), unit(b)
     vals_g, idx_g = dcs.topk(a, b, k=k)
@@ -185,13 +186,13 @@ def part_topk(n: int, d: int, k: int, repeat: int, sklearn_repeat: int, coretype
     fns = {
         "dask_cosim": lambda: dask.compute(vals_g, idx_g),
         "faiss": lambda: faiss_search(an, bn, k),
-        "sklearn": lambda: sklearn_search(a, b, k),
     }
+    if sklearn_repeat:
+        fns["sklearn"] = lambda: sklearn_search(a, b, k)
     t = paired_times(fns, repeat, slow={"sklearn": sklearn_repeat})
     cpu = dict(CPU)
     vals, idx = dask.compute(vals_g, idx_g)
     f_vals, f_idx = faiss_search(an, bn, k)
-    s_vals, s_idx = sklearn_search(a, b, k)
     tie_free = tie_free_rows(vals.astype(np.float64), an, bn, idx, k, tol=1e-5)
     flops = 2.0 * n * n * d
     row = {
@@ -213,10 +214,12 @@ def part_topk(n: int, d: int, k: int, repeat: int, sklearn_repeat: int, coretype
     row["ratio_to_dense_limit"] = row["ratio_to_dense_limit_dask_cosim"]
     row["load_avg_after"] = os.getloadavg()
     row["sklearn_repeats"] = min(repeat, sklearn_repeat)
+    row["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE", "(not set)")
     row["faiss_openblas"] = [i.get("architecture") for i in threadpool_info() if "faiss" in i["filepath"]]
     row["tie_free_rows"] = round(float(tie_free.mean()), 5)
     row["vs_faiss"] = agreement(idx, vals, f_idx, tie_free)
-    row["vs_sklearn"] = agreement(idx, vals, s_idx, tie_free)
+    if sklearn_repeat:
+        row["vs_sklearn"] = agreement(idx, vals, sklearn_search(a, b, k)[1], tie_free)
     row["max_abs_diff_values_vs_faiss"] = float(np.abs(vals - f_vals).max())
     log(row)
     for coretype in coretypes:
@@ -340,6 +343,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--part", choices=["all", "topk", "self", "memory"], default="all")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--sklearn-repeat", type=int, default=5, help="repeats of the (slow) sklearn baseline")
+    p.add_argument("--skip-sklearn", action="store_true", help="leave the (slow) sklearn baseline out")
+    p.add_argument(
+        "--coretypes", default=",".join(CORETYPES), help="OPENBLAS_CORETYPE values for fresh faiss processes"
+    )
     p.add_argument("--faiss-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--self", action="store_true", help=argparse.SUPPRESS)
@@ -360,8 +367,9 @@ def main(argv=None) -> list[dict]:
     n, n_mem = (1500, 8000) if args.quick else (50_000, 200_000)
     rows = []
     if args.part in ("all", "topk"):
-        coretypes = ("Haswell",) if args.quick else CORETYPES
-        rows.append(part_topk(n, 32 if args.quick else 128, args.k, repeat, args.sklearn_repeat, coretypes))
+        coretypes = ("Haswell",) if args.quick else [c for c in args.coretypes.split(",") if c]
+        sk_repeat = 0 if args.skip_sklearn else args.sklearn_repeat
+        rows.append(part_topk(n, 32 if args.quick else 128, args.k, repeat, sk_repeat, coretypes))
     if args.part in ("all", "self"):
         rows.append(part_self(n, 32 if args.quick else 128, args.k, repeat))
     if args.part in ("all", "memory"):

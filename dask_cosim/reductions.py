@@ -112,8 +112,10 @@ def topk(
     Each output block of S is computed by one ``cosine-topk`` task that keeps only its
     rows' local top-k (values and global column indices); ``cosine-topk-merge`` tasks
     merge those along the column blocks as a tree. Memory stays at a few blocks per
-    worker whatever the size of S. With ``b=None`` only the block upper triangle runs a
-    product (each block also yields the top-k of its transpose).
+    worker whatever the size of S. The first column block of each row block runs first
+    and its k-th best values prune the other blocks' selection. With ``b=None`` only the
+    block upper triangle runs a product (each block also yields the top-k of its
+    transpose; the diagonal blocks do the pruning).
 
     Parameters
     ----------
@@ -138,7 +140,9 @@ def topk(
     values : dask.array.Array
         ``(batch, N, k)`` (``(N, k)`` for 2-D inputs) similarities in the similarity dtype,
         each row sorted descending; equal values are ordered by the smaller ``j``, NaN
-        ranks last, so the result does not depend on chunking or scheduler.
+        ranks last, so the result does not depend on chunking or scheduler (as far as
+        the similarities themselves do not: BLAS may round a dot product differently in
+        blocks of different shapes, which can swap two neighbours within float rounding).
     indices : dask.array.Array
         Same shape, int64 column indices ``j`` into ``b``.
 
