@@ -108,14 +108,13 @@ def test_similarity_job_end_to_end(data, scheduler, capsys, tmp_path):
 
 
 def test_auto_chunks_become_regular_zarr_chunks(data, scheduler, capsys, tmp_path):
-    # 301 rows: the planner balances them into blocks such as (76, 75, 75, 75), which no
-    # zarr chunk grid can match; the CLI asks for regular blocks (76, 76, 76, 73) instead
+    # 301 rows: auto blocks must be regular (e.g. (76, 76, 76, 73)) so zarr chunks can match them
     x = _rng(5).standard_normal((301, 16)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "auto.zarr"
     with dask.config.set({"array.chunk-size": "64KiB"}):
         planned = dcs.cosine_similarity(x, dtype="float64").chunks
-    assert not regular_chunks(planned)
+    assert regular_chunks(planned) and len(planned[0]) > 1
     with dask.config.set({"array.chunk-size": "64KiB"}), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*irregular")  # no silent rechunk
         rc, stdout, err = _run(
