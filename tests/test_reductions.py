@@ -610,6 +610,8 @@ def test_pairs_above_empty_input():
 
 
 def test_topk_benchmark_quick():
+    pytest.importorskip("faiss", reason="the benchmark's baselines need the 'bench' extra")
+    pytest.importorskip("sklearn", reason="the benchmark's baselines need the 'bench' extra")
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_topk.py"), "--quick"],
         capture_output=True, text=True, timeout=180, check=True,
