@@ -243,17 +243,26 @@ def _controller():
 
 
 def _set_threads(lib, n: int) -> None:
-    """Set a BLAS library's thread count and check that it took.
+    """Set a BLAS library's thread count from whichever dask thread runs the task.
 
-    OpenBLAS (0.3.30/0.3.31 here) occasionally ignores ``openblas_set_num_threads`` called
-    from a thread while it settles its own thread pool; the call is repeated until the
-    library reports the new count (a few ms at most).
+    threadpoolctl (3.7+) lets only one "controlling" Python thread change a process-wide
+    OpenBLAS pool and silently ignores the others; a dask task runs on any pool thread, so
+    control is taken here (every call of ours is serialised by ``_blas_lock``) and handed
+    back afterwards, so users' own ``threadpool_limits`` in their thread keeps working.
+    The count is read back and re-applied a few times in case a library is slow to take it.
     """
-    for _ in range(100):
-        lib.set_num_threads(n)
-        if lib.num_threads == n:
-            return
-        time.sleep(0.001)
+    clear = getattr(type(lib), "clear_controlling_thread", None)
+    try:
+        for _ in range(100):
+            if clear is not None:
+                clear(force=True)
+            lib.set_num_threads(n)
+            if lib.num_threads == n:
+                return
+            time.sleep(0.001)
+    finally:
+        if clear is not None:
+            clear()  # release control only if this thread holds it
 
 
 @contextmanager

@@ -41,9 +41,8 @@ class FakeBlas:
 def test_limit_is_shared_by_concurrent_tasks_and_restored(monkeypatch):
     """Reference counting: the first task in sets the limit, the last one out restores it.
 
-    Run against recording controllers: the OpenBLAS builds here sometimes ignore a thread
-    count change after worker threads have run BLAS, which would make a check through the
-    real libraries flaky without telling anything about this logic.
+    Run against recording controllers, so the interleaving is forced by a barrier; the
+    real libraries are checked end to end in a fresh process below.
     """
     libs = [FakeBlas(2), FakeBlas(4)]
 
@@ -90,6 +89,41 @@ def test_limit_reaches_the_real_blas_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, inside, after = (json.loads(part) for part in out.strip().replace("] [", "]|[").split("|"))
     assert inside == [1] * len(before) and after == before
+
+
+def test_real_blas_is_restored_after_a_threaded_compute():
+    """Regression: threadpoolctl lets only one "controlling" thread change OpenBLAS.
+
+    A dask pool thread that set the limit used to keep control, so the restore, run by
+    whichever pool thread finished last, was silently ignored: BLAS stayed at 1 thread for
+    the rest of the process, and the user's own ``threadpool_limits`` stopped working.
+    """
+    code = (
+        "import dask, numpy as np\n"
+        "from threadpoolctl import ThreadpoolController, threadpool_limits\n"
+        "import dask_cosim as dcs\n"
+        "libs = ThreadpoolController().select(user_api='blas').lib_controllers\n"
+        "before = [l.num_threads for l in libs]\n"
+        "a = np.random.default_rng(0).standard_normal((4, 300, 16))\n"
+        "S = dcs.cosine_similarity(a, a[::-1], chunks=(1, 150, 100))\n"
+        "afters = []\n"
+        "for _ in range(5):\n"
+        "    with dask.config.set(num_workers=2):\n"
+        "        S.compute(scheduler='threads')\n"
+        "    afters.append([l.num_threads for l in libs])\n"
+        "with threadpool_limits(1, user_api='blas'):\n"
+        "    user = [l.num_threads for l in libs]\n"
+        "print(before, afters, user, [l.num_threads for l in libs])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in _backend._BLAS_ENV}
+    env["OPENBLAS_NUM_THREADS"] = "2"  # a 2-thread pool even on a 1-core runner
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    before, afters, user, final = (json.loads(p) for p in out.strip().replace("] [", "]|[").split("|"))
+    assert before and all(n == 2 for n in before)
+    assert afters == [before] * 5
+    assert user == [1] * len(before) and final == before
 
 
 def test_product_tasks_run_under_the_limit(monkeypatch):
