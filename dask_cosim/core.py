@@ -141,7 +141,7 @@ def prepare(
             in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
             compute_itemsize=work.itemsize,
             out_itemsize=out.itemsize,
-            min_blocks=_cores(),
+            min_blocks=TASKS_PER_CORE * _cores(),
             square=self_similar,
             grains=(grain_a, grain_b),
         )  # fmt: skip
@@ -199,6 +199,13 @@ def _normalize_device(device: str, on_device: bool) -> str:
     O(rows x cols x D), so this costs little.
     """
     return "cpu" if device == "auto" and not on_device else device
+
+
+#: Auto blocks: at least this many output blocks per core when the output is small enough
+#: that blocks of ``array.chunk-size`` would leave cores idle. Several tasks per thread
+#: balance the load (the last normalisations overlap the first products, no thread idles
+#: at the end); measured with ``benchmarks/bench_core.py`` against one block per core.
+TASKS_PER_CORE = 4
 
 
 def _cores() -> int:

@@ -6,6 +6,8 @@ shapes, dtypes, targets and core counts, plus one computed run against scikit-le
 
 from __future__ import annotations
 
+import math
+
 import dask
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
 import dask_cosim as dcs
 from dask_cosim import core
-from dask_cosim.core import prepare
+from dask_cosim.core import TASKS_PER_CORE, prepare
 
 MiB = 2**20
 
@@ -66,14 +68,16 @@ def test_auto_blocks_follow_chunk_size(monkeypatch, shape, dtype, target_mib, co
     # never above the target (an input block of rows x D must fit it too)
     assert block_bytes <= target, (S.chunks, block_bytes)
     assert nc * d * item <= target and mc * d * item <= target
-    # and not needlessly small: near the target when the output is big, and at least one
-    # block per core when it is smaller, but never blocks below 256 x 256 for that
+    # and not needlessly small: near the target when the output is big; when it is smaller,
+    # split into TASKS_PER_CORE blocks per core, but never into blocks below 256 x 256
     input_cap = target // (d * item)  # rows of one input block that fit the target
-    if total_bytes >= cores * target:
+    min_blocks = TASKS_PER_CORE * cores
+    if total_bytes >= min_blocks * target:
         assert block_bytes >= target / 4 or max(nc, mc) > input_cap // 2, (S.chunks, block_bytes)
-        assert S.npartitions >= cores
+        assert S.npartitions >= min_blocks
     else:
-        floor = min(target, total_bytes / cores, 256 * 256 * item)
+        assert bc * nc * mc <= max(math.ceil(batch * n * m / min_blocks), 256 * 256), S.chunks
+        floor = min(target, total_bytes / min_blocks, 256 * 256 * item)
         assert block_bytes >= floor / 4, (S.chunks, block_bytes)
 
 
@@ -106,8 +110,9 @@ def test_known_plans(monkeypatch):
         w2 = dcs.cosine_similarity(lazy((16, 2048, 256)), lazy((16, 2048, 256)))
         w1 = dcs.cosine_similarity(lazy((100, 400, 200), "float64"), lazy((100, 500, 200), "float64"))
         big = dcs.cosine_similarity(lazy((16_384, 64)), lazy((16_384, 64)))
-    assert w2.chunks == ((8, 8), (2048,), (2048,))
-    assert w1.chunks == ((50, 50), (400,), (500,))
+    # small outputs: TASKS_PER_CORE blocks per core
+    assert w2.chunks == ((2,) * 8, (2048,), (2048,))
+    assert w1.chunks == ((12,) * 8 + (4,), (400,), (500,))
     assert big.chunks == ((5462, 5462, 5460),) * 2  # 16384 evened out, no sliver
 
 

@@ -276,6 +276,19 @@ def test_slice_runs_only_the_blocks_it_touches(kernel_calls):
     assert sorted(n for n, _ in kernel_calls["normalize"]) == ["a", "b", "b"]
 
 
+@pytest.mark.parametrize("chunks", ["auto", (1, 7, 5), (2, 30, 11)])
+def test_store_into_a_kept_buffer_matches_reference(chunks):
+    """The README's fast in-memory path: block tasks write into the caller's buffer."""
+    gen = np.random.default_rng(11)
+    a = gen.standard_normal((3, 30, 6)).astype(np.float32)
+    b = gen.standard_normal((3, 22, 6)).astype(np.float32)
+    S = dcs.cosine_similarity(a, b, chunks=chunks)
+    out = np.full(S.shape, np.nan, S.dtype)
+    for _ in range(2):  # a reused buffer is fully overwritten
+        S.store(out, lock=False)
+        np.testing.assert_allclose(out, reference_cosine(a, b), rtol=0, atol=3e-6)
+
+
 @pytest.mark.parametrize("scheduler", ["threads", "sync", "processes"])
 def test_local_schedulers(scheduler):
     a = rng(21).standard_normal((3, 20, 6)).astype("float32")
