@@ -5,6 +5,13 @@ whole batch). ``dcs.cosine_similarity(...).compute()`` runs with the default (th
 scheduler and auto chunks. Each figure is the median of ``--repeat`` runs (all variants
 interleaved) after a warm-up; ``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
 
+``.compute()`` ends with dask assembling the blocks into one new array, a serial copy into
+freshly allocated memory that the limit does not make; ``ratio_store_into_out`` is the same
+graph written by ``S.store(out)`` into a result buffer the caller keeps (no assembly copy).
+Fresh memory is slow to fault in on some Linux machines (transparent huge pages with
+``defrag=madvise``, which NumPy requests for large arrays): compare a run with
+``NUMPY_MADVISE_HUGEPAGE=0``.
+
     python benchmarks/bench_core.py            # W1 and W2 as in the core issue
     python benchmarks/bench_core.py --quick    # tiny sizes (used by the test suite)
 """
@@ -24,6 +31,14 @@ from threadpoolctl import threadpool_info
 
 import dask_cosim as dcs
 
+CORES = len(os.sched_getaffinity(0))
+
+
+#: Seconds of pause before each timed run. OpenBLAS's pool threads keep spinning for a
+#: while after a multi-threaded call (here up to ~0.1 s), stealing a core from whatever
+#: runs next; without the pause the variant timed right after the limit pays for it.
+SETTLE_S = 0.3
+
 
 def paired_times(fns, repeat: int) -> list[list[float]]:
     """Every time of each function, run interleaved so drifting machine load hits all alike."""
@@ -32,6 +47,7 @@ def paired_times(fns, repeat: int) -> list[list[float]]:
     times = [[] for _ in fns]
     for _ in range(repeat):
         for fn, ts in zip(fns, times, strict=True):
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
@@ -69,15 +85,17 @@ def sklearn_loop(a, b):
 def workload(name, a, b, repeat, with_sklearn=False):
     an, bnt = unit(a), np.swapaxes(unit(b), -1, -2)
     S = dcs.cosine_similarity(a, b)
-    with dask.config.set({"cosine.blas-threads": len(os.sched_getaffinity(0))}):
+    with dask.config.set({"cosine.blas-threads": CORES}):
         S_over = dcs.cosine_similarity(a, b)  # every dask thread with all-core BLAS
-    fns = [lambda: np.matmul(an, bnt), S.compute, S_over.compute]
+    out = np.empty(S.shape, S.dtype)  # a result buffer the caller keeps and reuses
+    fns = [lambda: np.matmul(an, bnt), S.compute, S_over.compute, lambda: S.store(out, lock=False)]
     if with_sklearn:
         fns.append(lambda: sklearn_loop(a, b))
     times = paired_times(fns, repeat)
-    t_limit, t_ours, t_over, *t_sk = (statistics.median(ts) for ts in times)
+    t_limit, t_ours, t_over, t_store, *t_sk = (statistics.median(ts) for ts in times)
     got = S.compute()
-    err = float(np.max(np.abs(got - np.matmul(an, bnt))))
+    ref = np.matmul(an, bnt)
+    err = float(max(np.max(np.abs(got - ref)), np.max(np.abs(out - ref))))
     flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * a.shape[2]
     row = {
         "workload": name,
@@ -89,6 +107,7 @@ def workload(name, a, b, repeat, with_sklearn=False):
         **ratio_figures(times[0], times[1]),
         "gflops_dask_cosim": round(flops / t_ours / 1e9, 1),
         "ratio_oversubscribed_blas": round(t_limit / t_over, 3),
+        "ratio_store_into_out": round(t_limit / t_store, 3),
         "max_abs_err_vs_limit": err,
     }
     if with_sklearn:
@@ -104,7 +123,14 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
     blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
-    print(f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}", flush=True)
+    thp = "/sys/kernel/mm/transparent_hugepage/defrag"
+    thp = open(thp).read().strip() if os.path.exists(thp) else "n/a"
+    madvise = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "default")
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}, cores {CORES}, "
+        f"THP defrag {thp}, NUMPY_MADVISE_HUGEPAGE={madvise}",
+        flush=True,
+    )
     gen = np.random.default_rng(0)
     scale = 8 if args.quick else 1
     rows = []
