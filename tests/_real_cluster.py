@@ -53,6 +53,24 @@ def _dask_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
 
 
+#: Run a command with ``PR_SET_PDEATHSIG``: the kernel sends it SIGTERM when the test
+#: process dies, even by SIGKILL, so an interrupted test run leaves no cluster behind
+#: (``atexit`` does not run then). The setting survives ``execv``.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"  # 1 = PR_SET_PDEATHSIG
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('parent already gone')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _dying_with_this_process(args: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return args
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
+
+
 def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
@@ -250,7 +268,7 @@ def start_real_cluster(
     def popen(args: list[str], log: str) -> subprocess.Popen:
         with open(workdir / log, "wb") as out:
             proc = subprocess.Popen(
-                [*_dask_cli(), *args],
+                _dying_with_this_process([*_dask_cli(), *args]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=workdir,

@@ -8,7 +8,9 @@ and checks the output against a float64 NumPy reference. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import signal
 import stat
@@ -16,6 +18,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -231,6 +234,40 @@ def test_real_cluster_fixture_listens_on_localhost_only(real_cluster):
     pids = [real_cluster.scheduler_pid, *real_cluster.nanny_pids, *real_cluster.worker_pids().values()]
     addrs = _listening(psutil, pids)
     assert addrs and all(ip == "127.0.0.1" for ip, _ in addrs), addrs
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_cluster_processes_die_with_a_killed_test_process():
+    """A test run killed with SIGKILL (no atexit, no fixture teardown) leaves no cluster behind."""
+    psutil = pytest.importorskip("psutil")
+    code = (
+        "import json, os, signal, sys\n"
+        "from tests._real_cluster import start_real_cluster\n"
+        "with start_real_cluster(1) as c:\n"
+        "    pids = [c.scheduler_pid, *c.nanny_pids, *c.worker_pids().values()]\n"
+        "    print(json.dumps(pids), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(pids) == 3
+    try:
+        gone = wait_until(lambda: not any(_running(psutil, p) for p in pids), 30, "the cluster to exit")
+    except TimeoutError:
+        gone = False
+    for pid in pids:  # never leave them running, even when the check fails
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    assert gone, f"still running after the test process died: {[p for p in pids if _running(psutil, p)]}"
+
+
+def _running(psutil, pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _listening(psutil, pids):
