@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -35,8 +36,8 @@ CORES = len(os.sched_getaffinity(0))
 
 
 #: Seconds of pause before each timed run. OpenBLAS's pool threads keep spinning for a
-#: while after a multi-threaded call (here up to ~0.1 s), stealing a core from whatever
-#: runs next; without the pause the variant timed right after the limit pays for it.
+#: while after a multi-threaded call, stealing a core from whatever runs next; without the
+#: pause the variant timed right after the limit paid for it (W1 up to 40 % slower here).
 SETTLE_S = 0.3
 
 
@@ -123,8 +124,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args(argv)
     blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
-    thp = "/sys/kernel/mm/transparent_hugepage/defrag"
-    thp = open(thp).read().strip() if os.path.exists(thp) else "n/a"
+    thp_file = Path("/sys/kernel/mm/transparent_hugepage/defrag")
+    thp = thp_file.read_text().strip() if thp_file.exists() else "n/a"
     madvise = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "default")
     print(
         f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}, cores {CORES}, "
