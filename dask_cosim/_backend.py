@@ -10,7 +10,6 @@ import functools
 import multiprocessing
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -249,20 +248,16 @@ def _set_threads(lib, n: int) -> None:
     OpenBLAS pool and silently ignores the others; a dask task runs on any pool thread, so
     control is taken here (every call of ours is serialised by ``_blas_lock``) and handed
     back afterwards, so users' own ``threadpool_limits`` in their thread keeps working.
-    The count is read back and re-applied a few times in case a library is slow to take it.
     """
     clear = getattr(type(lib), "clear_controlling_thread", None)
+    if clear is None:
+        lib.set_num_threads(n)
+        return
+    clear(force=True)
     try:
-        for _ in range(100):
-            if clear is not None:
-                clear(force=True)
-            lib.set_num_threads(n)
-            if lib.num_threads == n:
-                return
-            time.sleep(0.001)
+        lib.set_num_threads(n)
     finally:
-        if clear is not None:
-            clear()  # release control only if this thread holds it
+        clear()  # release control only if this thread holds it
 
 
 @contextmanager

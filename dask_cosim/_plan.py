@@ -196,8 +196,9 @@ def _is_int(x) -> bool:
 
 def _balanced(size: int, block: int) -> tuple[int, ...]:
     """Split ``size`` into as few blocks of at most ``block`` as possible, all equal but a
-    smaller last one (regular chunks, as zarr stores them), evened out so the last block is
-    not a sliver: 16384 by 6000 gives (5462, 5462, 5460).
+    smaller last one (regular chunks, as zarr stores them), the equal ones as small as that
+    count allows so the last block is as large as regular blocks permit: 16384 by 6000 gives
+    (5462, 5462, 5460); 100 by 12 still ends in a 4 (no regular split into 9 does better).
     """
     if size == 0:
         return (0,)
