@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,8 +208,72 @@ def _distributed_client():
         return None
 
 
-def _execute(tasks: list, progress: bool) -> None:
-    """Run the write tasks: on the active distributed client if any, else dask's scheduler."""
+class _WriteGate:
+    """Running block writes of one call in this process, so that the call raises only after
+    the last of them has finished: a failed task stops dask from starting new tasks, but
+    the ones already running on other threads finish (and write) afterwards otherwise.
+
+    A copy sent to another process (a ``distributed`` worker, the processes scheduler)
+    is a fresh gate there; :func:`_execute` waits for a cluster's running writes instead.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+
+    def __reduce__(self):
+        return (_WriteGate, ())
+
+    @contextmanager
+    def entered(self) -> Iterator[bool]:
+        """``True`` while the call still wants writes (the write runs inside the block)."""
+        with self._cond:
+            if self._closed:
+                yield False
+                return
+            self._running += 1
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def close_and_wait(self, timeout: float = 600.0) -> None:
+        """Refuse new writes and wait until the running ones have finished."""
+        with self._cond:
+            self._closed = True
+            self._cond.wait_for(lambda: self._running == 0, timeout)
+
+
+def _keys_known(keys, dask_worker=None) -> int:
+    """How many of ``keys`` a worker still knows (running, queued, or held in memory)."""
+    tasks = dask_worker.state.tasks
+    return sum(1 for key in keys if key in tasks)
+
+
+def _wait_until_forgotten(client, keys: list, timeout: float = 600.0) -> None:
+    """After a cancel: wait until no worker knows ``keys``. A task already running when it
+    was cancelled runs to its end (a worker cannot stop a thread), so without this a block
+    could still be written after the call has raised."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not any(client.run(_keys_known, keys).values()):
+                return
+        except Exception:  # noqa: BLE001 - a worker or the client is gone: nothing left to wait for
+            return
+        time.sleep(0.05)
+
+
+def _execute(tasks: list, progress: bool, gate: _WriteGate | None = None) -> None:
+    """Run the write tasks: on the active distributed client if any, else dask's scheduler.
+
+    On failure, every write that is already running finishes before the error propagates
+    (``gate`` tracks them in this process; on a cluster the workers are asked), so nothing
+    is written after this call has raised.
+    """
     if not tasks:
         return
     client = _distributed_client()
@@ -216,8 +282,13 @@ def _execute(tasks: list, progress: bool) -> None:
 
         from dask.diagnostics import ProgressBar
 
-        with ProgressBar() if progress else nullcontext():
-            dask.compute(*tasks)
+        try:
+            with ProgressBar() if progress else nullcontext():
+                dask.compute(*tasks)
+        except Exception:
+            if gate is not None:
+                gate.close_and_wait()
+            raise
         return
     from distributed import as_completed
 
@@ -230,8 +301,10 @@ def _execute(tasks: list, progress: bool) -> None:
         for future in as_completed(futures):
             if future.status == "error":
                 future.result()  # raises the task's exception (fail fast)
-    except BaseException:
+    except BaseException as err:
         client.cancel(futures)
+        if isinstance(err, Exception):  # not on Ctrl-C: the user wants out now
+            _wait_until_forgotten(client, [f.key for f in futures])
         raise
 
 
@@ -519,8 +592,9 @@ def to_zarr(
     else:  # new, empty, or replaced (_refuse allowed it: overwrite=True)
         group = _create(store, payload, layout, storage_options)
     done = group[MARKERS][...].astype(bool)
-    tasks, pending = _zarr_tasks(payload, group, done)
-    _execute(tasks, progress)
+    gate = _WriteGate()
+    tasks, pending = _zarr_tasks(payload, group, done, gate)
+    _execute(tasks, progress, gate)
     _finish_zarr(group, payload, where)
     return WriteReport(
         path=where,
@@ -630,13 +704,14 @@ class _BlockWrite:
     arrays inside it when building the graph.
     """
 
-    __slots__ = ("targets", "regions", "marker", "index")
+    __slots__ = ("targets", "regions", "marker", "index", "gate")
 
-    def __init__(self, targets, regions, marker, index):
+    def __init__(self, targets, regions, marker, index, gate: _WriteGate):
         self.targets, self.regions, self.marker, self.index = targets, regions, marker, index
+        self.gate = gate
 
 
-def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray):
+def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray, gate: _WriteGate):
     from dask.delayed import delayed
 
     names = list(payload.arrays)
@@ -660,25 +735,31 @@ def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray):
                 tuple(slice(int(off[b]), int(off[b + 1])) for off, b in zip(offsets[name], full, strict=True))
             )
             inputs.append(blocks[name][full])
-        where = _BlockWrite(targets, regions, marker, ix)
+        where = _BlockWrite(targets, regions, marker, ix, gate)
         tasks.append(write(where, *inputs, dask_key_name=(key, *ix)))
     return tasks, pending
 
 
 def _write_block(where: _BlockWrite, *blocks) -> int:
-    """Store one output block (every array), then its marker: data first, marker after."""
+    """Store one output block (every array), then its marker: data first, marker after.
+
+    Returns 1, or 0 when the call has already failed elsewhere and writes nothing more.
+    """
     index = where.index
-    for target, region, block in zip(where.targets, where.regions, blocks, strict=True):
-        try:
-            target[region] = to_numpy(block)
-        except OSError as err:  # disk full, read-only location...: say which output and block
-            raise OSError(
-                err.errno,
-                f"to_zarr: cannot write block {tuple(index)} of {str(target.store_path)!r}: "
-                f"{err.strerror or err}; that block is not marked done, so resume=True (--resume) "
-                "writes it once the problem is fixed",
-            ) from err
-    where.marker[tuple(slice(i, i + 1) for i in index)] = np.ones((1,) * len(index), dtype=np.uint8)
+    with where.gate.entered() as wanted:
+        if not wanted:
+            return 0
+        for target, region, block in zip(where.targets, where.regions, blocks, strict=True):
+            try:
+                target[region] = to_numpy(block)
+            except OSError as err:  # disk full, read-only location...: say which output and block
+                raise OSError(
+                    err.errno,
+                    f"to_zarr: cannot write block {tuple(index)} of {str(target.store_path)!r}: "
+                    f"{err.strerror or err}; that block is not marked done, so resume=True (--resume) "
+                    "writes it once the problem is fixed",
+                ) from err
+        where.marker[tuple(slice(i, i + 1) for i in index)] = np.ones((1,) * len(index), dtype=np.uint8)
     return 1
 
 

@@ -217,6 +217,50 @@ def test_write_error_is_clear_and_markers_claim_only_written_blocks(real_cluster
     np.testing.assert_allclose(zarr.open_group(str(path))["similarity"][...], ref, atol=TOL64)
 
 
+def _slow_failing_store(path, fail_key: str, delay_s: float):
+    """A local zarr store whose chunk writes take ``delay_s``, and whose ``fail_key`` fails."""
+    import asyncio
+
+    from zarr.storage import LocalStore, WrapperStore
+
+    class SlowFailingStore(WrapperStore):
+        async def set(self, key, value, *args, **kwargs):
+            if key == fail_key:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+            if key.startswith("similarity/c/"):
+                await asyncio.sleep(delay_s)
+            return await self._store.set(key, value, *args, **kwargs)
+
+    return SlowFailingStore(LocalStore(str(path)))
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_write_error_raises_after_the_running_writes_end(real_cluster, tmp_path, scheduler):
+    """When to_zarr raises, no block is written any more: the writes that were running
+    on other threads (or workers) when one failed have finished first."""
+    import time
+
+    import dask
+
+    a = rng(9).standard_normal((300, 8))
+    path = tmp_path / "out.zarr"
+    store = _slow_failing_store(path, "similarity/c/0/1", delay_s=0.5)
+    ctx = (
+        real_cluster.client()
+        if scheduler == "distributed"
+        else dask.config.set(scheduler="threads", num_workers=2)
+    )
+    with ctx:
+        S = dcs.cosine_similarity(a, a.copy(), chunks=(100, 100))
+        with pytest.raises(OSError, match=r"cannot write block \(0, 1\)"):
+            dcs.to_zarr(S, store)
+    markers = zarr.open_group(str(path), mode="r")["_blocks_done"]
+    before = markers[...]
+    time.sleep(1.0)  # two slow writes' worth: anything still running would land now
+    np.testing.assert_array_equal(markers[...], before)
+    assert before[0, 1] == 0
+
+
 def _make_read_only(directory: Path) -> bool:
     """chmod 555, plus the immutable attribute where permissions do not bind (root)."""
     os.chmod(directory, 0o555)
