@@ -207,6 +207,29 @@ def _balanced(size: int, block: int) -> tuple[int, ...]:
     return (step,) * (size // step) + ((size % step,) if size % step else ())
 
 
+def _makespan(blocks: Sequence[int], repeat: int, parallel: int) -> int:
+    """Finish time of ``blocks`` (each ``repeat`` times, cost = size) handed in order to
+    whichever of ``parallel`` workers is free first, as dask's schedulers do."""
+    loads = [0] * parallel
+    for size in blocks:
+        for _ in range(repeat):
+            loads[loads.index(min(loads))] += size
+    return max(loads)
+
+
+def _even_rounds(size: int, blocks: tuple[int, ...], repeat: int, parallel: int) -> tuple[int, ...]:
+    """``blocks`` (an auto split of the batch axis), or a split into regular blocks down to
+    half that size if it lets ``parallel`` workers finish together: 100 batches by 12 on 2
+    workers end with one worker alone on the last 4 (52 vs 48); ten blocks of 10 finish at 50.
+    Only for small block counts, where the last round is a noticeable share of the run.
+    """
+    if parallel <= 1 or len(blocks) * repeat > 16 * parallel:
+        return blocks
+    step = max(blocks)
+    candidates = [_balanced(size, s) for s in range(step, (step + 1) // 2 - 1, -1)]
+    return min(candidates, key=lambda c: (_makespan(c, repeat, parallel), len(c)))
+
+
 def _snap(block: int, size: int, grain: int | None) -> int:
     """Round ``block`` down to a multiple of an input's storage chunk ``grain``."""
     if not grain or grain >= size or block <= grain:
@@ -270,6 +293,7 @@ def plan_blocks(
     compute_itemsize: int = 8,
     out_itemsize: int = 8,
     min_blocks: int = 1,
+    parallel: int = 1,
     square: bool = False,
     grains: tuple[int | None, int | None] = (None, None),
 ) -> Plan:
@@ -288,6 +312,9 @@ def plan_blocks(
     min_blocks
         Split "auto" axes further until there are at least this many blocks (keeps
         every core busy), as long as blocks stay reasonably large.
+    parallel
+        How many tasks run at once; an "auto" batch axis split into few blocks takes a
+        few more if that lets all of them finish together (see :func:`_even_rounds`).
     square
         Rows and columns must use the same blocks (self-similarity).
     grains
@@ -341,7 +368,9 @@ def plan_blocks(
     nc, mc = max(rows), max(cols)
     if b_spec is None:
         per_batch = max(1, nc * mc)
-        b_spec = _balanced(batch, max(1, elems // per_batch))
+        b_spec = _even_rounds(
+            batch, _balanced(batch, max(1, elems // per_batch)), len(rows) * len(cols), parallel
+        )
     bc = max(b_spec) if batch else 0
 
     need = task_memory(

@@ -112,8 +112,26 @@ def test_known_plans(monkeypatch):
         big = dcs.cosine_similarity(lazy((16_384, 64)), lazy((16_384, 64)))
     # small outputs: TASKS_PER_CORE blocks per core
     assert w2.chunks == ((2,) * 8, (2048,), (2048,))
-    assert w1.chunks == ((12,) * 8 + (4,), (400,), (500,))
+    assert w1.chunks == ((10,) * 10, (400,), (500,))  # 10 x 10: both cores finish together (not 12 x 8 + 4)
     assert big.chunks == ((5462, 5462, 5460),) * 2  # 16384 evened out, no sliver
+
+
+@pytest.mark.parametrize("cores", [2, 3, 8])
+def test_auto_batch_blocks_let_the_cores_finish_together(cores):
+    """Few batch blocks: a split whose last round leaves cores idle takes a few more blocks."""
+    from dask_cosim._plan import _makespan, plan_blocks
+
+    improved = 0
+    for batch in range(1, 130):
+        kw = {"min_blocks": TASKS_PER_CORE * cores}
+        plain = plan_blocks(batch, 400, 500, 200, **kw)
+        even = plan_blocks(batch, 400, 500, 200, parallel=cores, **kw)
+        assert sum(even.batch) == batch and regular(even.batch), even.batch
+        assert (max(plain.batch) + 1) // 2 <= max(even.batch) <= max(plain.batch)  # at most halved
+        before, after = _makespan(plain.batch, 1, cores), _makespan(even.batch, 1, cores)
+        assert after <= before, (batch, plain.batch, even.batch)
+        improved += after < before
+    assert improved > 10
 
 
 def test_explicit_axes_are_kept_and_auto_fills_the_rest(monkeypatch):
