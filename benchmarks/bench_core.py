@@ -5,9 +5,10 @@ whole batch). ``dcs.cosine_similarity(...).compute()`` runs with the default (th
 scheduler and auto chunks. Each figure is the median of ``--repeat`` runs (all variants
 interleaved) after a warm-up; ``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
 
-``.compute()`` ends with dask assembling the blocks into one new array, a serial copy into
-freshly allocated memory that the limit does not make; ``ratio_store_into_out`` is the same
-graph written by ``S.store(out)`` into a result buffer the caller keeps (no assembly copy).
+On the threaded scheduler ``S.compute()`` allocates the result and each block task writes
+into its region (no assembly copy afterwards, see README: Performance);
+``ratio_store_into_out`` is the same graph written by ``S.store(out)`` into a result buffer the
+caller keeps and reuses (dask's ``store``: each block is computed, then copied in).
 Fresh memory is slow to fault in on some Linux machines (transparent huge pages with
 ``defrag=madvise``, which NumPy requests for large arrays): compare a run with
 ``NUMPY_MADVISE_HUGEPAGE=0``.

@@ -168,20 +168,30 @@ def _clip_unit(xp, s):
 PANEL_BYTES = 4 * 2**20
 
 
-def matmul_clip_numpy(an: np.ndarray, bn: np.ndarray, out_dtype: str | None = None) -> np.ndarray:
+def matmul_clip_numpy(
+    an: np.ndarray, bn: np.ndarray, out_dtype: str | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """NumPy twin of ``clip(an @ bn.T, -1, 1)`` that clips (and casts) each panel while hot.
 
     The generic path makes one pass for the product, then a second pass over the whole
     block in memory for the clip (and a third for a cast); here each batch element, or
     each panel of rows of at most :data:`PANEL_BYTES`, is clipped and cast right after
     its GEMM, while it is still in cache. Results equal the generic path's up to the
-    rounding of a differently-blocked GEMM.
+    rounding of a differently-blocked GEMM. ``out``: write into this array (for instance
+    a region of a larger result) instead of a new one.
     """
     work = np.result_type(an, bn)
     batch = np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])
     an = np.broadcast_to(an, batch + an.shape[-2:])  # views: no copies
     bn = np.broadcast_to(bn, batch + bn.shape[-2:])
-    out = np.empty(batch + (an.shape[-2], bn.shape[-2]), dtype=out_dtype or work)
+    shape = batch + (an.shape[-2], bn.shape[-2])
+    if out is None:
+        out = np.empty(shape, dtype=out_dtype or work)
+    elif out.shape != shape or out.dtype != np.dtype(out_dtype or work):
+        raise ValueError(
+            f"out: expected an array of shape {shape} and dtype {np.dtype(out_dtype or work)}, "
+            f"received shape {out.shape} and dtype {out.dtype}"
+        )
     m = bn.shape[-2]
     rows = max(1, PANEL_BYTES // max(1, m * work.itemsize))
     scratch = None if out.dtype == work else np.empty((min(rows, an.shape[-2]), m), dtype=work)
@@ -206,6 +216,7 @@ def similarity_block(
     blas_threads: int | None = None,
     like: str = "numpy",
     precision: str = "float32",
+    out: np.ndarray | None = None,
 ):
     """One output block: ``an @ bn.T`` of unit vectors, clipped to [-1, 1].
 
@@ -226,6 +237,10 @@ def similarity_block(
         format, products accumulated in float32 (on CuPy by cuBLAS on tensor cores; on
         other namespaces emulated exactly by :func:`reduce_precision` then a float32
         product, so results are reproducible on the CPU). See README: GPU workers.
+    out
+        A NumPy array of the block's shape and output dtype (for instance a region of
+        the whole result) to write the block into; it is returned. A NumPy product
+        writes straight into it, a device product is copied into it.
 
     Examples
     --------
@@ -245,12 +260,20 @@ def similarity_block(
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
         if isinstance(an, np.ndarray) and isinstance(bn, np.ndarray):
             with limit_blas(blas_threads_for_task(blas_threads)):
-                return matmul_clip_numpy(an, bn, out_dtype)
+                return matmul_clip_numpy(an, bn, out_dtype, out=out)
         else:
             s = xp.matmul(an, xp.matrix_transpose(bn))
     s = _clip_unit(xp, s)
     if out_dtype is not None and s.dtype != _dtype(xp, out_dtype):
         s = xp.astype(s, _dtype(xp, out_dtype))
+    if out is not None:
+        if tuple(out.shape) != tuple(s.shape) or out.dtype != np.dtype(str(s.dtype)):
+            raise ValueError(
+                f"out: expected an array of shape {tuple(s.shape)} and dtype {s.dtype}, "
+                f"received shape {out.shape} and dtype {out.dtype}"
+            )
+        out[...] = to_numpy(s)
+        return out
     return to_numpy(s) if like == "numpy" and array_api_compat.is_cupy_array(s) else s
 
 

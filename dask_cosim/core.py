@@ -29,6 +29,7 @@ from ._plan import (
     result_dtype,
 )
 from ._resources import annotate_for, routed
+from ._result import SimilarityArray
 from ._triangle import similarity_triangle, use_triangle
 from ._worker_memory import worker_budget
 from ._zarr_guard import guard_input
@@ -142,6 +143,7 @@ def prepare(
             compute_itemsize=work.itemsize,
             out_itemsize=out.itemsize,
             min_blocks=TASKS_PER_CORE * _cores(),
+            parallel=_cores(),
             square=self_similar,
             grains=(grain_a, grain_b),
         )  # fmt: skip
@@ -365,7 +367,9 @@ def cosine_similarity(
     -------
     dask.array.Array
         Shape ``(batch, N, M)``, or ``(N, M)`` when both inputs are 2-D. Nothing is
-        computed until asked; a slice computes only the blocks it touches.
+        computed until asked; a slice computes only the blocks it touches. Its
+        ``compute()`` on the threaded or synchronous scheduler writes each block straight
+        into the result (no final assembly copy; see :class:`~dask_cosim._result.SimilarityArray`).
 
     Examples
     --------
@@ -380,7 +384,7 @@ def cosine_similarity(
         a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, check_finite=check_finite,
         precision=precision, like=like,
     )  # fmt: skip
-    result = similarity_from(prep)
+    result = SimilarityArray.wrap(similarity_from(prep), prep)
     record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector, precision=precision)
     return result
 

@@ -237,7 +237,12 @@ def test_call_is_lazy_and_builds_readable_task_names():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Count normalise and product kernel invocations (the graph captures the patched functions)."""
+    """Count normalise and product kernel invocations (the graph captures the patched functions).
+
+    Products run from two graph builders: ``core`` (the lazy array) and ``_result``
+    (``S.compute()`` writing blocks into the result); both are counted.
+    """
+    import dask_cosim._result as result
     import dask_cosim.core as core
 
     calls = {"normalize": [], "block": []}
@@ -253,6 +258,7 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(core, "normalize_rows", norm)
     monkeypatch.setattr(core, "similarity_block", block)
+    monkeypatch.setattr(result, "similarity_block", block)
     return calls
 
 

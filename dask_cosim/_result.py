@@ -1,0 +1,136 @@
+"""The array :func:`~dask_cosim.cosine_similarity` returns: ``compute()`` writes blocks into the result.
+
+``dask.array.Array.compute()`` computes every block into its own buffer, then concatenates
+them into a newly allocated result: a serial copy of the whole output into fresh memory,
+which for a dense similarity matrix costs about as much as a fifth of the products
+themselves. When the scheduler runs the tasks in this process (threaded or synchronous),
+:class:`SimilarityArray` instead allocates the result first and lets each product task write
+its block straight into its region (``numpy.matmul(..., out=view)``); nothing is assembled
+afterwards. On any other scheduler (a ``distributed`` cluster, processes), or for CuPy
+output, ``compute()`` is dask's own. Everything else about the array is a plain
+``dask.array.Array``: operations on it return plain dask arrays, computed by dask.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.array.core import PerformanceWarning
+from dask.layers import ArraySliceDep
+
+from ._kernels import similarity_block
+from ._resources import annotate_for, routed
+from ._triangle import use_triangle
+
+if TYPE_CHECKING:
+    from .core import Prepared
+
+__all__ = ["SimilarityArray"]
+
+
+class SimilarityArray(da.Array):
+    """A ``dask.array.Array`` of similarities whose ``compute()`` writes blocks in place.
+
+    Returned by :func:`~dask_cosim.cosine_similarity`; ``isinstance(S, dask.array.Array)``
+    holds and every dask operation works on it unchanged (returning plain dask arrays).
+
+    Examples
+    --------
+    >>> import numpy as np, dask_cosim as dcs
+    >>> S = dcs.cosine_similarity(np.eye(3), chunks=(1, 2))
+    >>> type(S).__name__, S.compute().tolist()[1]
+    ('SimilarityArray', [0.0, 1.0, 0.0])
+    """
+
+    @classmethod
+    def wrap(cls, x: da.Array, prep: Prepared) -> SimilarityArray:
+        """``x`` (the product graph built from ``prep``) as a :class:`SimilarityArray`."""
+        out = cls(x.dask, x.name, x.chunks, meta=x._meta)
+        out._prepared = prep
+        return out
+
+    def compute(self, **kwargs: Any):
+        """Compute the whole array into one NumPy (or CuPy) array.
+
+        Takes the keywords of :meth:`dask.array.Array.compute` (``scheduler=``,
+        ``optimize_graph=``, scheduler options). With the threaded or synchronous
+        scheduler and NumPy output, the result is allocated first and each block is
+        written into it by its own task (no assembly copy; peak memory is the result
+        plus the blocks in flight, not the result twice); otherwise dask's compute.
+        """
+        if not self._writes_in_place(kwargs.get("scheduler")):
+            return super().compute(**kwargs)
+        result = np.empty(self.shape, dtype=self.dtype)
+        dask.compute(self._written_into(result), **kwargs)
+        return result
+
+    def _writes_in_place(self, scheduler) -> bool:
+        """Whether this compute can write into one result buffer of this process."""
+        prep = getattr(self, "_prepared", None)
+        if prep is None or type(self._meta) is not np.ndarray or 0 in self.shape:
+            return False
+        schedule = dask.base.get_scheduler(scheduler=scheduler, collections=[self])
+        return schedule in (dask.threaded.get, dask.local.get_sync)
+
+    def _written_into(self, result: np.ndarray) -> da.Array:
+        """A graph whose tasks write this array's blocks into ``result`` (blocks: ``None``)."""
+        prep: Prepared = self._prepared
+        target = _Target(result)
+        if use_triangle(prep):  # blocks below the diagonal are transposes: dask's store copies them
+            return da.store(self, target, lock=False, compute=False)
+        with warnings.catch_warnings(), annotate_for(prep.device):
+            warnings.simplefilter("ignore", PerformanceWarning)  # an outer product, by design
+            return da.blockwise(
+                routed(_product_into, prep.device),
+                prep.out_index,
+                prep.an,
+                prep.a_index,
+                prep.bn,
+                prep.b_index,
+                ArraySliceDep(self.chunks),
+                prep.out_index,
+                name=f"cosine-block-{target.token}",  # the dashboard shows it as cosine-block
+                dtype=prep.out_dtype,
+                meta=np.empty((0,) * self.ndim, dtype=prep.out_dtype),
+                concatenate=True,
+                align_arrays=False,  # the plan aligned an and bn already
+                target=target,
+                **prep.product_kwargs(),
+            )
+
+
+class _Target:
+    """The result buffer in the graph: tokenised by identity (hashing its bytes would
+    read, and so fault in, the whole uninitialised result before a task runs)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:
+        return self.token
+
+    def __setitem__(self, region, block) -> None:  # da.store's target protocol
+        self.array[region] = block
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+
+def _product_into(an, bn, region, *, target: _Target, **kwargs) -> None:
+    """One product task writing its block into ``target`` at ``region``."""
+    similarity_block(an, bn, out=target.array[region], **kwargs)
