@@ -81,8 +81,8 @@ def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self
     Examples
     --------
     >>> similarity_keys(np.array([[1.5, np.nan], [0.5, 1.0]]), exclude_self=True)
-    array([[-3., -2.],
-           [ 0.5, -3.]])
+    array([[-3. , -2. ],
+           [ 0.5, -3. ]])
     """
     xp = array_api_compat.array_namespace(s)
     dev = array_api_compat.device(s)
