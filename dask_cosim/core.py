@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 from dask.array.core import PerformanceWarning
 from dask.base import tokenize
+from dask.layers import ArraySliceDep
 
 from . import _config, _finite, _provenance
 from ._backend import gpu_available, is_device_array
@@ -257,6 +258,7 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
     with annotate_for(norm["device"]):
         normed = arr.map_blocks(
             routed(_normalize_task, norm["device"]),
+            ArraySliceDep(arr.chunks),  # where the block lies, for error messages (cheaper than block_info)
             dtype=meta.dtype,
             meta=meta,
             token="cosine-normalize",
@@ -267,12 +269,8 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
     return normed, index
 
 
-def _normalize_task(x, block_info=None, **kwargs):
-    loc = block_info[0]["array-location"] if block_info else None
-    if loc is not None:
-        offset = (loc[0][0], loc[1][0]) if len(loc) == 3 else (0, loc[0][0])
-    else:
-        offset = None
+def _normalize_task(x, where: tuple[slice, ...], **kwargs):
+    offset = (where[0].start, where[1].start) if len(where) == 3 else (0, where[0].start)
     return normalize_rows(x, offset=offset, **kwargs)
 
 
