@@ -130,6 +130,12 @@ def prepare(
         _finite.check_finite({"a": a_in} if self_similar else {"a": a_in, "b": b_in})
 
     spec = _chunk_spec(chunks, batched)
+    # Blocks: several per core (load balance; with host output on a GPU this also overlaps the
+    # uploads and downloads of many tasks). Output left on the GPU (like="cupy"): as large as
+    # the target allows; a GPU finishes a 2048 x 2048 x 1024 block in a fraction of a
+    # millisecond, so splitting for the host's cores only adds per-task overhead (measured on
+    # an H200 with benchmarks/gpu_check.py: 0.20 -> 0.41 of the limit)
+    spread = 1 if like == "cupy" else _cores()
     grain_a, grain_b = storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]
     budget, workers = _config.max_task_memory(), worker_budget()  # tightest worker of the active client
     if workers is not None and workers.budget < budget:
@@ -143,8 +149,8 @@ def prepare(
             in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
             compute_itemsize=work.itemsize,
             out_itemsize=out.itemsize,
-            min_blocks=TASKS_PER_CORE * _cores(),
-            parallel=_cores(),
+            min_blocks=TASKS_PER_CORE * spread if spread > 1 else 1,
+            parallel=spread,
             square=self_similar,
             grains=(grain_a, grain_b),
         )  # fmt: skip
