@@ -115,20 +115,8 @@ class _Target:
     def __dask_tokenize__(self) -> str:
         return self.token
 
-    def __setitem__(self, region, block) -> None:  # da.store's target protocol
+    def __setitem__(self, region, block) -> None:  # all da.store asks of a target
         self.array[region] = block
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.array.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.array.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.array.ndim
 
 
 def _product_into(an, bn, region, *, target: _Target, **kwargs) -> None:
