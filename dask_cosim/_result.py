@@ -1,9 +1,9 @@
 """The array :func:`~dask_cosim.cosine_similarity` returns: ``compute()`` writes blocks into the result.
 
 ``dask.array.Array.compute()`` computes every block into its own buffer, then concatenates
-them into a newly allocated result: a serial copy of the whole output into fresh memory,
-which for a dense similarity matrix costs about as much as a fifth of the products
-themselves. When the scheduler runs the tasks in this process (threaded or synchronous),
+them into a newly allocated result: a serial copy of the whole output into fresh memory
+(measured for a 268 MB result on 2 cores: 0.07-0.48 s, next to 0.6 s for the products).
+When the scheduler runs the tasks in this process (threaded or synchronous),
 :class:`SimilarityArray` instead allocates the result first and lets each product task write
 its block straight into its region (``numpy.matmul(..., out=view)``); nothing is assembled
 afterwards. On any other scheduler (a ``distributed`` cluster, processes), or for CuPy
@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
+import dask.local
+import dask.threaded
 import numpy as np
 from dask.array.core import PerformanceWarning
+from dask.base import get_scheduler
 from dask.layers import ArraySliceDep
 
 from ._kernels import similarity_block
@@ -74,7 +77,7 @@ class SimilarityArray(da.Array):
         prep = getattr(self, "_prepared", None)
         if prep is None or type(self._meta) is not np.ndarray or 0 in self.shape:
             return False
-        schedule = dask.base.get_scheduler(scheduler=scheduler, collections=[self])
+        schedule = get_scheduler(scheduler=scheduler, collections=[self])
         return schedule in (dask.threaded.get, dask.local.get_sync)
 
     def _written_into(self, result: np.ndarray) -> da.Array:

@@ -134,7 +134,7 @@ def prepare(
     # uploads and downloads of many tasks). Output left on the GPU (like="cupy"): as large as
     # the target allows; a GPU finishes a 2048 x 2048 x 1024 block in a fraction of a
     # millisecond, so splitting for the host's cores only adds per-task overhead (measured on
-    # an H200 with benchmarks/gpu_check.py: 0.20 -> 0.41 of the limit)
+    # an H200 with benchmarks/gpu_check.py: 0.20 -> 0.40 of the limit)
     spread = 1 if like == "cupy" else _cores()
     grain_a, grain_b = storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]
     budget, workers = _config.max_task_memory(), worker_budget()  # tightest worker of the active client
