@@ -229,10 +229,12 @@ class _WriteGate:
     def entered(self) -> Iterator[bool]:
         """``True`` while the call still wants writes (the write runs inside the block)."""
         with self._cond:
-            if self._closed:
-                yield False
-                return
-            self._running += 1
+            wanted = not self._closed
+            if wanted:
+                self._running += 1
+        if not wanted:
+            yield False
+            return
         try:
             yield True
         finally:
