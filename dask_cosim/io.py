@@ -880,13 +880,14 @@ def to_parquet(
     token = tokenize(pairs._name, where)
     from dask.delayed import delayed
 
+    gate = _WriteGate()
     tasks = [
         delayed(_write_partition, pure=True)(
-            fs, root, i, parts[i], dask_key_name=(f"cosine-write-parquet-{token}", i)
+            fs, root, i, parts[i], gate, dask_key_name=(f"cosine-write-parquet-{token}", i)
         )
         for i in pending
     ]
-    _execute(tasks, progress)
+    _execute(tasks, progress, gate)
     finished = _parquet_done(fs, done_dir)
     missing = sorted(set(range(nparts)) - finished)
     if missing:
@@ -931,15 +932,21 @@ def _write_json(fs, path: str, obj) -> None:
     fs.mv(tmp, path)
 
 
-def _write_partition(fs, root: str, i: int, part) -> int:
-    """Write partition ``i`` under a temporary name, rename it, then mark it done."""
+def _write_partition(fs, root: str, i: int, part, gate: _WriteGate) -> int:
+    """Write partition ``i`` under a temporary name, rename it, then mark it done.
+
+    Returns its row count, or 0 when the call has already failed elsewhere and writes nothing more.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(part, preserve_index=False)
-    tmp = f"{root}/.part-{i:06d}.{os.getpid()}.tmp"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, f"{root}/{_pq_name(i)}")
-    fs.pipe_file(f"{root}/{_PQ_META}/done/{i:06d}", b"")
+    with gate.entered() as wanted:
+        if not wanted:
+            return 0
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        tmp = f"{root}/.part-{i:06d}.{os.getpid()}.tmp"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, f"{root}/{_pq_name(i)}")
+        fs.pipe_file(f"{root}/{_PQ_META}/done/{i:06d}", b"")
     return len(part)

@@ -398,3 +398,31 @@ def test_output_larger_than_worker_memory_completes(tmp_path):
         rows, cols = slice(2048 * i, 2048 * (i + 1)), slice(1024 * j, 1024 * (j + 1))
         ref = reference_cosine(a[kb, rows], a[kb, cols])
         np.testing.assert_allclose(g[kb, rows, cols], ref, atol=2e-6)
+
+
+def test_parquet_write_error_raises_after_the_running_writes_end(tmp_path, monkeypatch):
+    """A failed partition write: to_parquet raises only after the writes running on other
+    threads have ended, so no partition or marker lands after the error."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    real_write = pq.write_table
+
+    def slow_or_failing(table, where, *args, **kwargs):
+        if ".part-000001." in str(getattr(where, "path", where)):
+            raise OSError(28, "No space left on device")
+        time.sleep(0.5)
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", slow_or_failing)
+    a = _data((1, 40, 3), "float32")
+    pairs = dcs.pairs_above(a, a.copy(), threshold=-1.0, chunks=(1, 20, 20))  # 4 partitions
+    out = tmp_path / "pairs"
+    with dask.config.set(scheduler="threads", num_workers=2), pytest.raises(OSError, match="No space"):
+        dcs.to_parquet(pairs, out)
+    done = out / "_dask_cosim" / "done"
+    before = sorted(p.name for p in done.iterdir())
+    time.sleep(1.0)  # two slow writes' worth: anything still running would land now
+    assert sorted(p.name for p in done.iterdir()) == before
+    assert "000001" not in before
