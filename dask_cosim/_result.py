@@ -14,7 +14,6 @@ output, ``compute()`` is dask's own. Everything else about the array is a plain
 from __future__ import annotations
 
 import uuid
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -22,12 +21,10 @@ import dask.array as da
 import dask.local
 import dask.threaded
 import numpy as np
-from dask.array.core import PerformanceWarning
 from dask.base import get_scheduler
 from dask.layers import ArraySliceDep
 
 from ._kernels import similarity_block
-from ._resources import annotate_for, routed
 from ._triangle import use_triangle
 
 if TYPE_CHECKING:
@@ -86,25 +83,17 @@ class SimilarityArray(da.Array):
         target = _Target(result)
         if use_triangle(prep):  # blocks below the diagonal are transposes: dask's store copies them
             return da.store(self, target, lock=False, compute=False)
-        with warnings.catch_warnings(), annotate_for(prep.device):
-            warnings.simplefilter("ignore", PerformanceWarning)  # an outer product, by design
-            return da.blockwise(
-                routed(_product_into, prep.device),
-                prep.out_index,
-                prep.an,
-                prep.a_index,
-                prep.bn,
-                prep.b_index,
-                ArraySliceDep(self.chunks),
-                prep.out_index,
-                name=f"cosine-block-{target.token}",  # the dashboard shows it as cosine-block
-                dtype=prep.out_dtype,
-                meta=np.empty((0,) * self.ndim, dtype=prep.out_dtype),
-                concatenate=True,
-                align_arrays=False,  # the plan aligned an and bn already
-                target=target,
-                **prep.product_kwargs(),
-            )
+        return prep.pair_blockwise(
+            _product_into,
+            ArraySliceDep(self.chunks),
+            prep.out_index,
+            name=f"cosine-block-{target.token}",  # the dashboard shows it as cosine-block
+            dtype=prep.out_dtype,
+            meta=np.empty((0,) * self.ndim, dtype=prep.out_dtype),
+            align_arrays=False,  # the plan aligned an and bn already
+            target=target,
+            **prep.product_kwargs(),
+        )
 
 
 class _Target:

@@ -75,6 +75,28 @@ class Prepared:
         cupy_meta = self.like == "cupy" and (self.on_device or gpu_available())
         return _meta(cupy_meta, len(self.out_index), self.out_dtype)
 
+    def pair_blockwise(self, func, *extra, bn: da.Array | None = None, **kwargs) -> da.Array:
+        """:func:`dask.array.blockwise` of ``func(an_block, bn_block, *extra_blocks, **kwargs)``
+        over every pair of normalised blocks, one task per output block (``out_index``).
+
+        Tasks are marked for GPU workers when ``device="gpu"``; ``bn`` replaces the
+        normalised ``b`` (for instance some of its column blocks).
+        """
+        with warnings.catch_warnings(), annotate_for(self.device):
+            # an outer product has more output blocks than input blocks by design
+            warnings.simplefilter("ignore", PerformanceWarning)
+            return da.blockwise(
+                routed(func, self.device),
+                self.out_index,
+                self.an,
+                self.a_index,
+                self.bn if bn is None else bn,
+                self.b_index,
+                *extra,
+                concatenate=True,
+                **kwargs,
+            )
+
     def product_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`similarity_block` for this graph."""
         return {
@@ -291,22 +313,9 @@ def similarity_from(prep: Prepared) -> da.Array:
         return da.zeros(prep.out_shape, dtype=prep.out_dtype, chunks=chunks, meta=prep.meta)
     if use_triangle(prep):
         return similarity_triangle(prep)
-    with warnings.catch_warnings(), annotate_for(prep.device):
-        # an outer product has more output blocks than input blocks by design
-        warnings.simplefilter("ignore", PerformanceWarning)
-        return da.blockwise(
-            routed(similarity_block, prep.device),
-            prep.out_index,
-            prep.an,
-            prep.a_index,
-            prep.bn,
-            prep.b_index,
-            token="cosine-block",
-            dtype=prep.out_dtype,
-            meta=prep.meta,
-            concatenate=True,
-            **prep.product_kwargs(),
-        )
+    return prep.pair_blockwise(
+        similarity_block, token="cosine-block", dtype=prep.out_dtype, meta=prep.meta, **prep.product_kwargs()
+    )
 
 
 def cosine_similarity(

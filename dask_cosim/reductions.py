@@ -10,7 +10,6 @@ uses only the upper block triangle (:mod:`dask_cosim._triangle`).
 from __future__ import annotations
 
 import numbers
-import warnings
 from functools import partial
 
 import dask
@@ -18,7 +17,6 @@ import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-from dask.array.core import PerformanceWarning
 
 # dask's tree reduction (the machinery behind ``da.reduction``) used directly, so the
 # per-block product+selection layer keeps its own name instead of being fused into the
@@ -239,7 +237,6 @@ def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
     common = {
         "dtype": object,
         "meta": np.empty((0,) * len(prep.out_index), dtype=object),
-        "concatenate": True,
         "adjust_chunks": {"j": lambda m: min(k, m)},
         "k": k,
         "exclude_self": exclude_self,
@@ -252,27 +249,19 @@ def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
         index[axis] = sl
         return x.blocks[tuple(index)]
 
-    task = routed(_topk_task, prep.device)
-    with warnings.catch_warnings(), annotate_for(prep.device):
-        # an outer product has more output blocks than input blocks by design
-        warnings.simplefilter("ignore", PerformanceWarning)
-        if len(prep.plan.cols) == 1 or prep.plan.cols[0] < k:  # no pivot with k columns
-            return da.blockwise(
-                task, prep.out_index, prep.an, prep.a_index, prep.bn, prep.b_index,
-                rows, "i", cols, "j", token="cosine-topk", **common,
-            )  # fmt: skip
-        first, others = slice(0, 1), slice(1, None)
-        pivot = da.blockwise(
-            task, prep.out_index, prep.an, prep.a_index, column_blocks(prep.bn, jb, first), prep.b_index,
-            rows, "i", column_blocks(cols, 0, first), "j", token="cosine-topk", **common,
-        )  # fmt: skip
-        pruned = da.blockwise(
-            routed(_pruned_topk_task, prep.device),
-            prep.out_index, prep.an, prep.a_index, column_blocks(prep.bn, jb, others), prep.b_index,
-            pivot, prep.out_index,  # one block along j: every column block of the row block
-            rows, "i", column_blocks(cols, 0, others), "j",
-            token="cosine-topk", align_arrays=False, **common,
-        )  # fmt: skip
+    if len(prep.plan.cols) == 1 or prep.plan.cols[0] < k:  # no pivot with k columns
+        return prep.pair_blockwise(_topk_task, rows, "i", cols, "j", token="cosine-topk", **common)
+    first, others = slice(0, 1), slice(1, None)
+    pivot = prep.pair_blockwise(
+        _topk_task, rows, "i", column_blocks(cols, 0, first), "j",
+        bn=column_blocks(prep.bn, jb, first), token="cosine-topk", **common,
+    )  # fmt: skip
+    pruned = prep.pair_blockwise(
+        _pruned_topk_task,
+        pivot, prep.out_index,  # one block along j: every column block of the row block
+        rows, "i", column_blocks(cols, 0, others), "j",
+        bn=column_blocks(prep.bn, jb, others), token="cosine-topk", align_arrays=False, **common,
+    )  # fmt: skip
     return da.concatenate([pivot, pruned], axis=len(prep.out_index) - 1)
 
 
@@ -401,28 +390,20 @@ def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict) ->
     extra = []
     if len(prep.out_index) == 3:
         extra = [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
-    with warnings.catch_warnings(), annotate_for(prep.device):
-        warnings.simplefilter("ignore", PerformanceWarning)
-        return da.blockwise(
-            routed(_pairs_task, prep.device),
-            prep.out_index,
-            prep.an,
-            prep.a_index,
-            prep.bn,
-            prep.b_index,
-            rows,
-            "i",
-            cols,
-            "j",
-            *extra,
-            name=name,
-            dtype=object,
-            meta=np.empty((0,) * len(prep.out_index), dtype=object),
-            concatenate=True,
-            upper=prep.self_similar,
-            exclude_self=exclude_self,
-            **kwargs,
-        )
+    return prep.pair_blockwise(
+        _pairs_task,
+        rows,
+        "i",
+        cols,
+        "j",
+        *extra,
+        name=name,
+        dtype=object,
+        meta=np.empty((0,) * len(prep.out_index), dtype=object),
+        upper=prep.self_similar,
+        exclude_self=exclude_self,
+        **kwargs,
+    )
 
 
 def _pairs_task(an, bn, rows, cols, batches=None, **kwargs):
