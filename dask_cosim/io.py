@@ -269,7 +269,7 @@ def _wait_until_forgotten(client, keys: list, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
-def _execute(tasks: list, progress: bool, gate: _WriteGate | None = None) -> None:
+def _execute(tasks: list, progress: bool, gate: _WriteGate) -> None:
     """Run the write tasks: on the active distributed client if any, else dask's scheduler.
 
     On failure, every write that is already running finishes before the error propagates
@@ -288,8 +288,7 @@ def _execute(tasks: list, progress: bool, gate: _WriteGate | None = None) -> Non
             with ProgressBar() if progress else nullcontext():
                 dask.compute(*tasks)
         except Exception:
-            if gate is not None:
-                gate.close_and_wait()
+            gate.close_and_wait()
             raise
         return
     from distributed import as_completed
