@@ -84,6 +84,9 @@ def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self
     array([[-3. , -2. ],
            [ 0.5, -3. ]])
     """
+    native = _native_module(s)
+    if native is not None:
+        return _similarity_keys_native(native, s, row_offset, col_offset, exclude_self)
     xp = array_api_compat.array_namespace(s)
     dev = array_api_compat.device(s)
     key = xp.clip(s, -1.0, 1.0)
@@ -91,6 +94,32 @@ def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self
     if exclude_self:
         diag = _diagonal_mask(xp, key.shape, row_offset, col_offset, device=dev)
         key = xp.where(diag, xp.asarray(EXCLUDED_KEY, dtype=key.dtype, device=dev), key)
+    return key
+
+
+def _native_module(x):
+    """``numpy`` or ``cupy`` for their own arrays, ``None`` for other namespaces."""
+    if isinstance(x, np.ndarray):
+        return np
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy
+    return None
+
+
+def _similarity_keys_native(mod, s, row_offset: int, col_offset: int, exclude_self: bool):
+    """:func:`similarity_keys` with NumPy's or CuPy's own ``clip`` and masked ``copyto``.
+
+    One pass per step; the array-API ``clip`` of ``array_api_compat`` assigns through
+    boolean masks, which took 19 ms instead of ~1 ms for a 1 GiB block on an H200.
+    """
+    key = mod.clip(s, -1.0, 1.0).astype(s.dtype, copy=False)
+    mod.copyto(key, NAN_KEY, where=mod.isnan(key))
+    if exclude_self:
+        xp = array_api_compat.array_namespace(key)
+        diag = _diagonal_mask(xp, key.shape, row_offset, col_offset, device=array_api_compat.device(key))
+        mod.copyto(key, EXCLUDED_KEY, where=diag)
     return key
 
 
