@@ -15,15 +15,22 @@ with open(_fn) as f:
 dask.config.update_defaults(defaults)
 
 
-def max_task_memory() -> int:
-    """The per-task memory budget in bytes (``cosine.max-task-memory``)."""
-    value = dask.config.get("cosine.max-task-memory")
+def _bytes(key: str) -> int:
+    value = dask.config.get(key)
     try:
         return parse_bytes(value) if isinstance(value, str) else int(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"dask config cosine.max-task-memory: expected bytes like '4GiB', received {value!r}"
-        ) from err
+        raise ValueError(f"dask config {key}: expected bytes like '4GiB', received {value!r}") from err
+
+
+def max_task_memory() -> int:
+    """The per-task memory budget in bytes (``cosine.max-task-memory``)."""
+    return _bytes("cosine.max-task-memory")
+
+
+def gpu_block_bytes() -> int:
+    """Target size of a block of S computed and kept or reduced on a GPU (``cosine.gpu-block-bytes``)."""
+    return _bytes("cosine.gpu-block-bytes")
 
 
 def target_block_bytes() -> int:

@@ -140,12 +140,17 @@ def prepare(
     check_finite: bool = False,
     precision: Precision = "float32",
     like: Like | None = None,
+    block_bytes: int | None = None,
+    reduced: bool = False,
 ) -> Prepared:
     """Validate the inputs, plan the blocks and build the normalised inputs (lazily).
 
     ``check_finite=True`` first reads the inputs once, block-wise, and raises
     :class:`~dask_cosim.NonFiniteError` naming the first NaN/inf vector of each input.
     ``precision`` and ``like`` are described in :func:`cosine_similarity`.
+    ``block_bytes``: target of ``chunks="auto"`` blocks (default ``array.chunk-size``);
+    ``reduced``: each product task reduces its block (top-k, pairs), so only small results
+    leave the device it ran on.
     """
     device = check_device(device)
     zero_vector = check_zero_vector(zero_vector)
@@ -165,12 +170,19 @@ def prepare(
         _finite.check_finite({"a": a_in} if self_similar else {"a": a_in, "b": b_in})
 
     spec = _chunk_spec(chunks, batched)
+    on_device = is_device_array(a_in) or is_device_array(b_in)
     # Blocks: several per core (load balance; with host output on a GPU this also overlaps the
-    # uploads and downloads of many tasks). Output left on the GPU (like="cupy"): as large as
-    # the target allows; a GPU finishes a 2048 x 2048 x 1024 block in a fraction of a
-    # millisecond, so splitting for the host's cores only adds per-task overhead (measured on
-    # an H200 with benchmarks/gpu_check.py: 0.20 -> 0.40 of the limit)
-    spread = 1 if like == "cupy" else _cores()
+    # uploads and downloads of many tasks), near the target size. Blocks computed on a GPU whose
+    # result stays there (like="cupy") or is reduced there: one GPU-sized block each
+    # (cosine.gpu-block-bytes), not split for the host's cores; a GPU finishes a 2048 x 2048 x
+    # 1024 block in a fraction of a millisecond, so small blocks are mostly per-task overhead
+    # (measured on an H200, N = M = 16384, D = 1024: like="cupy" 0.20 of the limit with blocks
+    # for 16 cores, 0.46 with 128 MiB blocks, 0.59 with one; top-k 0.05 with 32 MiB blocks,
+    # 0.24 with one).
+    on_gpu = device == "gpu" or (device == "auto" and on_device)
+    gpu_sized = like == "cupy" or (reduced and on_gpu)
+    target = _config.gpu_block_bytes() if gpu_sized else block_bytes or _config.target_block_bytes()
+    spread = 1 if gpu_sized else _cores()
     grain_a, grain_b = storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]
     budget, workers = _config.max_task_memory(), worker_budget()  # tightest worker of the active client
     if workers is not None and workers.budget < budget:
@@ -179,7 +191,7 @@ def prepare(
         plan = plan_blocks(
             batch, op_a.rows, op_b.rows, op_a.dim,
             chunks=spec,
-            target_bytes=min(_config.target_block_bytes(), budget // 4),
+            target_bytes=min(target, budget // 4),
             budget_bytes=budget,
             in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
             compute_itemsize=work.itemsize,
@@ -193,7 +205,6 @@ def prepare(
         if workers is None or workers.budget != budget:
             raise
         raise PlanError(f"{err}. The binding budget is the workers' memory: {workers.explain()}") from None
-    on_device = is_device_array(a_in) or is_device_array(b_in)
     norm = {
         "compute_dtype": work.name,
         "zero_vector": zero_vector,

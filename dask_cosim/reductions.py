@@ -12,7 +12,6 @@ from __future__ import annotations
 import numbers
 from functools import partial
 
-import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
@@ -84,10 +83,10 @@ def _check_threshold(threshold) -> float:
 
 
 def _prepare(a, b, **kwargs) -> Prepared:
-    """:func:`~dask_cosim.core.prepare` with "auto" blocks of at most :data:`AUTO_BLOCK_BYTES`."""
+    """:func:`~dask_cosim.core.prepare` with "auto" blocks of at most :data:`AUTO_BLOCK_BYTES`
+    (``cosine.gpu-block-bytes`` when the products are known to run on a GPU)."""
     target = min(_config.target_block_bytes(), AUTO_BLOCK_BYTES)
-    with dask.config.set({"array.chunk-size": target}):
-        return prepare(a, b, **kwargs)
+    return prepare(a, b, block_bytes=target, reduced=True, **kwargs)
 
 
 # --------------------------------------------------------------------------- top-k
@@ -125,9 +124,10 @@ def topk(
         Drop the pair ``i == j`` (for self-similarity; ``b`` must have as many vectors as ``a``).
     chunks, device, precision
         As :func:`dask_cosim.cosine_similarity` (blocks of S that one task computes),
-        except that ``chunks="auto"`` aims at blocks of at most 32 MiB (:data:`AUTO_BLOCK_BYTES`).
-        Selection runs where the product ran (on the GPU for CuPy blocks); only the
-        ``k`` best per row leave the device.
+        except that ``chunks="auto"`` aims at blocks of at most 32 MiB (:data:`AUTO_BLOCK_BYTES`),
+        or of ``cosine.gpu-block-bytes`` (1 GiB) when the products run on a GPU known when
+        the graph is built (``device="gpu"``, or CuPy inputs). Selection runs where the
+        product ran (on the GPU for CuPy blocks); only the ``k`` best per row leave the device.
     like : {"numpy", "cupy"}, optional
         Where the results live, as in :func:`dask_cosim.cosine_similarity`.
     check_finite : bool
@@ -313,7 +313,8 @@ def pairs_above(
     ----------
     a, b, chunks, device, precision
         As :func:`dask_cosim.cosine_similarity` (``chunks="auto"``: blocks of at most
-        32 MiB, :data:`AUTO_BLOCK_BYTES`). The threshold is applied where the
+        32 MiB, :data:`AUTO_BLOCK_BYTES`, or ``cosine.gpu-block-bytes`` on a GPU, as in
+        :func:`topk`). The threshold is applied where the
         product ran (on the GPU for CuPy blocks); only the pairs leave the device.
     threshold : float
         Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).

@@ -135,19 +135,22 @@ def test_auto_batch_blocks_let_the_cores_finish_together(cores):
 
 
 @pytest.mark.parametrize("cores", [2, 16])
-def test_blocks_left_on_the_gpu_are_not_split_for_the_host_cores(monkeypatch, cores):
-    """like="cupy": blocks as large as array.chunk-size, however many host cores there are;
-    host output (like="numpy", also on a GPU) keeps several blocks per core."""
+def test_blocks_left_on_the_gpu_are_gpu_sized_and_not_split_for_the_host_cores(monkeypatch, cores):
+    """like="cupy": blocks near cosine.gpu-block-bytes (not array.chunk-size), however many
+    host cores there are; host output (like="numpy", also on a GPU) keeps several blocks per core."""
     monkeypatch.setattr(core, "_cores", lambda: cores)
     big, w2 = lazy((16_384, 1024)), lazy((16, 2048, 256))
     with dask.config.set({"array.chunk-size": "128MiB"}):
         on_gpu = dcs.cosine_similarity(big, big.copy(), device="gpu", like="cupy")
         to_host = dcs.cosine_similarity(big, big.copy(), device="gpu")
         w2_on_gpu = dcs.cosine_similarity(w2, w2.copy(), device="gpu", like="cupy")
-    block = max(on_gpu.chunks[0]) * max(on_gpu.chunks[1]) * 4
-    assert 64 * MiB <= block <= 128 * MiB and on_gpu.npartitions == 9, on_gpu.chunks  # 3 x 3 of 5462
-    assert w2_on_gpu.chunks[0] == (8, 8)  # 268 MB: two blocks near 128 MiB
+        with dask.config.set({"cosine.gpu-block-bytes": "256MiB"}):
+            quarter = dcs.cosine_similarity(big, big.copy(), device="gpu", like="cupy")
+    assert on_gpu.npartitions == 1 and w2_on_gpu.npartitions == 1  # 1 GiB and 268 MB
+    block = max(quarter.chunks[0]) * max(quarter.chunks[1]) * 4
+    assert 128 * MiB < block <= 256 * MiB and quarter.npartitions == 4, quarter.chunks
     assert to_host.npartitions >= min(TASKS_PER_CORE * cores, 16)
+    assert max(to_host.chunks[0]) * max(to_host.chunks[1]) * 4 <= 128 * MiB
 
 
 def test_explicit_axes_are_kept_and_auto_fills_the_rest(monkeypatch):

@@ -106,3 +106,22 @@ def test_plan_over_budget_is_refused_before_running():
             dcs.cosine_similarity(big, big, chunks=(1, 20000, 20000))
         S = dcs.cosine_similarity(big[:, :5000], big[:, :5000])  # auto always fits
         assert max(S.chunks[1]) * max(S.chunks[2]) * 4 <= 64 * 2**20
+
+
+@pytest.mark.parametrize("key", ["cosine.max-task-memory", "cosine.gpu-block-bytes"])
+def test_bad_byte_settings_name_the_config_key(key):
+    import dask
+
+    with dask.config.set({key: "lots"}), pytest.raises(ValueError, match=rf"dask config {key}: .*'lots'"):
+        dcs.topk(np.ones((4, 3)), k=1, device="gpu")
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    keys = yaml.safe_load((root / "dask_cosim" / "cosine.yaml").read_text())["cosine"]
+    readme = (root / "README.md").read_text()
+    assert [k for k in keys if f"| `cosine.{k}` |" not in readme] == []

@@ -289,6 +289,28 @@ def test_topk_auto_blocks_are_at_most_auto_block_bytes():
         assert max(_prepare(a, None).plan.rows) ** 2 * 4 <= 2**20
 
 
+@pytest.mark.parametrize("gpu", ["device", "cupy-inputs"])
+def test_topk_and_pairs_auto_blocks_on_a_gpu_are_gpu_sized(monkeypatch, gpu):
+    """Products known to run on a GPU (device="gpu", or CuPy inputs): blocks near
+    cosine.gpu-block-bytes, not split for the host's cores; device="auto" with host inputs
+    (the worker decides) keeps AUTO_BLOCK_BYTES."""
+    import dask_cosim.core as core
+
+    monkeypatch.setattr(core, "_cores", lambda: 16)
+    if gpu == "cupy-inputs":  # CuPy stand-in: only the planner's view of the inputs matters here
+        monkeypatch.setattr(core, "is_device_array", lambda x: True)
+        monkeypatch.setattr(core, "_meta", lambda on_device, ndim, dtype: np.empty((0,) * ndim, dtype))
+    a = da.zeros((16_384, 1024), dtype=np.float32, chunks=(16_384, 1024))
+    kw = {"device": "gpu"} if gpu == "device" else {"like": "numpy"}
+    assert _prepare(a, a.copy(), **kw).plan.chunks == ((1,), (16_384,), (16_384,))  # S: 1 GiB
+    with dask.config.set({"cosine.gpu-block-bytes": "64MiB"}):
+        plan = _prepare(a, a.copy(), **kw).plan
+    assert 32 * 2**20 < max(plan.rows) * max(plan.cols) * 4 <= 64 * 2**20
+    if gpu == "device":
+        host = _prepare(a, a.copy()).plan
+        assert max(host.rows) * max(host.cols) * 4 <= AUTO_BLOCK_BYTES
+
+
 def test_topk_empty_inputs():
     vals, idx = dcs.topk(np.ones((0, 3)), np.ones((5, 3)), k=2)
     assert vals.compute().shape == (0, 2) and idx.compute().dtype == np.int64
@@ -509,6 +531,27 @@ def test_merge_and_finish():
     assert np.isnan(vals[0, 3:]).all()
     strict = merge_topk([tuple(xps.asarray(x) for x in p) for p in (p1, p2)], 4)
     np.testing.assert_array_equal(np.asarray(strict[1]), [[0, 3, 1, 2]])
+
+
+@FAST
+@given(
+    shape=st.sampled_from([(5, 7), (2, 4, 6), (1, 3, 3)]),
+    dtype=st.sampled_from(["float32", "float64"]),  # the similarity dtypes (array_api_strict: no float16)
+    row_offset=st.integers(0, 6),
+    col_offset=st.integers(0, 6),
+    exclude_self=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_similarity_keys_native_equals_array_api(shape, dtype, row_offset, col_offset, exclude_self, seed):
+    """NumPy's own clip/copyto path (also CuPy's) against the generic array-API path."""
+    levels = np.array([-np.inf, -1.5, -1.0, -0.0, 0.0, 0.3, 1.0, 1.0000002, 7.0, np.inf, np.nan])
+    s = levels[rng(seed).integers(0, len(levels), size=shape)].astype(dtype)
+    kw = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
+    native = _select.similarity_keys(s, **kw)
+    generic = np.asarray(_select.similarity_keys(xps.asarray(s), **kw))
+    assert native.dtype == s.dtype and native is not s
+    np.testing.assert_array_equal(native, generic)
+    np.testing.assert_array_equal(np.signbit(native), np.signbit(generic))  # -0.0 kept
 
 
 def test_select_above_generic_and_offsets():
