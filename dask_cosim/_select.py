@@ -24,7 +24,7 @@ below ``t`` are dropped early and the part is filled with :data:`PAD_KEY` / inde
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
+from functools import lru_cache, partial
 
 import array_api_compat
 import numpy as np
@@ -109,11 +109,16 @@ def _native_module(x):
 
 
 def _similarity_keys_native(mod, s, row_offset: int, col_offset: int, exclude_self: bool):
-    """:func:`similarity_keys` with NumPy's or CuPy's own ``clip`` and masked ``copyto``.
+    """:func:`similarity_keys` with NumPy's own ``clip`` and masked ``copyto`` (one pass per
+    step), or for CuPy one fused elementwise kernel (one pass in all).
 
-    One pass per step; the array-API ``clip`` of ``array_api_compat`` assigns through
-    boolean masks, which took 19 ms instead of ~1 ms for a 1 GiB block on an H200.
+    The array-API ``clip`` of ``array_api_compat`` assigns through boolean masks: for a
+    1 GiB block on an H200 it took 19 ms, NumPy-style steps 3.8 ms (6.5 ms with
+    ``exclude_self``), the fused kernel 1.3 ms.
     """
+    if mod is not np:
+        n, m = s.shape[-2:]
+        return _cupy_keys_kernel()(s, n, m, row_offset, col_offset, bool(exclude_self))
     key = mod.clip(s, -1.0, 1.0).astype(s.dtype, copy=False)
     mod.copyto(key, NAN_KEY, where=mod.isnan(key))
     if exclude_self:
@@ -121,6 +126,29 @@ def _similarity_keys_native(mod, s, row_offset: int, col_offset: int, exclude_se
         diag = _diagonal_mask(xp, key.shape, row_offset, col_offset, device=array_api_compat.device(key))
         mod.copyto(key, EXCLUDED_KEY, where=diag)
     return key
+
+
+@lru_cache(maxsize=1)
+def _cupy_keys_kernel():
+    """CuPy twin of :func:`similarity_keys` (``i``: the element's flat index, C order)."""
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "T s, int64 n, int64 m, int64 r0, int64 c0, bool exclude_self",
+        "T key",
+        f"""
+        T v = s;
+        if (v != v) {{ v = (T)({NAN_KEY}); }}
+        else if (v > (T)1) {{ v = (T)1; }}
+        else if (v < (T)(-1)) {{ v = (T)(-1); }}
+        if (exclude_self) {{
+            long long q = i % (n * m);
+            if (q / m + r0 == q % m + c0) v = (T)({EXCLUDED_KEY});
+        }}
+        key = v;
+        """,
+        "dask_cosim_similarity_keys",
+    )
 
 
 # --------------------------------------------------------------------------- generic top-k

@@ -256,3 +256,40 @@ def test_gpu_check_script_exits_cleanly_without_a_gpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no usable CUDA GPU visible" in proc.stdout
     assert "GPU tests" not in proc.stdout and "TFLOP/s" not in proc.stdout
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", [(37, 53), (3, 21, 17)])
+@pytest.mark.parametrize("exclude_self, r0, c0", [(False, 0, 0), (True, 0, 0), (True, 5, 2), (True, 0, 9)])
+def test_cupy_keys_kernel_equals_the_numpy_twin(shape, exclude_self, r0, c0):
+    """The fused CuPy kernel of similarity_keys against NumPy's clip/copyto path, bit for bit."""
+    import cupy
+
+    from dask_cosim._select import similarity_keys
+
+    levels = np.array([-np.inf, -1.5, -1.0, -0.0, 0.0, 0.3, 1.0, 1.0000002, 7.0, np.inf, np.nan])
+    for dtype in (np.float32, np.float64):
+        s = levels[np.random.default_rng(r0 + c0).integers(0, len(levels), size=shape)].astype(dtype)
+        kw = {"row_offset": r0, "col_offset": c0, "exclude_self": exclude_self}
+        got = similarity_keys(cupy.asarray(s), **kw)
+        want = similarity_keys(s, **kw)
+        assert isinstance(got, cupy.ndarray) and got.dtype == want.dtype
+        np.testing.assert_array_equal(cupy.asnumpy(got), want)
+        np.testing.assert_array_equal(np.signbit(cupy.asnumpy(got)), np.signbit(want))
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("self_similar", [False, True])
+def test_topk_auto_blocks_on_the_gpu_equal_numpy(self_similar):
+    """Auto blocks on a GPU (whole rows of S, or the self-similarity triangle) with NaN and
+    zero vectors: the same neighbours as the CPU."""
+    a, b = _inputs(seed=7, n=300, m=260)
+    a[5, 2] = np.nan
+    b = None if self_similar else b
+    kw = {"k": 6, "exclude_self": self_similar}
+    vals, idx = dask.compute(*topk(a, b, device="gpu", **kw))
+    want_vals, want_idx = dask.compute(*topk(a, b, device="cpu", **kw))
+    np.testing.assert_allclose(vals, want_vals, rtol=0, atol=2e-6)
+    assert (idx == want_idx).mean() > 0.99  # float32 rounding may swap near-equal neighbours

@@ -311,6 +311,29 @@ def test_topk_and_pairs_auto_blocks_on_a_gpu_are_gpu_sized(monkeypatch, gpu):
         assert max(host.rows) * max(host.cols) * 4 <= AUTO_BLOCK_BYTES
 
 
+def test_reductions_on_a_gpu_take_whole_rows_of_s_when_enough_fit():
+    """Row blocks spanning every column (no pivot, pruned blocks or merge of parts) when
+    MIN_GPU_ROWS such rows fit in cosine.gpu-block-bytes; square blocks otherwise, and for
+    self-similarity (its block triangle needs them)."""
+    from dask_cosim.core import MIN_GPU_ROWS
+
+    a = da.zeros((32_768, 1024), dtype=np.float32, chunks=(32_768, 1024))
+    plan = _prepare(a, a.copy(), device="gpu").plan
+    assert plan.cols == (32_768,) and plan.rows == (8192,) * 4  # 1 GiB each
+    assert _prepare(a, a.copy(), device="cpu").plan.cols != (32_768,)
+    assert len(_prepare(a, None, device="gpu").plan.cols) > 1  # self-similarity: square blocks
+    with dask.config.set({"cosine.gpu-block-bytes": MIN_GPU_ROWS * 32_768 * 4 - 1}):
+        assert len(_prepare(a, a.copy(), device="gpu").plan.cols) > 1
+    with dask.config.set({"cosine.max-task-memory": "256MiB"}):  # the budget binds too
+        assert len(_prepare(a, a.copy(), device="gpu").plan.cols) > 1
+    explicit = _prepare(a, a.copy(), device="gpu", chunks=(4096, 4096)).plan
+    assert explicit.rows == (4096,) * 8 and explicit.cols == (4096,) * 8
+    vals, _ = dcs.topk(a, a.copy(), k=3, device="gpu")  # one part per row block: nothing to prune or merge
+    stages = {name.rsplit("-", 1)[0] for name in vals.dask.layers}
+    assert vals.numblocks == (4, 1) and "cosine-topk" in stages
+    assert not stages & {"blocks", "concatenate", "cosine-topk-merge-partial"}
+
+
 def test_topk_empty_inputs():
     vals, idx = dcs.topk(np.ones((0, 3)), np.ones((5, 3)), k=2)
     assert vals.compute().shape == (0, 2) and idx.compute().dtype == np.int64
