@@ -340,8 +340,15 @@ def plan_blocks(
     if total and min_blocks > 1:
         # enough blocks for every core, but never blocks under ~256x256
         elems = max(min(elems, math.ceil(total / min_blocks)), min(elems, 256 * 256))
-    # an input block (rows x dim) should not outgrow the target either
-    max_rows = max(1, target_bytes // max(1, dim * compute_itemsize))
+    # an input block (rows x dim) should not outgrow the target either, and the normalise task
+    # of one (raw block, float64 working copies, result: see task_memory) must fit the budget
+    max_rows = max(
+        1,
+        min(
+            target_bytes // max(1, dim * compute_itemsize),
+            budget_bytes // max(1, dim * (in_itemsize + 2 * 8 + compute_itemsize)),
+        ),
+    )
 
     nc = max(n_spec) if n_spec else None
     mc = max(m_spec) if m_spec else None
@@ -368,9 +375,8 @@ def plan_blocks(
     nc, mc = max(rows), max(cols)
     if b_spec is None:
         per_batch = max(1, nc * mc)
-        b_spec = _even_rounds(
-            batch, _balanced(batch, max(1, elems // per_batch)), len(rows) * len(cols), parallel
-        )
+        per_task = max(1, min(elems // per_batch, max_rows // max(nc, mc, 1)))  # normalise rows too
+        b_spec = _even_rounds(batch, _balanced(batch, per_task), len(rows) * len(cols), parallel)
     bc = max(b_spec) if batch else 0
 
     need = task_memory(
@@ -378,18 +384,21 @@ def plan_blocks(
         in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize,
     )  # fmt: skip
     if need > budget_bytes:
-        fits = plan_blocks(
-            batch, n, m, dim,
-            target_bytes=min(target_bytes, budget_bytes // 4),
-            budget_bytes=2**62,
-            in_itemsize=in_itemsize, compute_itemsize=compute_itemsize,
-            out_itemsize=out_itemsize, square=square,
-        )  # fmt: skip
+        sizes = {"in_itemsize": in_itemsize, "compute_itemsize": compute_itemsize}
+        sizes["out_itemsize"] = out_itemsize
+        one_row = task_memory(min(batch, 1), min(n, 1), min(m, 1), dim, **sizes)
+        if chunks == ("auto", "auto", "auto") or one_row > budget_bytes:
+            fits = "none: one vector per block needs " + format_bytes(one_row)
+        else:
+            auto = plan_blocks(
+                batch, n, m, dim, target_bytes=min(target_bytes, budget_bytes // 4),
+                budget_bytes=budget_bytes, square=square, **sizes,
+            )  # fmt: skip
+            fits = str(tuple(max(1, *c) for c in (auto.batch, auto.rows, auto.cols)))  # 1 on empty axes
         raise PlanError(
             f"chunks: blocks of (batch={bc}, N={nc}, M={mc}) with D={dim} need about "
             f"{format_bytes(need)} per task, above the budget cosine.max-task-memory="
-            f"{format_bytes(budget_bytes)}; chunks that fit: "
-            f"{(max(fits.batch), max(fits.rows), max(fits.cols))}. Pass smaller chunks= or "
+            f"{format_bytes(budget_bytes)}; chunks that fit: {fits}. Pass smaller chunks= or "
             "raise the budget with dask.config.set({'cosine.max-task-memory': ...})"
         )
     return Plan(b_spec, rows, cols, need)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,3 +73,42 @@ def test_task_memory_counts_inputs_output_and_cast():
     cast = task_memory(1, 100, 200, 10, in_itemsize=4, compute_itemsize=4, out_itemsize=2)
     assert same == (100 + 200) * 10 * 4 + 100 * 200 * 4
     assert cast == same + 100 * 200 * 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.integers(0, 64),
+    n=st.integers(0, 10**6),
+    m=st.integers(0, 10**6),
+    dim=st.integers(1, 2**17),
+    target=st.sampled_from([2**20, 2**27, 2**30]),
+    budget=st.sampled_from([2**26, 2**30, 2**32]),
+    in_itemsize=st.sampled_from([2, 4, 8]),
+    compute_itemsize=st.sampled_from([4, 8]),
+    out_itemsize=st.sampled_from([2, 4, 8]),
+    min_blocks=st.sampled_from([1, 8, 64]),
+    square=st.booleans(),
+)
+def test_auto_blocks_always_fit_the_budget_and_suggestions_fit_too(
+    batch, n, m, dim, target, budget, in_itemsize, compute_itemsize, out_itemsize, min_blocks, square
+):
+    """chunks="auto" never yields a plan over the budget (large D included: a normalise task
+    holds its block ~3 times), unless one vector alone is over it; a refused explicit plan
+    names chunks that are accepted."""
+    m = n if square else m
+    sizes = {"in_itemsize": in_itemsize, "compute_itemsize": compute_itemsize, "out_itemsize": out_itemsize}
+    kw = {"target_bytes": min(target, budget // 4), "budget_bytes": budget, "square": square, **sizes}
+    one_vector = task_memory(min(batch, 1), min(n, 1), min(m, 1), dim, **sizes)
+    if one_vector > budget:
+        with pytest.raises(PlanError, match="chunks that fit: none: one vector per block needs"):
+            plan_blocks(batch, n, m, dim, min_blocks=min_blocks, **kw)
+        return
+    plan = plan_blocks(batch, n, m, dim, min_blocks=min_blocks, **kw)
+    assert plan.task_bytes <= budget
+    try:
+        plan_blocks(batch, n, m, dim, chunks=(max(batch, 1), max(n, 1), max(m, 1)), **kw)
+    except PlanError as err:
+        fits = re.search(r"chunks that fit: \((\d+), (\d+), (\d+)\)", str(err))
+        assert fits, str(err)
+        suggested = tuple(int(v) for v in fits.groups())
+        assert plan_blocks(batch, n, m, dim, chunks=suggested, **kw).task_bytes <= budget
