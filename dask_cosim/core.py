@@ -187,22 +187,23 @@ def prepare(
     budget, workers = _config.max_task_memory(), worker_budget()  # tightest worker of the active client
     if workers is not None and workers.budget < budget:
         budget = workers.budget
-    if reduced and on_gpu and not self_similar and spec[2] == "auto":
-        spec = _full_rows(spec, op_b.rows, min(target, budget // 4), max(work.itemsize, out.itemsize))
+    plan_for = partial(
+        plan_blocks, batch, op_a.rows, op_b.rows, op_a.dim,
+        target_bytes=min(target, budget // 4),
+        budget_bytes=budget,
+        in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
+        compute_itemsize=work.itemsize,
+        out_itemsize=out.itemsize,
+        min_blocks=TASKS_PER_CORE * spread if spread > 1 else 1,
+        parallel=spread,
+        square=self_similar,
+        grains=(grain_a, grain_b),
+    )  # fmt: skip
     try:
-        plan = plan_blocks(
-            batch, op_a.rows, op_b.rows, op_a.dim,
-            chunks=spec,
-            target_bytes=min(target, budget // 4),
-            budget_bytes=budget,
-            in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
-            compute_itemsize=work.itemsize,
-            out_itemsize=out.itemsize,
-            min_blocks=TASKS_PER_CORE * spread if spread > 1 else 1,
-            parallel=spread,
-            square=self_similar,
-            grains=(grain_a, grain_b),
-        )  # fmt: skip
+        plan = None
+        if reduced and on_gpu and not self_similar and spec[2] == "auto":
+            plan = _whole_rows_plan(plan_for, spec, op_a.rows, op_b.rows)
+        plan = plan or plan_for(chunks=spec)
     except PlanError as err:
         if workers is None or workers.budget != budget:
             raise
@@ -271,19 +272,24 @@ def _cores() -> int:
     return CPU_COUNT
 
 
-#: Fewest rows a full-width block of a reduction on a GPU may have (see :func:`_full_rows`).
+#: Fewest rows a whole-row block of a reduction on a GPU may have (see :func:`_whole_rows_plan`).
 MIN_GPU_ROWS = 1024
 
 
-def _full_rows(spec: tuple, m: int, target: int, itemsize: int) -> tuple:
-    """``spec`` with whole rows of S (one block along M) for a reduction on a GPU, if
-    :data:`MIN_GPU_ROWS` such rows fit in ``target`` bytes.
+def _whole_rows_plan(plan_for, spec: tuple, n: int, m: int) -> Plan | None:
+    """A plan whose blocks span whole rows of S (one block along M) for a reduction on a
+    GPU, or ``None`` when blocks of ``min(n, MIN_GPU_ROWS)`` whole rows would not fit the
+    target size and the memory budget (then the usual blocks are used).
 
     A row block that spans every column needs no pivot, no pruned blocks and no merge of
-    parts: on an H200 (N = M = 32768, D = 1024, k = 10) top-k over 16384 x 32768 blocks took
-    93 ms, over 2 x 2 blocks of 16384 x 16384 161 ms, over 32768 x 8192 blocks 193 ms.
+    parts: on an H200 (N = M = 32768, D = 1024, k = 10) top-k over 8192 x 32768 blocks took
+    101 ms, over 2 x 2 blocks of 16384 x 16384 161 ms, over 32768 x 8192 blocks 193 ms.
     """
-    return (*spec[:2], m) if MIN_GPU_ROWS * m * itemsize <= target else spec
+    try:
+        plan = plan_for(chunks=(*spec[:2], m))
+    except PlanError:
+        return None
+    return plan if max(plan.rows) >= min(n, MIN_GPU_ROWS) else None
 
 
 def _chunk_spec(chunks, batched: bool) -> tuple:

@@ -29,6 +29,7 @@ from dask_cosim._select import (
     select_topk,
     topk_block,
 )
+from dask_cosim.core import prepare
 from dask_cosim.reductions import AUTO_BLOCK_BYTES, _prepare
 from dask_cosim.testing import reference_cosine
 
@@ -326,6 +327,13 @@ def test_reductions_on_a_gpu_take_whole_rows_of_s_when_enough_fit():
         assert len(_prepare(a, a.copy(), device="gpu").plan.cols) > 1
     with dask.config.set({"cosine.max-task-memory": "256MiB"}):  # the budget binds too
         assert len(_prepare(a, a.copy(), device="gpu").plan.cols) > 1
+    wide = da.zeros((200_000, 4096), dtype=np.float32, chunks=(200_000, 4096))  # b's blocks dominate
+    narrow = da.zeros((2048, 4096), dtype=np.float32, chunks=(2048, 4096))
+    for plan in (
+        _prepare(narrow, wide, device="gpu").plan,
+        prepare(wide, wide.copy(), device="gpu", like="cupy").plan,
+    ):
+        assert len(plan.cols) > 1 and plan.task_bytes <= 4 * 2**30  # auto always fits the budget
     explicit = _prepare(a, a.copy(), device="gpu", chunks=(4096, 4096)).plan
     assert explicit.rows == (4096,) * 8 and explicit.cols == (4096,) * 8
     vals, _ = dcs.topk(a, a.copy(), k=3, device="gpu")  # one part per row block: nothing to prune or merge
