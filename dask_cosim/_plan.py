@@ -384,8 +384,7 @@ def plan_blocks(
         in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize,
     )  # fmt: skip
     if need > budget_bytes:
-        sizes = {"in_itemsize": in_itemsize, "compute_itemsize": compute_itemsize}
-        sizes["out_itemsize"] = out_itemsize
+        sizes = dict(in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize)
         one_row = task_memory(min(batch, 1), min(n, 1), min(m, 1), dim, **sizes)
         if chunks == ("auto", "auto", "auto") or one_row > budget_bytes:
             fits = "none: one vector per block needs " + format_bytes(one_row)
