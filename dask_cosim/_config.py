@@ -18,9 +18,12 @@ dask.config.update_defaults(defaults)
 def _bytes(key: str) -> int:
     value = dask.config.get(key)
     try:
-        return parse_bytes(value) if isinstance(value, str) else int(value)
+        size = parse_bytes(value) if isinstance(value, str) else int(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"dask config {key}: expected bytes like '4GiB', received {value!r}") from err
+    if size <= 0:
+        raise ValueError(f"dask config {key}: expected a positive size like '4GiB', received {value!r}")
+    return size
 
 
 def max_task_memory() -> int:
