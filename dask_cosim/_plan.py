@@ -296,6 +296,7 @@ def plan_blocks(
     parallel: int = 1,
     square: bool = False,
     grains: tuple[int | None, int | None] = (None, None),
+    batched: bool = True,
 ) -> Plan:
     """Choose output block sizes and check them against the per-task memory budget.
 
@@ -319,6 +320,9 @@ def plan_blocks(
         Rows and columns must use the same blocks (self-similarity).
     grains
         Storage chunk sizes of the inputs along N and M; "auto" rounds to multiples.
+    batched
+        Whether the output has a batch axis: a refusal suggests ``(batch, n, m)`` chunks,
+        else ``(n, m)``, as ``cosine_similarity(chunks=)`` takes them.
 
     Examples
     --------
@@ -393,7 +397,8 @@ def plan_blocks(
                 batch, n, m, dim, target_bytes=min(target_bytes, budget_bytes // 4),
                 budget_bytes=budget_bytes, square=square, **sizes,
             )  # fmt: skip
-            fits = str(tuple(max(1, *c) for c in (auto.batch, auto.rows, auto.cols)))  # 1 on empty axes
+            axes = (auto.batch, auto.rows, auto.cols) if batched else (auto.rows, auto.cols)
+            fits = str(tuple(max(1, *c) for c in axes))  # 1 on empty axes
         raise PlanError(
             f"chunks: blocks of (batch={bc}, N={nc}, M={mc}) with D={dim} need about "
             f"{format_bytes(need)} per task, above the budget cosine.max-task-memory="

@@ -148,7 +148,8 @@ def prepare(
     ``check_finite=True`` first reads the inputs once, block-wise, and raises
     :class:`~dask_cosim.NonFiniteError` naming the first NaN/inf vector of each input.
     ``precision`` and ``like`` are described in :func:`cosine_similarity`.
-    ``block_bytes``: target of ``chunks="auto"`` blocks (default ``array.chunk-size``);
+    ``block_bytes``: target of ``chunks="auto"`` blocks (default ``array.chunk-size``) unless
+    they are GPU-sized (``cosine.gpu-block-bytes``, see the comment below);
     ``reduced``: each product task reduces its block (top-k, pairs), so only small results
     leave the device it ran on.
     """
@@ -198,10 +199,11 @@ def prepare(
         parallel=spread,
         square=self_similar,
         grains=(grain_a, grain_b),
+        batched=batched,
     )  # fmt: skip
     try:
         plan = None
-        if reduced and on_gpu and not self_similar and spec[2] == "auto":
+        if reduced and on_gpu and not self_similar and isinstance(spec[2], str) and spec[2] == "auto":
             plan = _whole_rows_plan(plan_for, spec, op_a.rows, op_b.rows)
         plan = plan or plan_for(chunks=spec)
     except PlanError as err:
@@ -282,9 +284,12 @@ def _whole_rows_plan(plan_for, spec: tuple, n: int, m: int) -> Plan | None:
     target size and the memory budget (then the usual blocks are used).
 
     A row block that spans every column needs no pivot, no pruned blocks and no merge of
-    parts: on an H200 (N = M = 32768, D = 1024, k = 10) top-k over 8192 x 32768 blocks took
-    101 ms, over 2 x 2 blocks of 16384 x 16384 161 ms, over 32768 x 8192 blocks 193 ms.
+    parts: on an H200 (N = M = 32768, D = 1024, k = 10) top-k over 16384 x 32768 blocks took
+    93 ms, over 2 x 2 blocks of 16384 x 16384 161 ms, over 32768 x 8192 blocks 193 ms (one
+    run); with this plan's default 8192 x 32768 blocks 101 ms (another run).
     """
+    if m == 0:
+        return None
     try:
         plan = plan_for(chunks=(*spec[:2], m))
     except PlanError:
@@ -393,7 +398,8 @@ def cosine_similarity(
     chunks : "auto" or tuple
         Output block sizes ``(batch, n, m)`` (``(n, m)`` for 2-D output); each entry an
         int, ``-1`` (whole axis), ``"auto"`` or explicit block sizes. ``"auto"`` aims at
-        dask's ``array.chunk-size`` per output block. D is never split. A plan whose
+        dask's ``array.chunk-size`` per output block (``cosine.gpu-block-bytes`` for
+        blocks left on the GPU, ``like="cupy"``). D is never split. A plan whose
         per-task memory exceeds ``cosine.max-task-memory`` raises
         :class:`~dask_cosim.PlanError` before anything runs.
     dtype : float dtype, optional

@@ -109,11 +109,32 @@ def test_plan_over_budget_is_refused_before_running():
 
 
 @pytest.mark.parametrize("key", ["cosine.max-task-memory", "cosine.gpu-block-bytes"])
-def test_bad_byte_settings_name_the_config_key(key):
+@pytest.mark.parametrize("value", ["lots", "0", -5])
+def test_bad_byte_settings_name_the_config_key(key, value):
     import dask
 
-    with dask.config.set({key: "lots"}), pytest.raises(ValueError, match=rf"dask config {key}: .*'lots'"):
+    with dask.config.set({key: value}), pytest.raises(ValueError, match=rf"dask config {key}: .*{value!r}"):
         dcs.topk(np.ones((4, 3)), k=1, device="gpu")
+
+
+@pytest.mark.parametrize("shape", [(20_000, 64), (2, 20_000, 64)])
+def test_refused_plan_suggests_chunks_that_are_accepted(shape):
+    """The suggestion has the output's own dimensionality and passes back as chunks=."""
+    import re
+
+    import dask
+
+    x = np.ones(shape, dtype="float32")
+    explicit = (20_000, 20_000) if len(shape) == 2 else (2, 20_000, 20_000)
+    with dask.config.set({"cosine.max-task-memory": "64MiB"}):
+        with pytest.raises(dcs.PlanError, match=r"chunks that fit: \(") as info:
+            dcs.cosine_similarity(x, x.copy(), chunks=explicit)
+        fits = tuple(
+            int(v) for v in re.search(r"chunks that fit: \(([\d, ]+)\)", str(info.value))[1].split(",")
+        )
+        assert len(fits) == len(shape)
+        S = dcs.cosine_similarity(x, x.copy(), chunks=fits)
+    assert max(S.chunks[-2]) == fits[-2] and max(S.chunks[-1]) == fits[-1]
 
 
 def test_every_config_key_is_documented_in_the_readme():

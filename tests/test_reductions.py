@@ -675,8 +675,10 @@ def key_prefix(key):
     return key_split(key)
 
 
-def test_pairs_above_empty_input():
-    df = dcs.pairs_above(np.ones((0, 3)), np.ones((4, 3)), threshold=0.1)
+@pytest.mark.parametrize("device", ["cpu", "gpu"])  # empty: nothing runs, so no GPU is needed
+@pytest.mark.parametrize("n, m", [(0, 4), (4, 0), (0, 0)])
+def test_pairs_above_empty_input(device, n, m):
+    df = dcs.pairs_above(np.ones((n, 3)), np.ones((m, 3)), threshold=0.1, device=device)
     assert len(df.compute()) == 0
 
 
