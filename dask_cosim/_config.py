@@ -48,3 +48,25 @@ def blas_threads_setting() -> int | None:
     if value in (None, "auto"):
         return None
     return max(1, int(value))
+
+
+def task_flops() -> float:
+    """Floating-point operations one reduction task aims at (``cosine.task-flops``)."""
+    value = dask.config.get("cosine.task-flops")
+    try:
+        flops = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"dask config cosine.task-flops: expected a number like 1e11, received {value!r}"
+        ) from err
+    if not flops > 0 or flops == float("inf"):
+        raise ValueError(f"dask config cosine.task-flops: expected a positive number, received {value!r}")
+    return flops
+
+
+def max_blocks() -> int:
+    """Most product tasks an automatic plan may have (``cosine.max-blocks``)."""
+    value = dask.config.get("cosine.max-blocks")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or value != int(value):
+        raise ValueError(f"dask config cosine.max-blocks: expected a positive integer, received {value!r}")
+    return int(value)

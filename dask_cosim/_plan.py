@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -230,21 +231,40 @@ def _even_rounds(size: int, blocks: tuple[int, ...], repeat: int, parallel: int)
     return min(candidates, key=lambda c: (_makespan(c, repeat, parallel), len(c)))
 
 
-def _snap(block: int, size: int, grain: int | None) -> int:
-    """Round ``block`` down to a multiple of an input's storage chunk ``grain``."""
-    if not grain or grain >= size or block <= grain:
+def _snap(block: int, size: int, grain: int | None, limit: int | None = None) -> int:
+    """``block`` rounded to the nearest (in ratio) multiple or divisor of an input's storage
+    chunk ``grain``, so that every input chunk is read whole by one or by a few tasks;
+    never above ``limit`` (the rows memory allows).
+
+    >>> _snap(14_000, 10**6, 100_000), _snap(78_000, 10**6, 100_000), _snap(260_000, 10**6, 100_000)
+    (14285, 100000, 300000)
+    """
+    if not grain or grain >= size or block >= size:
         return block
-    return max(grain, block // grain * grain)
+    limit = size if limit is None else limit
+    lower = block // grain * grain if block >= grain else grain // math.ceil(grain / block)
+    upper = lower + grain if block >= grain else grain // max(1, grain // block)
+    fits = [c for c in (lower, upper) if 0 < c <= limit]
+    best = min(fits, key=lambda c: abs(math.log(c / block)), default=0)
+    return best or block
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Block sizes of the output ``(batch, N, M)`` and what one task needs in memory."""
+    """Block sizes of the output ``(batch, N, M)`` and what one task needs in memory.
+
+    :func:`dask_cosim._sizing.plan_job` also records the operation, the budget, the job
+    it planned for and why it chose these sizes (``notes``).
+    """
 
     batch: tuple[int, ...]
     rows: tuple[int, ...]
     cols: tuple[int, ...]
     task_bytes: int
+    op: str = "similarity"
+    budget_bytes: int | None = None
+    notes: tuple[str, ...] = ()
+    job: Any = None
 
     @property
     def chunks(self) -> Chunks:
@@ -264,20 +284,34 @@ def task_memory(
     in_itemsize: int,
     compute_itemsize: int,
     out_itemsize: int,
+    reduce: bool = False,
 ) -> int:
     """Peak bytes one task holds: the worst of a normalise task and a product task.
 
     A normalise task holds its raw input block, a float64 working copy, its scale
     temporaries and the normalised result. A product task holds two normalised blocks,
     the product in the compute dtype and, if the output dtype differs, its cast.
+    With ``reduce=True`` (top-k and pairs on the CPU) the product is never held whole:
+    the kernels compute it in tiles of at most :data:`REDUCE_TILE_BYTES` (plus their
+    masks and candidates), and keep a transposed copy of the column block.
     """
     rows = bc * max(nc, mc)
     normalize = rows * dim * (in_itemsize + 2 * 8 + compute_itemsize)
     block = bc * nc * mc
+    if reduce:
+        tile = min(block, REDUCE_TILE_BYTES // compute_itemsize)
+        product = bc * (nc + 2 * mc) * dim * compute_itemsize + tile * (compute_itemsize + 2)
+        return max(normalize, product + bc * nc * _CANDIDATE_BYTES)
     product = bc * (nc + mc) * dim * compute_itemsize + block * compute_itemsize
     if out_itemsize != compute_itemsize:
         product += block * out_itemsize
     return max(normalize, product)
+
+
+#: Largest tile of S a reduction kernel computes at once on the CPU (see ``_select``).
+REDUCE_TILE_BYTES = 64 * 2**20
+#: Per row of a reduction block: its candidates and its part (a generous allowance).
+_CANDIDATE_BYTES = 2048
 
 
 def plan_blocks(
@@ -297,6 +331,9 @@ def plan_blocks(
     square: bool = False,
     grains: tuple[int | None, int | None] = (None, None),
     batched: bool = True,
+    reduce: bool = False,
+    max_blocks: int | None = None,
+    min_square_blocks: int = 1,
 ) -> Plan:
     """Choose output block sizes and check them against the per-task memory budget.
 
@@ -319,10 +356,20 @@ def plan_blocks(
     square
         Rows and columns must use the same blocks (self-similarity).
     grains
-        Storage chunk sizes of the inputs along N and M; "auto" rounds to multiples.
+        Storage chunk sizes of the inputs along N and M; "auto" rounds to the nearest
+        multiple or divisor (see :func:`_snap`).
     batched
         Whether the output has a batch axis: a refusal suggests ``(batch, n, m)`` chunks,
         else ``(n, m)``, as ``cosine_similarity(chunks=)`` takes them.
+    reduce
+        The tasks reduce their block without holding it (top-k, pairs on the CPU): the
+        memory estimate counts tiles, not the block (see :func:`task_memory`), and input
+        blocks are not capped by ``target_bytes``.
+    max_blocks
+        Most blocks an "auto" plan may have (output blocks; a reduction's upper-triangle
+        blocks when ``square``); larger jobs get larger blocks, within the budget.
+    min_square_blocks
+        With ``square``: at least this many blocks per axis when blocks of >= 256 rows allow.
 
     Examples
     --------
@@ -344,15 +391,21 @@ def plan_blocks(
     if total and min_blocks > 1:
         # enough blocks for every core, but never blocks under ~256x256
         elems = max(min(elems, math.ceil(total / min_blocks)), min(elems, 256 * 256))
-    # an input block (rows x dim) should not outgrow the target either, and the normalise task
-    # of one (raw block, float64 working copies, result: see task_memory) must fit the budget
-    max_rows = max(
-        1,
-        min(
-            target_bytes // max(1, dim * compute_itemsize),
-            budget_bytes // max(1, dim * (in_itemsize + 2 * 8 + compute_itemsize)),
-        ),
-    )
+    # a held block of S (not reduce) stays within a quarter of the budget, whatever the rest wants
+    max_elems = budget_bytes // (4 * item) if not reduce else total or 1
+    if total and max_blocks:  # a bounded graph: larger blocks rather than more of them
+        computed = total // 2 if square and reduce else total  # a reduction's triangle: its products
+        elems = max(elems, min(math.ceil(computed / max_blocks), max_elems))
+    # the normalise task of an input block (raw block, float64 working copies, result: see
+    # task_memory) must fit the budget; a stored block's input rows x dim should not outgrow
+    # the target either, and a reduction's inputs (both blocks, a transposed copy) the budget
+    normalise_rows = budget_bytes // max(1, dim * (in_itemsize + 2 * 8 + compute_itemsize))
+    if reduce:
+        room = budget_bytes - 2 * REDUCE_TILE_BYTES
+        input_rows = room // max(1, 3 * dim * compute_itemsize + _CANDIDATE_BYTES)
+    else:
+        input_rows = target_bytes // max(1, dim * compute_itemsize)
+    max_rows = max(1, min(normalise_rows, input_rows))
 
     nc = max(n_spec) if n_spec else None
     mc = max(m_spec) if m_spec else None
@@ -360,7 +413,12 @@ def plan_blocks(
         side = max(1, math.isqrt(elems))
         if nc is None and mc is None:
             if square:
-                nc = mc = min(n, side, max_rows)
+                nc = mc = min(n, side, max_rows, max(256, math.ceil(n / min_square_blocks)))
+                if max_blocks and n:  # ... but no more upper blocks than max_blocks
+                    per_batch = max(1, max_blocks // max(1, batch))
+                    triangle = (math.isqrt(8 * per_batch + 1) - 1) // 2  # nb (nb + 1) / 2 <= per_batch
+                    nb_max = max(1, triangle if reduce else math.isqrt(per_batch))
+                    nc = mc = min(max(nc, math.ceil(n / nb_max)), max_rows, max(1, math.isqrt(max_elems)))
             elif n <= side:
                 nc, mc = n, min(m, max(1, elems // max(n, 1)))
             elif m <= side:
@@ -372,8 +430,8 @@ def plan_blocks(
         else:
             mc = min(m, max(1, elems // max(nc, 1)))
         nc, mc = min(nc, max_rows), min(mc, max_rows)
-    rows = n_spec or _balanced(n, _snap(nc, n, grains[0]))
-    cols = m_spec or _balanced(m, _snap(mc, m, grains[1]))
+    rows = n_spec or _balanced(n, _snap(nc, n, grains[0], max_rows))
+    cols = m_spec or _balanced(m, _snap(mc, m, grains[1], max_rows))
     if square and n_spec is None and m_spec is None:
         cols = rows
     nc, mc = max(rows), max(cols)
@@ -385,10 +443,11 @@ def plan_blocks(
 
     need = task_memory(
         bc, nc, mc, dim,
-        in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize,
+        in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize, reduce=reduce,
     )  # fmt: skip
     if need > budget_bytes:
         sizes = dict(in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize)
+        sizes["reduce"] = reduce
         one_row = task_memory(min(batch, 1), min(n, 1), min(m, 1), dim, **sizes)
         if chunks == ("auto", "auto", "auto") or one_row > budget_bytes:
             fits = "none: one vector per block needs " + format_bytes(one_row)

@@ -29,7 +29,14 @@ from functools import lru_cache, partial
 import array_api_compat
 import numpy as np
 
-from ._backend import blas_threads_for_task, block_namespace, limit_blas, to_host_like, to_numpy
+from ._backend import (
+    blas_threads_for_task,
+    block_namespace,
+    choose_backend,
+    limit_blas,
+    to_host_like,
+    to_numpy,
+)
 from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
 
 __all__ = [
@@ -319,9 +326,8 @@ def topk_block(
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
         small = _is_small_numpy(an, bn, device)
         with nullcontext() if small else limit_blas(blas_threads_for_task(blas_threads)):
-            parts = _topk_block_numpy(
-                an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets
-            )
+            bounds = {"row_bound": row_bound, "col_bound": col_bound}
+            parts = _topk_block_tiled(an, bn, k, both=both, **bounds, **offsets)
     else:
         s = similarity_block(
             an, bn, device=device, blas_threads=blas_threads, like="input", precision=precision
@@ -369,6 +375,71 @@ def _cast_part(part, out_dtype, like: str):
         if keys.dtype != want:
             keys = xp.astype(keys, want)
     return to_host_like(keys, like), to_host_like(idx, like)
+
+
+# --------------------------------------------------------------------------- column tiles
+#
+# A block of S is never held whole on the CPU: :func:`_topk_block_tiled` runs the fast path
+# on column tiles of at most :data:`TILE_COLS` columns (each computed in row strips), so a
+# task's memory does not grow with the block's width, and merges the tiles' row parts as
+# it goes; the running k-th best of each row prunes the next tiles like a pivot does.
+
+#: Widest column tile of a CPU top-k or pairs kernel (row strips of it stay cache-sized).
+TILE_COLS = 4096
+#: Largest tile of S (bytes) a CPU pairs kernel computes at once.
+_PAIRS_TILE_BYTES = 16 * 2**20
+
+
+def _even_tiles(size: int, most: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(size)`` in near-equal tiles of at most ``most``.
+
+    >>> _even_tiles(10, 4)
+    [(0, 4), (4, 7), (7, 10)]
+    """
+    count = max(1, -(-size // max(1, most)))
+    step, extra = divmod(size, count)
+    out, start = [], 0
+    for t in range(count):
+        stop = start + step + (t < extra)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=None, **offsets):
+    """:func:`_topk_block_numpy` over column tiles of ``bn``, merged: the same parts."""
+    m = bn.shape[-2]
+    most = TILE_COLS
+    if both and col_bound is None:  # that path keeps one tile whole: bound its bytes instead
+        most = max(TILE_COLS, _PAIRS_TILE_BYTES // max(1, an.shape[-2] * an.dtype.itemsize))
+    tiles = _even_tiles(m, most)
+    if len(tiles) == 1:
+        return _topk_block_numpy(an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets)
+    rows_part, col_parts = None, []
+    for c0, c1 in tiles:
+        bound = row_bound
+        if rows_part is not None and rows_part[0].shape[-1] >= k:  # the running k-th best prunes
+            running = part_bound(rows_part, k)
+            bound = running if bound is None else np.maximum(bound, running.astype(bound.dtype))
+        out = _topk_block_numpy(
+            an,
+            bn[..., c0:c1, :],
+            k,
+            both=both,
+            row_offset=offsets["row_offset"],
+            col_offset=offsets["col_offset"] + c0,
+            exclude_self=offsets["exclude_self"],
+            row_bound=bound,
+            col_bound=None if col_bound is None else col_bound[..., c0:c1],
+        )
+        rows_part = out[0] if rows_part is None else merge_topk([rows_part, out[0]], k)
+        if both:
+            col_parts.append(out[1])
+    if not both:
+        return (rows_part,)
+    keys = np.concatenate([p[0] for p in col_parts], axis=-2)
+    idx = np.concatenate([p[1] for p in col_parts], axis=-2)
+    return rows_part, (keys, idx)
 
 
 # --------------------------------------------------------------------------- NumPy fast path
@@ -754,6 +825,12 @@ def pairs_block(
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
         s = matmul_clip_numpy(an, bn, out_dtype)
+    elif _needs_tiles(an, bn, device):
+        return _pairs_block_tiled(
+            an, bn, threshold=threshold, row_offset=row_offset, col_offset=col_offset,
+            batch_offset=batch_offset, upper=upper, exclude_self=exclude_self, out_dtype=out_dtype,
+            blas_threads=blas_threads, precision=precision,
+        )  # fmt: skip
     else:
         s = similarity_block(
             an,
@@ -774,3 +851,46 @@ def pairs_block(
         exclude_self=exclude_self,
     )
     return tuple(to_host_like(v, like) for v in out)
+
+
+def _needs_tiles(an, bn, device: str) -> bool:
+    """NumPy blocks whose product exceeds :data:`_PAIRS_TILE_BYTES` (computed tile by tile)."""
+    if not (isinstance(an, np.ndarray) and isinstance(bn, np.ndarray)):
+        return False
+    if choose_backend(an, device) != "numpy":
+        return False
+    batch = int(np.prod(np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])))
+    return batch * an.shape[-2] * bn.shape[-2] * np.result_type(an, bn).itemsize > _PAIRS_TILE_BYTES
+
+
+def _pairs_block_tiled(an, bn, *, threshold, row_offset, col_offset, upper, exclude_self, **kwargs):
+    """:func:`pairs_block` on NumPy blocks, one tile of S at a time; the same pairs in the
+    same (batch, i, j) order, while memory holds one tile (plus the pairs found)."""
+    batch = int(np.prod(np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])))
+    item = np.result_type(an, bn).itemsize
+    cols = _even_tiles(bn.shape[-2], TILE_COLS)
+    width = cols[0][1] - cols[0][0]
+    rows = _even_tiles(an.shape[-2], max(1, _PAIRS_TILE_BYTES // max(1, batch * width * item)))
+    found = []
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            if upper and col_offset + c1 - 1 < row_offset + r0:  # the tile lies below the diagonal
+                continue
+            found.append(
+                pairs_block(
+                    an[..., r0:r1, :],
+                    bn[..., c0:c1, :],
+                    threshold=threshold,
+                    row_offset=row_offset + r0,
+                    col_offset=col_offset + c0,
+                    upper=upper,
+                    exclude_self=exclude_self,
+                    device="cpu",
+                    **kwargs,
+                )  # fmt: skip
+            )
+    b, i, j, score = (np.concatenate([f[n] for f in found]) for n in range(4))
+    if len(cols) > 1:  # tiles of one row strip interleave rows: restore row-major order
+        order = np.lexsort((j, i, b))
+        b, i, j, score = b[order], i[order], j[order], score[order]
+    return b, i, j, score

@@ -19,6 +19,7 @@ __all__ = [
     "TASK_SHARE",
     "WorkerBudget",
     "worker_budget",
+    "cluster_layout",
     "budget_for",
     "assume_workers",
     "killed_worker_message",
@@ -50,8 +51,8 @@ class WorkerBudget:
         )
 
 
-_ASSUMED: contextvars.ContextVar[WorkerBudget | None] = contextvars.ContextVar(
-    "dask_cosim_assumed_workers", default=None
+_ASSUMED: contextvars.ContextVar[tuple[WorkerBudget | None, int | None]] = contextvars.ContextVar(
+    "dask_cosim_assumed_workers", default=(None, None)
 )
 
 
@@ -64,13 +65,14 @@ def budget_for(memory_limit: int | None, nthreads: int, address: str) -> WorkerB
 
 
 @contextmanager
-def assume_workers(budget: WorkerBudget | None) -> Iterator[None]:
-    """Plan as if running on workers like ``budget`` while no client is active yet.
+def assume_workers(budget: WorkerBudget | None, threads: int | None = None) -> Iterator[None]:
+    """Plan as if running on workers like ``budget`` (with ``threads`` threads in all)
+    while no client is active yet.
 
     The command line plans (and checks) a job before it starts its cluster; it knows the
     memory limit and threads it will give the workers, or asks the scheduler it will use.
     """
-    token = _ASSUMED.set(budget)
+    token = _ASSUMED.set((budget, threads))
     try:
         yield
     finally:
@@ -83,8 +85,19 @@ def worker_budget(client=None) -> WorkerBudget | None:
     Without an active client: the workers assumed by :func:`assume_workers`, if any.
     ``None`` without workers, or when no worker has a memory limit (``memory_limit=0``).
     """
+    return cluster_layout(client)[0]
+
+
+def cluster_layout(client=None) -> tuple[WorkerBudget | None, int | None]:
+    """``(tightest worker budget, threads of all workers)`` of ``client`` (default: the
+    active client), from one call to the scheduler; the assumed workers
+    (:func:`assume_workers`) without a client; ``(None, None)`` when nothing is known."""
     if client is None:
         try:
+            import sys
+
+            if "distributed" not in sys.modules:  # no client can be active: skip the import
+                return _ASSUMED.get()
             from distributed import default_client
 
             client = default_client()
@@ -92,16 +105,17 @@ def worker_budget(client=None) -> WorkerBudget | None:
             return _ASSUMED.get()
     try:
         if getattr(client, "asynchronous", False):
-            return None  # a sync call would block the event loop; plan without it
+            return None, None  # a sync call would block the event loop; plan without it
         workers = client.scheduler_info(n_workers=-1).get("workers", {})
     except Exception:  # noqa: BLE001 - a closing/unreachable client must not break planning
-        return None
-    tightest = None
+        return None, None
+    tightest, threads = None, 0
     for address, info in workers.items():
+        threads += int(info.get("nthreads") or 1)
         budget = budget_for(info.get("memory_limit"), info.get("nthreads") or 1, f"worker {address}")
         if budget is not None and (tightest is None or budget.budget < tightest.budget):
             tightest = budget
-    return tightest
+    return tightest, threads or None
 
 
 def killed_worker_message(err: BaseException, budget: WorkerBudget | None = None, client=None) -> str:

@@ -20,20 +20,19 @@ from ._kernels import PRECISIONS, normalize_rows, similarity_block
 from ._plan import (
     Operand,
     Plan,
-    PlanError,
     check_choice,
     check_device,
     check_pair,
     check_zero_vector,
     compute_dtype,
     output_dtype,
-    plan_blocks,
     result_dtype,
 )
 from ._resources import annotate_for, routed
 from ._result import SimilarityArray
+from ._sizing import Job, Settings, plan_job
 from ._triangle import similarity_triangle, use_triangle
-from ._worker_memory import worker_budget
+from ._worker_memory import cluster_layout
 from ._zarr_guard import guard_input
 
 __all__ = ["cosine_similarity", "prepare", "Prepared"]
@@ -140,18 +139,17 @@ def prepare(
     check_finite: bool = False,
     precision: Precision = "float32",
     like: Like | None = None,
-    block_bytes: int | None = None,
-    reduced: bool = False,
+    op: str = "similarity",
+    k: int | None = None,
 ) -> Prepared:
     """Validate the inputs, plan the blocks and build the normalised inputs (lazily).
 
     ``check_finite=True`` first reads the inputs once, block-wise, and raises
     :class:`~dask_cosim.NonFiniteError` naming the first NaN/inf vector of each input.
     ``precision`` and ``like`` are described in :func:`cosine_similarity`.
-    ``block_bytes``: target of ``chunks="auto"`` blocks (default ``array.chunk-size``) unless
-    they are GPU-sized (``cosine.gpu-block-bytes``, see the comment below);
-    ``reduced``: each product task reduces its block (top-k, pairs), so only small results
-    leave the device it ran on.
+    ``op`` (``"similarity"``, ``"topk"``, ``"pairs"``) and ``k`` tell the sizing policy
+    (:mod:`dask_cosim._sizing`) what the blocks are for; it is asked once, with the
+    active cluster's layout (one call to its scheduler) or this machine's.
     """
     device = check_device(device)
     zero_vector = check_zero_vector(zero_vector)
@@ -169,47 +167,24 @@ def prepare(
     batched = op_a.ndim == 3 or op_b.ndim == 3
     if check_finite:
         _finite.check_finite({"a": a_in} if self_similar else {"a": a_in, "b": b_in})
+    settings, threads = current_settings()
 
     spec = _chunk_spec(chunks, batched)
     on_device = is_device_array(a_in) or is_device_array(b_in)
-    # Blocks: several per core (load balance; with host output on a GPU this also overlaps the
-    # uploads and downloads of many tasks), near the target size. Blocks computed on a GPU whose
-    # result stays there (like="cupy") or is reduced there: one GPU-sized block each
-    # (cosine.gpu-block-bytes), not split for the host's cores; a GPU finishes a 2048 x 2048 x
-    # 1024 block in a fraction of a millisecond, so small blocks are mostly per-task overhead
-    # (measured on an H200, N = M = 16384, D = 1024: like="cupy" 0.20 of the limit with blocks
-    # for 16 cores, 0.46 with 128 MiB blocks, 0.59 with one; top-k 0.05 with 32 MiB blocks,
-    # 0.24 with one, 0.38 with the fused CuPy keys kernel of _select).
-    on_gpu = device == "gpu" or (device == "auto" and on_device)
-    gpu_sized = like == "cupy" or (reduced and on_gpu)
-    target = _config.gpu_block_bytes() if gpu_sized else block_bytes or _config.target_block_bytes()
-    spread = 1 if gpu_sized else _cores()
-    grain_a, grain_b = storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]
-    budget, workers = _config.max_task_memory(), worker_budget()  # tightest worker of the active client
-    if workers is not None and workers.budget < budget:
-        budget = workers.budget
-    plan_for = partial(
-        plan_blocks, batch, op_a.rows, op_b.rows, op_a.dim,
-        target_bytes=min(target, budget // 4),
-        budget_bytes=budget,
+    job = Job(
+        op, batch, op_a.rows, op_b.rows, op_a.dim,
         in_itemsize=max(op_a.dtype.itemsize, op_b.dtype.itemsize),
         compute_itemsize=work.itemsize,
         out_itemsize=out.itemsize,
-        min_blocks=TASKS_PER_CORE * spread if spread > 1 else 1,
-        parallel=spread,
-        square=self_similar,
-        grains=(grain_a, grain_b),
+        self_similar=self_similar,
         batched=batched,
+        k=k,
+        on_gpu=device == "gpu" or (device == "auto" and on_device),
+        keep_on_gpu=like == "cupy",
+        grains=(storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]),
+        cores=threads or _cores(),
     )  # fmt: skip
-    try:
-        plan = None
-        if reduced and on_gpu and not self_similar and isinstance(spec[2], str) and spec[2] == "auto":
-            plan = _whole_rows_plan(plan_for, spec, op_a.rows, op_b.rows)
-        plan = plan or plan_for(chunks=spec)
-    except PlanError as err:
-        if workers is None or workers.budget != budget:
-            raise
-        raise PlanError(f"{err}. The binding budget is the workers' memory: {workers.explain()}") from None
+    plan = plan_job(job, settings, spec)
     norm = {
         "compute_dtype": work.name,
         "zero_vector": zero_vector,
@@ -261,40 +236,27 @@ def _normalize_device(device: str, on_device: bool) -> str:
     return "cpu" if device == "auto" and not on_device else device
 
 
-#: Auto blocks: at least this many output blocks per core when the output is small enough
-#: that blocks of ``array.chunk-size`` would leave cores idle. Several tasks per thread
-#: balance the load (the last normalisations overlap the first products, no thread idles
-#: at the end); measured with ``benchmarks/bench_core.py`` against one block per core.
-TASKS_PER_CORE = 4
-
-
 def _cores() -> int:
     from dask.system import CPU_COUNT
 
     return CPU_COUNT
 
 
-#: Fewest rows a whole-row block of a reduction on a GPU may have (see :func:`_whole_rows_plan`).
-MIN_GPU_ROWS = 1024
-
-
-def _whole_rows_plan(plan_for, spec: tuple, n: int, m: int) -> Plan | None:
-    """A plan whose blocks span whole rows of S (one block along M) for a reduction on a
-    GPU, or ``None`` when blocks of ``min(n, MIN_GPU_ROWS)`` whole rows would not fit the
-    target size and the memory budget (then the usual blocks are used).
-
-    A row block that spans every column needs no pivot, no pruned blocks and no merge of
-    parts: on an H200 (N = M = 32768, D = 1024, k = 10) top-k over 16384 x 32768 blocks took
-    93 ms, over 2 x 2 blocks of 16384 x 16384 161 ms, over 32768 x 8192 blocks 193 ms (one
-    run); with this plan's default 8192 x 32768 blocks 101 ms (another run).
-    """
-    if m == 0:
-        return None
-    try:
-        plan = plan_for(chunks=(*spec[:2], m))
-    except PlanError:
-        return None
-    return plan if max(plan.rows) >= min(n, MIN_GPU_ROWS) else None
+def current_settings() -> tuple[Settings, int | None]:
+    """The sizing settings now (dask config, the workers' budget) and the cluster's threads."""
+    budget, (workers, threads) = _config.max_task_memory(), cluster_layout()
+    source = None
+    if workers is not None and workers.budget < budget:
+        budget, source = workers.budget, workers.explain()
+    settings = Settings(
+        chunk_bytes=_config.target_block_bytes(),
+        gpu_block_bytes=_config.gpu_block_bytes(),
+        budget_bytes=budget,
+        task_flops=_config.task_flops(),
+        max_blocks=_config.max_blocks(),
+        budget_source=source,
+    )
+    return settings, threads
 
 
 def _chunk_spec(chunks, batched: bool) -> tuple:

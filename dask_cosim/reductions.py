@@ -23,21 +23,13 @@ import pandas as pd
 from dask.array.reductions import _tree_reduce
 from dask.base import tokenize
 
-from . import _config
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
+from ._sizing import SPLIT_EVERY
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
 from .core import Device, Like, Precision, Prepared, prepare, record_result
 
 __all__ = ["topk", "pairs_above"]
-
-#: Parts merged by one ``cosine-topk-merge`` task.
-SPLIT_EVERY = 8
-#: ``chunks="auto"`` aims at blocks of S of at most this many bytes here (dask's
-#: ``array.chunk-size`` if smaller): nothing is stored, so blocks smaller than
-#: ``cosine_similarity``'s cost little, balance better across workers and make the
-#: self-similarity triangle closer to half the work.
-AUTO_BLOCK_BYTES = 32 * 2**20
 
 
 # --------------------------------------------------------------------------- validation
@@ -82,11 +74,10 @@ def _check_threshold(threshold) -> float:
     return float(threshold)
 
 
-def _prepare(a, b, **kwargs) -> Prepared:
-    """:func:`~dask_cosim.core.prepare` with "auto" blocks of at most :data:`AUTO_BLOCK_BYTES`
-    (``cosine.gpu-block-bytes`` when the products are known to run on a GPU)."""
-    target = min(_config.target_block_bytes(), AUTO_BLOCK_BYTES)
-    return prepare(a, b, block_bytes=target, reduced=True, **kwargs)
+def _prepare(a, b, op: str = "topk", **kwargs) -> Prepared:
+    """:func:`~dask_cosim.core.prepare` for a reduction: "auto" blocks sized by work
+    (``cosine.task-flops``), not by bytes (see :mod:`dask_cosim._sizing`)."""
+    return prepare(a, b, op=op, **kwargs)
 
 
 # --------------------------------------------------------------------------- top-k
@@ -163,7 +154,7 @@ def topk(
     """
     k = _check_k(k)
     prep = _prepare(
-        a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite
+        a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite, k=k
     )
     exclude_self = _check_exclude_self(exclude_self, prep)
     _check_k_fits(k, prep, exclude_self)
@@ -339,7 +330,9 @@ def pairs_above(
     1      0  1  2    0.6
     """
     threshold = _check_threshold(threshold)
-    prep = _prepare(a, b, chunks=chunks, device=device, precision=precision, check_finite=check_finite)
+    prep = _prepare(
+        a, b, op="pairs", chunks=chunks, device=device, precision=precision, check_finite=check_finite
+    )
     exclude_self = _check_exclude_self(exclude_self, prep)
     meta = _pairs_meta(prep.out_dtype)
     if 0 in prep.out_shape:

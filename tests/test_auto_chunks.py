@@ -15,7 +15,8 @@ from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
 import dask_cosim as dcs
 from dask_cosim import core
-from dask_cosim.core import TASKS_PER_CORE, prepare
+from dask_cosim._sizing import TASKS_PER_CORE
+from dask_cosim.core import prepare
 
 MiB = 2**20
 
@@ -53,7 +54,10 @@ def test_auto_blocks_follow_chunk_size(monkeypatch, shape, dtype, target_mib, co
     batch, n, m, d = shape
     item = np.dtype(dtype).itemsize
     target = target_mib * MiB
-    with dask.config.set({"array.chunk-size": f"{target_mib}MiB", "cosine.max-task-memory": "64GiB"}):
+    # the task-count cap (cosine.max-blocks) is tested on its own: out of the way here
+    config = {"array.chunk-size": f"{target_mib}MiB", "cosine.max-task-memory": "64GiB"}
+    config["cosine.max-blocks"] = 2**40
+    with dask.config.set(config):
         S = dcs.cosine_similarity(lazy((batch, n, d), dtype), lazy((batch, m, d), dtype))
         p = prepare(lazy((batch, n, d), dtype), lazy((batch, m, d), dtype))
     bc, nc, mc = (max(c) for c in S.chunks)

@@ -30,7 +30,7 @@ from dask_cosim._select import (
     topk_block,
 )
 from dask_cosim.core import prepare
-from dask_cosim.reductions import AUTO_BLOCK_BYTES, _prepare
+from dask_cosim.reductions import _prepare
 from dask_cosim.testing import reference_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,21 +280,33 @@ def _reductions():
     return reductions
 
 
-def test_topk_auto_blocks_are_at_most_auto_block_bytes():
+def test_reduction_auto_blocks_are_sized_by_work(monkeypatch):
+    """topk / pairs_above blocks carry about cosine.task-flops each (nothing of S is held),
+    split further only so that every thread gets REDUCTION_TASKS_PER_CORE of them."""
+    import dask_cosim.core as core
+    from dask_cosim._sizing import REDUCTION_TASKS_PER_CORE
+
+    monkeypatch.setattr(core, "_cores", lambda: 2)
     a = da.zeros((60_000, 32), dtype=np.float32, chunks=(60_000, 32))
+    b = da.zeros((50_000, 32), dtype=np.float32, chunks=(50_000, 32))
+    small_job = _prepare(a, b).plan  # 6e9 FLOP in all: split for the two threads
+    assert len(small_job.rows) * len(small_job.cols) >= 2 * REDUCTION_TASKS_PER_CORE
+    for op in ("topk", "pairs"):
+        with dask.config.set({"cosine.task-flops": 1e8}):
+            plan = _prepare(a, b, op=op).plan
+        flops = 2 * 32 * max(plan.rows) * max(plan.cols)
+        assert 1e8 / 4 <= flops <= 1e8, plan.chunks
+        with dask.config.set({"cosine.task-flops": 1e9}):
+            assert 2 * 32 * max(_prepare(a, b, op=op).plan.rows) ** 2 > flops  # more work, bigger blocks
     vals, _ = dcs.topk(a, k=3)
-    plan = _prepare(a, None).plan
-    assert max(plan.rows) * max(plan.cols) * 4 <= AUTO_BLOCK_BYTES < 60_000**2 * 4 / 100
-    assert vals.chunks[0] == plan.rows
-    with dask.config.set({"array.chunk-size": "1MiB"}):  # a smaller dask setting wins
-        assert max(_prepare(a, None).plan.rows) ** 2 * 4 <= 2**20
+    assert vals.chunks[0] == _prepare(a, None).plan.rows
 
 
 @pytest.mark.parametrize("gpu", ["device", "cupy-inputs"])
 def test_topk_and_pairs_auto_blocks_on_a_gpu_are_gpu_sized(monkeypatch, gpu):
     """Products known to run on a GPU (device="gpu", or CuPy inputs): blocks near
     cosine.gpu-block-bytes, not split for the host's cores; device="auto" with host inputs
-    (the worker decides) keeps AUTO_BLOCK_BYTES."""
+    (the worker decides) keeps host-sized blocks."""
     import dask_cosim.core as core
 
     monkeypatch.setattr(core, "_cores", lambda: 16)
@@ -307,16 +319,16 @@ def test_topk_and_pairs_auto_blocks_on_a_gpu_are_gpu_sized(monkeypatch, gpu):
     with dask.config.set({"cosine.gpu-block-bytes": "64MiB"}):
         plan = _prepare(a, a.copy(), **kw).plan
     assert 32 * 2**20 < max(plan.rows) * max(plan.cols) * 4 <= 64 * 2**20
-    if gpu == "device":
+    if gpu == "device":  # the worker decides: blocks planned for the host's threads
         host = _prepare(a, a.copy()).plan
-        assert max(host.rows) * max(host.cols) * 4 <= AUTO_BLOCK_BYTES
+        assert len(host.rows) * len(host.cols) >= 16
 
 
 def test_reductions_on_a_gpu_take_whole_rows_of_s_when_enough_fit():
     """Row blocks spanning every column (no pivot, pruned blocks or merge of parts) when
     MIN_GPU_ROWS such rows fit in cosine.gpu-block-bytes; square blocks otherwise, and for
     self-similarity (its block triangle needs them)."""
-    from dask_cosim.core import MIN_GPU_ROWS
+    from dask_cosim._sizing import MIN_GPU_ROWS
 
     a = da.zeros((32_768, 1024), dtype=np.float32, chunks=(32_768, 1024))
     plan = _prepare(a, a.copy(), device="gpu").plan
@@ -391,7 +403,8 @@ def test_topk_graph_never_holds_more_than_a_block(self_similar):
     vals, idx = dcs.topk(a, b, k=k)
     plan = _prepare(a, b).plan  # as topk plans it
     s_block = max(plan.rows) * max(plan.cols) * 4
-    assert n * n * 4 > 1000 * s_block  # S is ~160 GB, a block is ~1/1000 of it
+    assert n * n * 4 > 50 * s_block  # S is ~160 GB, a block a small part of it
+    assert plan.task_bytes < s_block / 4  # and a task computes its block in tiles, never whole
     sizes = _layer_block_bytes({**vals.dask.layers, **idx.dask.layers}, k, pair_bytes=4 + 8)
     assert max(sizes.values()) <= s_block, {name: v for name, v in sizes.items() if v > s_block}
     # the top-k parts and merges are tiny next to a block of S: at most 2 x rows x k candidates
