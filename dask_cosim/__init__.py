@@ -16,6 +16,7 @@ from ._version import __version__
 from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
 from .io import to_parquet, to_zarr
+from .planning import JobPlan, plan
 from .reductions import pairs_above, topk
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "cosine_similarity",
     "topk",
     "pairs_above",
+    "plan",
+    "JobPlan",
     "to_zarr",
     "to_parquet",
     "PlanError",

@@ -27,9 +27,19 @@ def describe_input(x: Any) -> dict[str, Any]:
     return info
 
 
-def record(name: str, **facts: Any) -> None:
-    """Remember ``facts`` for the result whose dask name is ``name``."""
+_PLANS: dict[str, Any] = {}
+
+
+def record(name: str, plan: Any = None, **facts: Any) -> None:
+    """Remember ``facts`` (and the block plan) for the result whose dask name is ``name``."""
     _REGISTRY[name] = facts
+    if plan is not None:
+        _PLANS[name] = plan
+
+
+def plan_of(name: str) -> Any:
+    """The :class:`~dask_cosim._plan.Plan` the result ``name`` was built with, if known."""
+    return _PLANS.get(name)
 
 
 def lookup(name: str) -> dict[str, Any]:

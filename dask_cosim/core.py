@@ -423,6 +423,7 @@ def record_result(name: str, kind: str, prep: Prepared, a, b, **params) -> None:
 
     _provenance.record(
         name,
+        plan=prep.plan,
         kind=kind,
         a=_provenance.describe_input(a),
         b=None if prep.self_similar else _provenance.describe_input(b),

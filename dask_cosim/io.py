@@ -24,7 +24,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from . import _provenance
+from . import _provenance, _topk_store
 from ._backend import to_numpy
 
 __all__ = [
@@ -320,6 +320,7 @@ class _ZarrPayload:
     params: dict[str, Any]
     pairs_per_block: np.ndarray  # similarity entries each block covers
     dim: int | None
+    topk_source: Any = None  # how a top-k result was reduced: written by checkpointed chains
 
 
 def _zarr_payload(result) -> _ZarrPayload:
@@ -350,7 +351,10 @@ def _zarr_payload(result) -> _ZarrPayload:
         m = int(facts["shape"][-1]) if facts.get("shape") else 1
         sizes = _block_sizes(vals.chunks[:-1]) * m
         arrays = {"values": vals, "indices": idx}
-        return _ZarrPayload("topk", arrays, vals.numblocks[:-1], params, sizes, _dim(facts))
+        source = _topk_store.lookup(result[0].name)
+        if source is not None and (source.parts.chunks[:-1] != vals.chunks[:-1] or vals.chunks != idx.chunks):
+            source = None  # rechunked for writing: the parts no longer match the blocks
+        return _ZarrPayload("topk", arrays, vals.numblocks[:-1], params, sizes, _dim(facts), source)
     raise TypeError(
         "result: expected the dask array of cosine_similarity or the (values, indices) pair of topk, "
         f"received {type(result).__name__}; write pairs_above results with to_parquet"
@@ -594,9 +598,18 @@ def to_zarr(
         group = _create(store, payload, layout, storage_options)
     done = group[MARKERS][...].astype(bool)
     gate = _WriteGate()
-    tasks, pending = _zarr_tasks(payload, group, done, gate)
+    if payload.topk_source is not None:  # resumable link by link (see _topk_store)
+        values = payload.arrays["values"]
+        _topk_store.ensure_state_arrays(group, values)
+        token = tokenize(values.name, _describe(group.store), group.path)
+        source = payload.topk_source
+        tasks, pending = _topk_store.chain_tasks(source, values, group, done, gate, MARKERS, token)
+    else:
+        tasks, pending = _zarr_tasks(payload, group, done, gate)
     _execute(tasks, progress, gate)
     _finish_zarr(group, payload, where)
+    if payload.topk_source is not None:
+        _topk_store.drop_state_arrays(group)
     return WriteReport(
         path=where,
         kind=payload.kind,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numbers
 from functools import partial
 
+import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
@@ -26,6 +27,8 @@ from dask.base import tokenize
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._sizing import SPLIT_EVERY
+from ._topk_store import TopkSource, priority_of
+from ._topk_store import register as register_topk
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
 from .core import Device, Like, Precision, Prepared, prepare, record_result
 
@@ -164,11 +167,11 @@ def topk(
     if 0 in prep.out_shape:
         vals, idx = _empty_topk(prep, topk_chunks)
     else:
-        parts = (
-            topk_triangle_parts(prep, k, exclude_self)
-            if use_triangle(prep)
-            else _topk_parts(prep, k, exclude_self)
-        )
+        triangle = use_triangle(prep)
+        # priorities by upper row: on a cluster, row panels finish in order (see _topk_store)
+        with dask.annotate(priority=priority_of(triangle, len(prep.plan.rows))):
+            build = topk_triangle_parts if triangle else _topk_parts
+            parts = build(prep, k, exclude_self)
         # parts left on the GPU (like="cupy") are merged there too
         where = prep.device if prep.like == "cupy" else "cpu"
         with annotate_for(where):
@@ -197,6 +200,8 @@ def topk(
                 meta=prep.meta.astype(np.int64),
                 token="cosine-topk-indices",
             )
+        upper = parts.dask.dependencies[parts.name] if triangle else ()
+        register_topk(vals.name, TopkSource(parts, k, triangle, where, next(iter(upper), None)))
     for result in (vals, idx):
         record_result(result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, precision=precision)
     return vals, idx

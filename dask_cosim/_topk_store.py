@@ -1,0 +1,230 @@
+"""Resumable top-k jobs: each row panel merges its parts in a chain that checkpoints as it goes.
+
+A top-k result is a tree reduction of per-block parts; written as such, nothing reaches
+the store until every column block of a row panel is done, and with the self-similarity
+triangle (block ``(x, j)`` also feeds panel ``j``) an interrupted job kept almost nothing.
+So :func:`dask_cosim.to_zarr` writes a registered top-k result (:func:`register`) through
+this module instead:
+
+- **Links.** Panel ``j`` (a row block, per batch block) merges its parts in order, one
+  *link* per step: without the triangle one link takes all of its parts; with it, link
+  ``x < j`` takes the part that upper block ``(x, j)`` gives panel ``j``, and link ``j``
+  the parts of its own upper row. Merging is the same exact top-k with ties by the
+  smaller index as the tree's, so the result does not change.
+- **Checkpoints.** After link ``L`` the merged state is written to slot ``L % 2`` of
+  ``_topk_state_*`` (two slots: a crash while writing one leaves the other intact), then
+  ``_topk_links[panel] = L + 1``. The last link writes ``values``/``indices`` and the
+  panel's ``_blocks_done`` marker instead. A resumed job starts each panel at its marker,
+  from the stored state, and computes only the blocks whose parts some panel still needs.
+- **Order.** The block tasks carry priorities by upper row (``topk`` sets them when it
+  builds the graph) and the links the highest, so on a ``distributed`` cluster panels
+  finish in order and every finished link is saved within a task's time.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._backend import to_numpy
+from ._select import PAD_KEY, finish_topk, merge_topk
+
+__all__ = ["TopkSource", "register", "lookup", "priority_of", "links_of", "STATE", "LINKS"]
+
+#: Group arrays of the checkpointed state (slot, *values shape) and the per-panel link count.
+STATE = ("_topk_state_values", "_topk_state_indices")
+LINKS = "_topk_links"
+
+
+@dataclass(frozen=True)
+class TopkSource:
+    """What a top-k result was reduced from: the parts array (an object dask array whose
+    block ``(..., i, j)`` is the part of row block ``i`` from column block ``j``), ``k``,
+    whether the parts come from the self-similarity triangle, and where merges run."""
+
+    parts: Any
+    k: int
+    triangle: bool
+    where: str
+    upper: str | None = None  # the triangle's block layer: links take its halves directly
+
+    def part(self, panel: tuple[int, ...], j: int):
+        """The task argument of part ``(*panel, j)``: a key, or a getitem on an upper block."""
+        if self.upper is None:
+            return (self.parts.name, *panel, j)
+        *kb, i = panel
+        if i == j:
+            return (self.upper, *kb, i, i)
+        return (operator.getitem, (self.upper, *kb, min(i, j), max(i, j)), 0 if i < j else 1)
+
+
+_SOURCES: dict[str, TopkSource] = {}
+
+
+def register(name: str, source: TopkSource) -> None:
+    """Remember how the top-k result whose values array is named ``name`` was built."""
+    _SOURCES[name] = source
+
+
+def lookup(name: str) -> TopkSource | None:
+    return _SOURCES.get(name)
+
+
+def priority_of(triangle: bool, nrows: int):
+    """Priority of a block task by its key ``(name, [kb,] i, j)``: earlier upper rows first."""
+
+    def priority(key) -> int:
+        if not isinstance(key, tuple) or len(key) < 3:
+            return 0
+        i, j = key[-2], key[-1]
+        row = min(i, j) if triangle else i
+        batch = key[-3] if len(key) >= 4 else 0
+        return -(batch * nrows + row)
+
+    return priority
+
+
+def links_of(i: int, ncols: int, triangle: bool) -> list[list[int]]:
+    """Column blocks whose parts each link of panel ``i`` merges, in order.
+
+    >>> links_of(2, 4, True)
+    [[0], [1], [2, 3]]
+    >>> links_of(2, 4, False)
+    [[0, 1, 2, 3]]
+    """
+    if not triangle:
+        return [list(range(ncols))]
+    return [[x] for x in range(i)] + [list(range(i, ncols))]
+
+
+class LinkWrite:
+    """Where one link writes: the state and output arrays, the panel, its regions.
+
+    A plain object (not a container) so that dask does not traverse the zarr arrays.
+    """
+
+    __slots__ = ("state", "links", "outputs", "marker", "panel", "regions", "link", "last", "k", "gate")
+
+    def __init__(self, state, links, outputs, marker, panel, regions, link, last, k, gate):
+        self.state, self.links, self.outputs, self.marker = state, links, outputs, marker
+        self.panel, self.regions, self.link, self.last, self.k, self.gate = (
+            panel,
+            regions,
+            link,
+            last,
+            k,
+            gate,
+        )
+
+
+def _slot_region(where: LinkWrite, slot: int) -> tuple:
+    return (slice(slot, slot + 1), *where.regions)
+
+
+def _read_state(where: LinkWrite):
+    slot = (where.link - 1) % 2
+    keys = where.state[0][_slot_region(where, slot)][0]
+    idx = where.state[1][_slot_region(where, slot)][0]
+    return keys, idx
+
+
+def _padded(part, k: int):
+    """A part widened to ``k`` columns with padding (the state arrays hold ``k``)."""
+    keys, idx = (to_numpy(v) for v in part)
+    short = k - keys.shape[-1]
+    if short <= 0:
+        return keys, idx
+    pad_k = np.full((*keys.shape[:-1], short), PAD_KEY, dtype=keys.dtype)
+    pad_i = np.full((*idx.shape[:-1], short), -1, dtype=idx.dtype)
+    return np.concatenate([keys, pad_k], axis=-1), np.concatenate([idx, pad_i], axis=-1)
+
+
+def run_link(where: LinkWrite, prev, *parts):
+    """Merge ``parts`` into the panel's state (``prev``, or the stored one), then save it.
+
+    Returns the merged state for the next link, or 1 after the last link wrote the output.
+    """
+    with where.gate.entered() as wanted:
+        if not wanted:
+            return 0
+        state = prev if prev is not None else (_read_state(where) if where.link > 0 else None)
+        pieces = [tuple(to_numpy(v) for v in p) for p in parts]
+        merged = merge_topk(pieces if state is None else [state, *pieces], where.k)
+        if where.last:
+            vals, idx = finish_topk(merged)
+            for target, block in zip(where.outputs, (vals, idx), strict=True):
+                target[where.regions] = block
+            where.marker[tuple(slice(i, i + 1) for i in where.panel)] = np.ones((1,) * len(where.panel), "u1")
+            return 1
+        merged = _padded(merged, where.k)
+        slot = where.link % 2
+        for target, block in zip(where.state, merged, strict=True):
+            target[_slot_region(where, slot)] = block[None]
+        where.links[tuple(slice(i, i + 1) for i in where.panel)] = np.full(
+            (1,) * len(where.panel), where.link + 1, dtype="i4"
+        )
+        return merged
+
+
+def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marker_name: str, token: str):
+    """The link tasks of every panel not yet done, as one graph layer over ``source.parts``.
+
+    Returns ``(final link of each pending panel as a Delayed, the pending panels)``.
+    """
+    import dask
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    parts, k = source.parts, source.k
+    grid = values.numblocks[:-1]
+    ncols = parts.numblocks[-1]
+    offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in values.chunks[:-1]]
+    linked = group[LINKS][...]
+    state = (group[STATE[0]], group[STATE[1]])
+    outputs = (group["values"], group["indices"])
+    marker, links = group[marker_name], group[LINKS]
+    name = f"cosine-topk-link-{token}"
+    dsk: dict = {}
+    finals, pending = [], []
+    for panel in np.ndindex(*grid):
+        if done[panel]:
+            continue
+        chain = links_of(panel[-1], ncols, source.triangle)
+        rows = (slice(int(o[b]), int(o[b + 1])) for o, b in zip(offsets, panel, strict=True))
+        regions = (*rows, slice(0, k))
+        prev = None
+        for link in range(min(int(linked[panel]), len(chain) - 1), len(chain)):
+            last = link == len(chain) - 1
+            where = LinkWrite(state, links, outputs, marker, panel, regions, link, last, k, gate)
+            key = (name, *panel, link)
+            dsk[key] = (run_link, where, prev, *(source.part(panel, j) for j in chain[link]))
+            prev = key
+        finals.append(prev)
+        pending.append(panel)
+    with dask.annotate(priority=1):  # a ready link runs before any block: progress is saved early
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[parts])
+    return [Delayed(key, graph, layer=name) for key in finals], pending
+
+
+def ensure_state_arrays(group, values) -> None:
+    """Create the checkpoint arrays (two state slots, link counts) if they do not exist yet."""
+    existing = set(group.array_keys())
+    chunks = tuple(max(1, c[0]) for c in values.chunks)
+    for name, dtype in zip(STATE, (values.dtype, np.int64), strict=True):
+        if name not in existing:
+            shape, slots = (2, *values.shape), (1, *chunks)
+            group.create_array(name, shape=shape, chunks=slots, dtype=dtype, fill_value=0, compressors=None)
+    if LINKS not in existing:
+        grid = values.numblocks[:-1]
+        ones = (1,) * len(grid)
+        group.create_array(LINKS, shape=grid, chunks=ones, dtype="i4", fill_value=0, compressors=None)
+
+
+def drop_state_arrays(group) -> None:
+    """Delete the checkpoint arrays of a finished job (the markers say it is complete)."""
+    for name in (*STATE, LINKS):
+        if name in set(group.array_keys()):
+            del group[name]
