@@ -334,6 +334,7 @@ def plan_blocks(
     reduce: bool = False,
     max_blocks: int | None = None,
     min_square_blocks: int = 1,
+    min_square_rows: int = 256,
 ) -> Plan:
     """Choose output block sizes and check them against the per-task memory budget.
 
@@ -368,8 +369,9 @@ def plan_blocks(
     max_blocks
         Most blocks an "auto" plan may have (output blocks; a reduction's upper-triangle
         blocks when ``square``); larger jobs get larger blocks, within the budget.
-    min_square_blocks
-        With ``square``: at least this many blocks per axis when blocks of >= 256 rows allow.
+    min_square_blocks, min_square_rows
+        With ``square``: at least ``min_square_blocks`` blocks per axis, as long as
+        blocks keep ``min_square_rows`` rows.
 
     Examples
     --------
@@ -413,7 +415,7 @@ def plan_blocks(
         side = max(1, math.isqrt(elems))
         if nc is None and mc is None:
             if square:
-                nc = mc = min(n, side, max_rows, max(256, math.ceil(n / min_square_blocks)))
+                nc = mc = min(n, side, max_rows, max(min_square_rows, math.ceil(n / min_square_blocks)))
                 if max_blocks and n:  # ... but no more upper blocks than max_blocks
                     per_batch = max(1, max_blocks // max(1, batch))
                     triangle = (math.isqrt(8 * per_batch + 1) - 1) // 2  # nb (nb + 1) / 2 <= per_batch

@@ -23,8 +23,9 @@ The rules, in the order they apply to ``chunks="auto"`` axes:
 3. **Graphs that stay small.** A job whose blocks would number more than
    ``cosine.max-blocks`` product tasks gets larger blocks instead, so that the task count
    is bounded whatever N (10^7 vectors stay near ``max-blocks`` tasks per stage).
-4. **Self-similarity** keeps square blocks and at least :data:`MIN_TRIANGLE_BLOCKS` of
-   them per axis when N allows, so that the block triangle saves close to half.
+4. **Self-similarity** keeps square blocks and, for reductions, at least
+   :data:`MIN_TRIANGLE_BLOCKS` of them per axis while tasks keep :data:`MIN_TASK_FLOPS`,
+   so that the block triangle saves close to half.
 5. **Aligned with the inputs.** Block rows snap to a multiple or a divisor of the input's
    storage chunk (zarr/dask), whichever is nearest, so each input chunk is read whole.
 6. **Memory.** Every plan is checked against ``cosine.max-task-memory`` (tightened by the
@@ -62,9 +63,12 @@ TASKS_PER_CORE = 4
 REDUCTION_TASKS_PER_CORE = 8
 #: Fewest rows a whole-row block of a reduction on a GPU may have.
 MIN_GPU_ROWS = 1024
-#: Self-similarity: blocks per axis (when N allows blocks of >= 256 rows). The triangle
-#: computes (nb + 1) / (2 nb) of the blocks: 0.53 with 16 per axis.
+#: Self-similarity reductions: blocks per axis, as long as each task keeps
+#: :data:`MIN_TASK_FLOPS`. The triangle computes (nb + 1) / (2 nb) of the blocks: 0.53
+#: with 16 per axis.
 MIN_TRIANGLE_BLOCKS = 16
+#: Floating-point operations below which a task is mostly overhead (tens of milliseconds).
+MIN_TASK_FLOPS = 1e9
 #: Parts merged by one ``cosine-topk-merge`` task (dask's tree reduction).
 SPLIT_EVERY = 8
 
@@ -159,6 +163,7 @@ def plan_job(job: Job, settings: Settings, chunks=("auto", "auto", "auto")) -> P
         reduce=job.reduced and not job.on_gpu,
         max_blocks=settings.max_blocks,
         min_square_blocks=MIN_TRIANGLE_BLOCKS if job.reduced else 1,
+        min_square_rows=max(256, math.isqrt(int(MIN_TASK_FLOPS // (2 * max(job.dim, 1))))),
     )
     try:
         plan = None

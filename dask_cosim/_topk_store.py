@@ -7,18 +7,19 @@ So :func:`dask_cosim.to_zarr` writes a registered top-k result (:func:`register`
 this module instead:
 
 - **Links.** Panel ``j`` (a row block, per batch block) merges its parts in order, one
-  *link* per step: without the triangle one link takes all of its parts; with it, link
-  ``x < j`` takes the part that upper block ``(x, j)`` gives panel ``j``, and link ``j``
-  the parts of its own upper row. Merging is the same exact top-k with ties by the
-  smaller index as the tree's, so the result does not change.
+  *link* per column block ``x``: the part of block ``(j, x)`` (in the triangle, the half
+  of upper block ``(min(j, x), max(j, x))`` that belongs to panel ``j``). Merging is the
+  same exact top-k with ties by the smaller index as the tree's, so the result does not
+  change.
 - **Checkpoints.** After link ``L`` the merged state is written to slot ``L % 2`` of
   ``_topk_state_*`` (two slots: a crash while writing one leaves the other intact), then
   ``_topk_links[panel] = L + 1``. The last link writes ``values``/``indices`` and the
   panel's ``_blocks_done`` marker instead. A resumed job starts each panel at its marker,
   from the stored state, and computes only the blocks whose parts some panel still needs.
-- **Order.** The block tasks carry priorities by upper row (``topk`` sets them when it
-  builds the graph) and the links the highest, so on a ``distributed`` cluster panels
-  finish in order and every finished link is saved within a task's time.
+- **Order.** The input tasks go first (:data:`INPUT_PRIORITY`), then the block tasks by
+  upper row (:func:`priority_of`; ``topk`` sets both when it builds the graph), and a
+  ready link before any block, so on a ``distributed`` cluster panels finish in order and
+  every finished link is saved within a task's time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ import numpy as np
 from ._backend import to_numpy
 from ._select import PAD_KEY, finish_topk, merge_topk
 
-__all__ = ["TopkSource", "register", "lookup", "priority_of", "links_of", "STATE", "LINKS"]
+__all__ = ["TopkSource", "register", "lookup", "priority_of", "links_of", "STATE", "LINKS", "INPUT_PRIORITY"]
+
+#: Priority of the input and normalise tasks of a top-k graph: above every block task, so
+#: that no block waits for an input while a later row's block runs (every normalised block
+#: is held until its last block anyway).
+INPUT_PRIORITY = 2
 
 #: Group arrays of the checkpointed state (slot, *values shape) and the per-panel link count.
 STATE = ("_topk_state_values", "_topk_state_indices")
@@ -74,30 +80,35 @@ def lookup(name: str) -> TopkSource | None:
 
 
 def priority_of(triangle: bool, nrows: int):
-    """Priority of a block task by its key ``(name, [kb,] i, j)``: earlier upper rows first."""
+    """Priority of a block task by its key ``(name, [kb,] i, j)``: earlier rows first.
+
+    In the triangle, every off-diagonal block waits for the two diagonal blocks that prune
+    it, so the diagonal blocks of a batch block go first (priority 0), then the upper rows
+    in order (``-1 - row``): panel ``i`` is complete once upper row ``i`` is.
+    """
 
     def priority(key) -> int:
         if not isinstance(key, tuple) or len(key) < 3:
             return 0
         i, j = key[-2], key[-1]
-        row = min(i, j) if triangle else i
         batch = key[-3] if len(key) >= 4 else 0
-        return -(batch * nrows + row)
+        if not triangle:
+            return -(batch * nrows + i)
+        return -batch * (nrows + 1) - (0 if i == j else 1 + min(i, j))
 
     return priority
 
 
 def links_of(i: int, ncols: int, triangle: bool) -> list[list[int]]:
-    """Column blocks whose parts each link of panel ``i`` merges, in order.
+    """Column blocks whose parts each link of panel ``i`` merges, in order: one part per
+    link, by column block. Blocks finish roughly in that order whether a cluster runs the
+    triangle by rows or (waiting for inputs) by columns, so each finished block is saved
+    by the next link, and a resumed job recomputes only blocks that were not merged.
 
     >>> links_of(2, 4, True)
-    [[0], [1], [2, 3]]
-    >>> links_of(2, 4, False)
-    [[0, 1, 2, 3]]
+    [[0], [1], [2], [3]]
     """
-    if not triangle:
-        return [list(range(ncols))]
-    return [[x] for x in range(i)] + [list(range(i, ncols))]
+    return [[x] for x in range(ncols)]
 
 
 class LinkWrite:

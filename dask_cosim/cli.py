@@ -61,6 +61,7 @@ class JobSpec:
     processes: bool = True
     quiet: bool = False
     storage_options: dict = field(default_factory=dict)
+    plan_only: bool = False  # --plan: print the plan, compute nothing
 
     @property
     def kind(self) -> str:
@@ -114,21 +115,15 @@ def _build(spec: JobSpec, chunks) -> Any:
 
 
 def _regular_sizes(result, spec: JobSpec):
-    """Integer block sizes that make the output blocks regular (zarr chunks = dask blocks)."""
+    """Integer block sizes that make the output blocks regular (zarr chunks = dask blocks),
+    as the sizing policy decides (:func:`dask_cosim._sizing.regular_sizes`)."""
     from . import _provenance
-    from .io import regular_chunks
+    from ._sizing import regular_sizes
 
     if spec.kind == "pairs":
         return None
     arr = result[0] if isinstance(result, tuple) else result
-    plan = _provenance.lookup(arr.name).get("chunks")
-    chunks = arr.chunks[:-1] if spec.kind == "topk" else arr.chunks
-    if regular_chunks(chunks) and (plan is None or regular_chunks(plan)):
-        return None
-    if plan is None:
-        return tuple(max(c) for c in arr.chunks)
-    sizes = tuple(max(max(c), 1) for c in plan)  # planned (batch, N, M) blocks
-    return sizes if arr.ndim == 3 else sizes[1:]
+    return regular_sizes(_provenance.plan_of(arr.name), batched=arr.ndim == 3)
 
 
 def prepare_job(spec: JobSpec) -> Job:
@@ -142,6 +137,8 @@ def prepare_job(spec: JobSpec) -> Job:
         regular = _regular_sizes(result, spec)
         if regular is not None:
             result = _build(spec, regular)
+        if spec.plan_only:
+            return Job(spec, result)
         check_output(
             result,
             _location(spec.output),
@@ -178,9 +175,9 @@ def build_job(spec: JobSpec) -> Job:
     from .cluster import SchedulerUnreachable, embedded_blas_threads
 
     try:
-        workers = _planned_workers(spec)
+        workers, threads = _planned_workers(spec)
         with (
-            assume_workers(workers),
+            assume_workers(workers, threads),
             embedded_blas_threads(spec.scheduler, spec.workers, spec.threads_per_worker),
         ):
             job = prepare_job(spec)
@@ -201,6 +198,8 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
     from .cluster import SchedulerUnreachable, dask_client
 
     job = build_job(spec)
+    if spec.plan_only:
+        return job
     cluster = dask_client(
         spec.scheduler,
         workers=spec.workers,
@@ -222,22 +221,23 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
 
 
 def _planned_workers(spec: JobSpec):
-    """The tightest worker this run will use (memory limit, threads), to plan blocks for it."""
-    from ._worker_memory import budget_for, worker_budget
+    """The tightest worker this run will use (memory limit, threads) and the threads of
+    all workers, to plan blocks for them (the scheduler is asked once)."""
+    from ._worker_memory import budget_for, cluster_layout
     from .cluster import dask_client, machine_layout
 
     if spec.scheduler:
         with dask_client(spec.scheduler, timeout=spec.timeout, echo=None) as client:
-            return worker_budget(client)
+            return cluster_layout(client)
+    n, t = machine_layout(spec.workers, spec.threads_per_worker)
     if spec.memory_limit is None:
-        return None
+        return None, n * t
     import logging
 
     from distributed.worker_memory import parse_memory_limit
 
-    n, t = machine_layout(spec.workers, spec.threads_per_worker)
     limit = parse_memory_limit(spec.memory_limit, t, total_cores=n * t, logger=logging.getLogger(__name__))
-    return budget_for(limit, t, "each embedded worker")
+    return budget_for(limit, t, "each embedded worker"), n * t
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output compression (auto: none for similarity, blosc-lz4 for top-k)",
     )
     run.add_argument("--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options")
+    run.add_argument(
+        "--plan", action="store_true", help="print the plan (blocks, tasks, memory per task) and exit"
+    )
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="finish a half-written OUT")
     again.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -381,6 +384,7 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         memory_limit=_memory_limit(args.memory_limit),
         quiet=args.quiet,
         storage_options=args.storage_options,
+        plan_only=args.plan,
     )
 
 
@@ -400,7 +404,13 @@ def _memory_limit(text: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    report = run_job(_spec_from_args(args))
+    spec = _spec_from_args(args)
+    report = run_job(spec)
+    if spec.plan_only:
+        from .planning import plan_of
+
+        print(repr(plan_of(report.result)), flush=True)
+        return EXIT_OK
     print(report.summary(), flush=True)
     return EXIT_OK
 

@@ -151,23 +151,30 @@ def plan(
     """
     import dask_cosim as dcs
 
+    if op == "similarity":
+        result = dcs.cosine_similarity(a, b, **options)
+    elif op == "topk":
+        result = dcs.topk(a, b, k, exclude_self=exclude_self, **options)
+    elif op == "pairs":
+        result = dcs.pairs_above(a, b, threshold, exclude_self=exclude_self, **options)
+    else:
+        raise ValueError(f"op: expected 'similarity', 'topk' or 'pairs', received {op!r}")
+    return plan_of(result)
+
+
+def plan_of(result) -> JobPlan:
+    """The :class:`JobPlan` of a lazy result of ``cosine_similarity``, ``topk`` (the pair)
+    or ``pairs_above`` built in this process."""
     from . import _provenance
     from ._topk_store import links_of
     from .core import current_settings
 
-    if op == "similarity":
-        result = dcs.cosine_similarity(a, b, **options)
-        arrays, name = [result], result.name
-    elif op == "topk":
-        result = dcs.topk(a, b, k, exclude_self=exclude_self, **options)
-        arrays, name = list(result), result[0].name
-    elif op == "pairs":
-        result = dcs.pairs_above(a, b, threshold, exclude_self=exclude_self, **options)
-        arrays, name = [result], result._name
-    else:
-        raise ValueError(f"op: expected 'similarity', 'topk' or 'pairs', received {op!r}")
-    p = _provenance.plan_of(name)
-    facts = _provenance.lookup(name)
+    arrays = list(result) if isinstance(result, tuple) else [result]
+    name = getattr(arrays[0], "name", None) or getattr(arrays[0], "_name", None)
+    p, facts = _provenance.plan_of(name), _provenance.lookup(name)
+    if p is None:
+        raise ValueError("result: expected a result of cosine_similarity, topk or pairs_above built here")
+    op = facts["kind"]
     tasks = count_tasks(arrays)
     triangle = bool(facts.get("self_similar")) and p.rows == p.cols and len(p.rows) > 1
     if op == "topk":

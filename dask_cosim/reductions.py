@@ -27,7 +27,7 @@ from dask.base import tokenize
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._sizing import SPLIT_EVERY
-from ._topk_store import TopkSource, priority_of
+from ._topk_store import INPUT_PRIORITY, TopkSource, priority_of
 from ._topk_store import register as register_topk
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
 from .core import Device, Like, Precision, Prepared, prepare, record_result
@@ -156,9 +156,10 @@ def topk(
            [0.6, 0. ]])
     """
     k = _check_k(k)
-    prep = _prepare(
-        a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite, k=k
-    )
+    with dask.annotate(priority=INPUT_PRIORITY):  # read and normalise the inputs first (see _topk_store)
+        prep = _prepare(
+            a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite, k=k
+        )
     exclude_self = _check_exclude_self(exclude_self, prep)
     _check_k_fits(k, prep, exclude_self)
 

@@ -18,7 +18,7 @@ STAGES = {
     "cosine-block",  # one product per output block
     "cosine-write",  # one write (+ marker) per output block
     "cosine-topk",  # local top-k per block
-    "cosine-topk-merge-aggregate",  # tree merge of the local top-k (its final level)
+    "cosine-topk-link",  # a written top-k merges each panel's parts in checkpointed links
     "cosine-pairs",  # pairs above the threshold per block
     "cosine-write-parquet",  # one Parquet file per block
 }
