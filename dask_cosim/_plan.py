@@ -403,7 +403,7 @@ def plan_blocks(
     # the target either, and a reduction's inputs (both blocks, a transposed copy) the budget
     normalise_rows = budget_bytes // max(1, dim * (in_itemsize + 2 * 8 + compute_itemsize))
     if reduce:
-        room = budget_bytes - 2 * REDUCE_TILE_BYTES
+        room = max(budget_bytes // 2, budget_bytes - 2 * REDUCE_TILE_BYTES)
         input_rows = room // max(1, 3 * dim * compute_itemsize + _CANDIDATE_BYTES)
     else:
         input_rows = target_bytes // max(1, dim * compute_itemsize)

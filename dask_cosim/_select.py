@@ -410,8 +410,9 @@ def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=N
     """:func:`_topk_block_numpy` over column tiles of ``bn``, merged: the same parts."""
     m = bn.shape[-2]
     most = TILE_COLS
-    if both and col_bound is None:  # that path keeps one tile whole: bound its bytes instead
-        most = max(TILE_COLS, _PAIRS_TILE_BYTES // max(1, an.shape[-2] * an.dtype.itemsize))
+    if both and col_bound is None:  # that path keeps one tile whole: narrower tiles for tall blocks
+        rows = int(np.prod(an.shape[:-1]))
+        most = max(256, min(TILE_COLS, _PAIRS_TILE_BYTES // max(1, rows * an.dtype.itemsize)))
     tiles = _even_tiles(m, most)
     if len(tiles) == 1:
         return _topk_block_numpy(an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets)
@@ -890,7 +891,7 @@ def _pairs_block_tiled(an, bn, *, threshold, row_offset, col_offset, upper, excl
                 )  # fmt: skip
             )
     b, i, j, score = (np.concatenate([f[n] for f in found]) for n in range(4))
-    if len(cols) > 1:  # tiles of one row strip interleave rows: restore row-major order
+    if len(found) > 1:  # tiles interleave rows (and batches): restore (batch, i, j) order
         order = np.lexsort((j, i, b))
         b, i, j, score = b[order], i[order], j[order], score[order]
     return b, i, j, score

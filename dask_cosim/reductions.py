@@ -118,10 +118,13 @@ def topk(
         Drop the pair ``i == j`` (for self-similarity; ``b`` must have as many vectors as ``a``).
     chunks, device, precision
         As :func:`dask_cosim.cosine_similarity` (blocks of S that one task computes),
-        except that ``chunks="auto"`` aims at blocks of at most 32 MiB (:data:`AUTO_BLOCK_BYTES`),
-        or of ``cosine.gpu-block-bytes`` (1 GiB) when the products run on a GPU known when
-        the graph is built (``device="gpu"``, or CuPy inputs). Selection runs where the
-        product ran (on the GPU for CuPy blocks); only the ``k`` best per row leave the device.
+        except that ``chunks="auto"`` sizes blocks by work: about ``cosine.task-flops``
+        each (no task holds its block of S: the CPU kernel tiles it), split further only to
+        give every thread several tasks; ``cosine.gpu-block-bytes`` (1 GiB) when the
+        products run on a GPU known when the graph is built (``device="gpu"``, or CuPy
+        inputs). See :mod:`dask_cosim._sizing` and :func:`dask_cosim.plan`. Selection runs
+        where the product ran (on the GPU for CuPy blocks); only the ``k`` best per row
+        leave the device.
     like : {"numpy", "cupy"}, optional
         Where the results live, as in :func:`dask_cosim.cosine_similarity`.
     check_finite : bool
@@ -309,9 +312,8 @@ def pairs_above(
     Parameters
     ----------
     a, b, chunks, device, precision
-        As :func:`dask_cosim.cosine_similarity` (``chunks="auto"``: blocks of at most
-        32 MiB, :data:`AUTO_BLOCK_BYTES`, or ``cosine.gpu-block-bytes`` on a GPU, as in
-        :func:`topk`). The threshold is applied where the
+        As :func:`dask_cosim.cosine_similarity` (``chunks="auto"``: blocks sized by work,
+        as in :func:`topk`). The threshold is applied where the
         product ran (on the GPU for CuPy blocks); only the pairs leave the device.
     threshold : float
         Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).

@@ -366,3 +366,23 @@ def test_tiled_kernels_equal_the_untiled_ones(monkeypatch):
     order = np.lexsort((tiled_pairs[2], tiled_pairs[1]))
     np.testing.assert_array_equal(order, np.arange(len(order)))  # row-major order kept
     assert math.isclose(_select._even_tiles(10, 4)[-1][1], 10)
+
+
+def test_tiled_pairs_keep_batch_row_column_order_for_batched_blocks(monkeypatch):
+    from dask_cosim import _select
+
+    gen = np.random.default_rng(9)
+    an = gen.standard_normal((3, 300, 6))
+    bn = gen.standard_normal((3, 500, 6))
+    an /= np.linalg.norm(an, axis=-1, keepdims=True)
+    bn /= np.linalg.norm(bn, axis=-1, keepdims=True)
+    whole = _select.pairs_block(an, bn, threshold=0.5, batch_offset=4)
+    monkeypatch.setattr(_select, "TILE_COLS", 128)
+    monkeypatch.setattr(_select, "_PAIRS_TILE_BYTES", 20_000)
+    tiled = _select.pairs_block(an, bn, threshold=0.5, batch_offset=4)
+    for w, t in zip(whole, tiled, strict=True):
+        np.testing.assert_array_equal(w, t) if w.dtype.kind == "i" else np.testing.assert_allclose(
+            w, t, atol=1e-12
+        )
+    s = np.einsum("bnd,bmd->bnm", an, bn)
+    assert len(tiled[0]) == int((s >= 0.5).sum()) > 0

@@ -1,0 +1,304 @@
+"""Cluster scale: graph size at 10^6-10^7 vectors, the scheduler's share, top-k resume.
+
+Three parts, each printing JSON lines (``"bench": ...``):
+
+1. ``graph``: lazy inputs (``da.zeros`` chunked by 100,000 rows), nothing computed. For
+   each job: tasks in the graph (and, with ``dcs.plan`` where this version has it, the
+   tasks of the job as a writer runs it), the time to build the graph and to run
+   ``dask.optimize`` on it, and the peak RSS of a fresh process that only does that
+   (the client's memory for the graph). Uses only the public API, so it also runs
+   against older versions of the package (``PYTHONPATH=<old checkout>``).
+2. ``scheduler``: ``topk`` self, N = 200,000, D = 64, k = 10, written with ``to_zarr`` on
+   the embedded cluster of ``dask-cosim run`` (a ``LocalCluster``: worker processes, the
+   scheduler in this process). CPU seconds of this process (scheduler + client: an upper
+   bound of the scheduler's) against the worker processes' CPU seconds, the task count,
+   wall time, and the GFLOP/s-equivalent ``2 N^2 D / t`` next to the dense limit (NumPy
+   matmul of the pre-normalised input, all of S, one BLAS call per row block).
+3. ``resume``: ``dask-cosim run A.npy -o knn.zarr --topk 10 --exclude-self`` run
+   uninterrupted (time T), then again interrupted with SIGINT at T / 2 and rerun with
+   ``--resume`` (time R): ``R / T``; the resumed result must equal the uninterrupted one.
+
+    python benchmarks/bench_scale.py                  # all parts (several minutes)
+    python benchmarks/bench_scale.py --part graph     # one part
+    python benchmarks/bench_scale.py --quick          # tiny sizes (used by the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def log(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def machine() -> dict:
+    from threadpoolctl import threadpool_info
+
+    blas = [
+        (i.get("internal_api"), i.get("architecture")) for i in threadpool_info() if i["user_api"] == "blas"
+    ]
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "blas": blas,
+        "load": os.getloadavg(),
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------- graph
+
+
+GRAPH_JOBS = {
+    "topk_self_1e6x128": ("topk", 10**6, 128),
+    "topk_self_1e7x256": ("topk", 10**7, 256),
+    "pairs_self_1e6x128": ("pairs", 10**6, 128),
+    "similarity_self_1e6x128": ("similarity", 10**6, 128),
+}
+
+
+def graph_job(name: str, scale: float) -> dict:
+    """One job's graph: build, count, optimize (run in a fresh process for its peak RSS)."""
+    import dask
+    import dask.array as da
+
+    import dask_cosim as dcs
+
+    op, n, d = GRAPH_JOBS[name]
+    n = max(1000, int(n * scale))
+    a = da.zeros((n, d), dtype="float32", chunks=(max(100, min(100_000, n // 10)), d))
+    t0 = time.perf_counter()
+    if op == "topk":
+        result = dcs.topk(a, k=10, exclude_self=True)
+    elif op == "pairs":
+        result = dcs.pairs_above(a, threshold=0.9, exclude_self=True)
+    else:
+        result = dcs.cosine_similarity(a)
+    build = time.perf_counter() - t0
+    collections = list(result) if isinstance(result, tuple) else [result]
+    keys: set = set()
+    for c in collections:
+        keys.update(c.__dask_graph__().keys())
+    t0 = time.perf_counter()
+    optimized = dask.optimize(*collections)
+    n_optimized = len(set().union(*(c.__dask_graph__().keys() for c in optimized)))
+    optimize = time.perf_counter() - t0
+    row = {
+        "job": name,
+        "n": n,
+        "d": d,
+        "graph_tasks": len(keys),
+        "optimized_tasks": n_optimized,
+        "build_s": round(build, 3),
+        "optimize_s": round(optimize, 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+    if hasattr(dcs, "plan"):
+        kwargs = {"op": op, "k": 10, "exclude_self": op != "similarity"} if op != "similarity" else {}
+        if op == "pairs":
+            kwargs = {"op": op, "threshold": 0.9, "exclude_self": True}
+        p = dcs.plan(a, **kwargs)
+        row.update(job_tasks=p.total_tasks, blocks_per_axis=len(p.plan.rows), block_rows=p.plan.rows[0])
+        if op == "pairs":
+            row["partitions"] = p.tasks.get("cosine-pairs")
+    return row
+
+
+def part_graph(args) -> None:
+    scale = 0.01 if args.quick else 1.0
+    for name in GRAPH_JOBS:
+        if args.quick and "1e7" in name:
+            continue
+        out = subprocess.run(
+            [sys.executable, __file__, "--graph-job", name, "--scale", str(scale)],
+            capture_output=True, text=True, check=True, timeout=1800,
+        ).stdout  # fmt: skip
+        row = json.loads(out.strip().splitlines()[-1])
+        log({"bench": "graph", "label": args.label, **row})
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+def _tree_cpu(procs) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a process that ended
+            pass
+    return total
+
+
+def part_scheduler(args) -> None:
+    import psutil
+
+    import dask_cosim as dcs
+    from dask_cosim.cluster import dask_client
+
+    n, d, k = (20_000, 64, 10) if args.quick else (200_000, 64, 10)
+    a = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    limit = dense_limit(a)
+    with tempfile.TemporaryDirectory() as tmp, dask_client(None, echo=None, quiet=True) as client:
+        workers = [psutil.Process(p) for p in client.run(os.getpid).values()]
+        me = psutil.Process()
+        result = dcs.topk(a, k=k, exclude_self=True)
+        tasks = None
+        if hasattr(dcs, "plan"):
+            tasks = dcs.plan(a, op="topk", k=k, exclude_self=True).total_tasks
+        c0, w0, t0 = _tree_cpu([me]), _tree_cpu(workers), time.perf_counter()
+        dcs.to_zarr(result, os.path.join(tmp, "knn.zarr"))
+        wall = time.perf_counter() - t0
+        c1, w1 = _tree_cpu([me]), _tree_cpu(workers)
+        log(
+            {
+                "bench": "scheduler",
+                "label": args.label,
+                "n": n,
+                "d": d,
+                "k": k,
+                "job_tasks": tasks,
+                "wall_s": round(wall, 2),
+                "scheduler_and_client_cpu_s": round(c1 - c0, 2),
+                "workers_cpu_s": round(w1 - w0, 2),
+                "scheduler_share": round((c1 - c0) / max(w1 - w0, 1e-9), 4),
+                "gflops_equivalent": round(2 * n * n * d / wall / 1e9, 1),
+                "dense_limit_gflops": round(limit, 1),
+                "ratio_to_dense_limit": round(2 * n * n * d / wall / 1e9 / limit, 3),
+                "load": os.getloadavg(),
+            }
+        )
+
+
+def dense_limit(a: np.ndarray) -> float:
+    """GFLOP/s of NumPy's matmul of the pre-normalised ``a`` with itself (all of S), in
+    row blocks into one reused buffer: the product and nothing else."""
+    u = a / np.linalg.norm(a, axis=1, keepdims=True)
+    ut = np.ascontiguousarray(u.T)
+    rows = max(1, min(len(u), 2**27 // (4 * len(u))))
+    buf = np.empty((rows, len(u)), dtype=u.dtype)
+    best = np.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for r0 in range(0, len(u), rows):
+            block = u[r0 : r0 + rows]
+            np.matmul(block, ut, out=buf[: len(block)])
+        best = min(best, time.perf_counter() - t0)
+    return 2 * len(u) ** 2 * u.shape[1] / best / 1e9
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def part_resume(args) -> None:
+    n, d = (30_000, 32) if args.quick else (args.resume_n, 64)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        np.save(tmp / "a.npy", np.random.default_rng(1).standard_normal((n, d), dtype=np.float32))
+        cmd = [
+            sys.executable,
+            "-m",
+            "dask_cosim",
+            "run",
+            str(tmp / "a.npy"),
+            "--topk",
+            "10",
+            "--exclude-self",
+        ]
+        cmd += ["--quiet"]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        }
+
+        def run(out: str, *extra: str, interrupt_after: float | None = None) -> tuple[float, int]:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [*cmd, "-o", str(tmp / out), *extra], env=env, stderr=subprocess.PIPE, text=True
+            )
+            if interrupt_after is not None:
+                try:
+                    proc.wait(interrupt_after)
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGINT)
+            err = proc.communicate(timeout=3600)[1]
+            if proc.returncode not in (0, 130):
+                raise RuntimeError(f"dask-cosim exited {proc.returncode}: {err}")
+            return time.perf_counter() - t0, proc.returncode
+
+        full, _ = run("full.zarr")
+        _, code = run("knn.zarr", interrupt_after=full / 2)
+        import zarr
+
+        group = zarr.open_group(tmp / "knn.zarr")
+        done = int(group["_blocks_done"][...].sum())
+        linked = int(group["_topk_links"][...].sum()) if "_topk_links" in set(group.array_keys()) else None
+        resumed, code2 = run("knn.zarr", "--resume")
+        same = bool(
+            np.array_equal(
+                zarr.open_group(tmp / "full.zarr")["indices"][...],
+                zarr.open_group(tmp / "knn.zarr")["indices"][...],
+            )
+        )
+        log(
+            {
+                "bench": "resume",
+                "label": args.label,
+                "n": n,
+                "d": d,
+                "uninterrupted_s": round(full, 2),
+                "interrupted_exit": code,
+                "panels_done_at_interrupt": done,
+                "links_saved_at_interrupt": linked,
+                "resumed_s": round(resumed, 2),
+                "resume_ratio": round(resumed / full, 3),
+                "resumed_exit": code2,
+                "same_result": same,
+                "load": os.getloadavg(),
+            }
+        )
+        assert same, "the resumed result differs from the uninterrupted one"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("graph", "scheduler", "resume"), action="append")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (for the test suite)")
+    p.add_argument("--label", default="current", help="a name for this code version in the output")
+    p.add_argument("--resume-n", type=int, default=200_000, help="N of the resume part (200,000)")
+    p.add_argument("--graph-job", help=argparse.SUPPRESS)
+    p.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.graph_job:
+        print(json.dumps(graph_job(args.graph_job, args.scale)))
+        return
+    log({"bench": "machine", **machine()})
+    for part in args.part or ("graph", "scheduler", "resume"):
+        {"graph": part_graph, "scheduler": part_scheduler, "resume": part_resume}[part](args)
+
+
+if __name__ == "__main__":
+    main()
