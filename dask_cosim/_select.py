@@ -44,6 +44,8 @@ __all__ = [
     "finish_topk",
     "select_above",
     "pairs_block",
+    "LABEL_PAIRS",
+    "label_excluded",
 ]
 
 #: Key of a NaN similarity: below every clipped similarity, so NaN ranks last.
@@ -52,6 +54,8 @@ NAN_KEY = -2.0
 EXCLUDED_KEY = -3.0
 #: Key of padding (index -1) where a pruned block has fewer than k candidates in a row.
 PAD_KEY = -4.0
+#: Label masks: ``"different"`` keeps pairs whose labels differ, ``"same"`` pairs that share one.
+LABEL_PAIRS = ("different", "same")
 #: Number of column groups whose maxima bound the k-th best value of a row.
 _GROUPS = 128
 #: Row strips of the NumPy fast path hold about this many bytes of similarities.
@@ -75,8 +79,37 @@ def _diagonal_mask(xp, shape, row_offset: int, col_offset: int, device=None):
     return r == c
 
 
-def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self: bool = False):
+def label_excluded(row_labels, col_labels, label_pairs: str = "different"):
+    """Boolean ``(n, m)`` mask of the pairs a label mask drops (any array namespace).
+
+    ``label_pairs="different"`` keeps pairs whose labels differ (drops equal labels),
+    ``"same"`` keeps pairs within a label (drops different labels).
+
+    Examples
+    --------
+    >>> label_excluded(np.array([0, 1]), np.array([0, 0, 1]))
+    array([[ True,  True, False],
+           [False, False,  True]])
+    """
+    if label_pairs == "different":
+        return row_labels[:, None] == col_labels[None, :]
+    if label_pairs == "same":
+        return row_labels[:, None] != col_labels[None, :]
+    raise ValueError(f"label_pairs: expected one of {LABEL_PAIRS}, received {label_pairs!r}")
+
+
+def _labels_like(labels, x):
+    """Label slices moved to where block ``x`` lives (labels travel as host arrays)."""
+    return None if labels is None else _bound_like(labels, x)
+
+
+def similarity_keys(
+    s, *, row_offset: int = 0, col_offset: int = 0, exclude_self: bool = False, excluded=None
+):
     """Ranking keys of a similarity block ``(..., n, m)``: clipped values, NaN and diagonal marked.
+
+    ``excluded``: optional boolean ``(n, m)`` mask (a label mask) whose entries are keyed
+    :data:`EXCLUDED_KEY`, like the diagonal with ``exclude_self``.
 
     Examples
     --------
@@ -84,6 +117,11 @@ def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self
     array([[-3. , -2. ],
            [ 0.5, -3. ]])
     """
+    if excluded is not None:
+        key = similarity_keys(s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self)
+        xp = array_api_compat.array_namespace(key)
+        mark = xp.asarray(EXCLUDED_KEY, dtype=key.dtype, device=array_api_compat.device(key))
+        return xp.where(excluded, mark, key)
     if isinstance(s, np.ndarray):
         return _similarity_keys_numpy(s, row_offset, col_offset, exclude_self)
     if array_api_compat.is_cupy_array(s):
@@ -183,6 +221,7 @@ def select_topk(
     col_offset: int = 0,
     exclude_self: bool = False,
     bound=None,
+    excluded=None,
 ):
     """Local top-``k`` of a similarity block ``(..., n, m)`` for any array namespace.
 
@@ -205,6 +244,9 @@ def select_topk(
         Optional lower bound of each selected row's final k-th best key (shape
         ``(..., n)`` for ``axis=-1``, ``(..., m)`` for ``axis=-2``): entries below it are
         dropped and the rows padded (:data:`PAD_KEY`, index -1).
+    excluded
+        Optional boolean ``(n, m)`` mask of entries ranked last like the excluded
+        diagonal (a label mask, :func:`label_excluded`).
 
     Returns
     -------
@@ -219,7 +261,9 @@ def select_topk(
     (array([[0.9, 0.9, 0.1]]), array([[11, 12, 10]]))
     """
     xp = array_api_compat.array_namespace(s)
-    key = similarity_keys(s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self)
+    key = similarity_keys(
+        s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self, excluded=excluded
+    )
     if axis in (-2, key.ndim - 2):
         key = xp.permute_dims(key, (*range(key.ndim - 2), key.ndim - 1, key.ndim - 2))
         offset = row_offset
@@ -284,6 +328,9 @@ def topk_block(
     row_pivot=None,
     col_pivot=None,
     fast: bool = True,
+    row_labels=None,
+    col_labels=None,
+    label_pairs: str = "different",
 ):
     """Product of two normalised blocks and its local top-``k``, without keeping the product.
 
@@ -295,6 +342,9 @@ def topk_block(
     ``row_pivot`` / ``col_pivot``: top-k parts of the same rows / columns from another
     block, whose k-th best keys prune this block (:func:`part_bound`).
     ``fast=False`` forces the generic array-API path (used by tests).
+    ``row_labels`` / ``col_labels``: 1-D integer labels of the block's rows and columns;
+    pairs the mask ``label_pairs`` drops (:func:`label_excluded`) rank last like the
+    excluded diagonal.
 
     Examples
     --------
@@ -314,18 +364,23 @@ def topk_block(
     offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
     row_bound = None if row_pivot is None else _bound_like(part_bound(row_pivot, k), an)
     col_bound = None if col_pivot is None else _bound_like(part_bound(col_pivot, k), an)
+    labels = None
+    if row_labels is not None:
+        labels = (_labels_like(row_labels, an), _labels_like(col_labels, an), label_pairs)
     if fast and _fast_path_fits(an, bn):
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
         small = _is_small_numpy(an, bn, device)
         with nullcontext() if small else limit_blas(blas_threads_for_task(blas_threads)):
             parts = _topk_block_numpy(
-                an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets
+                an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, labels=labels, **offsets
             )
     else:
         s = similarity_block(
             an, bn, device=device, blas_threads=blas_threads, like="input", precision=precision
         )
+        if labels is not None:
+            offsets["excluded"] = label_excluded(*labels)
         rows = select_topk(s, k, axis=-1, bound=row_bound, **offsets)
         parts = (rows, select_topk(s, k, axis=-2, bound=col_bound, **offsets)) if both else (rows,)
         del s
@@ -397,8 +452,11 @@ def _topk_block_numpy(
     row_bound=None,
     col_bound=None,
     product=None,
+    labels=None,
 ):
     """NumPy twin of :func:`select_topk` on ``an @ bn.T`` (raw), one 2-D block at a time.
+
+    ``labels``: optional ``(row_labels, col_labels, label_pairs)`` label mask.
 
     ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
     product into ``out`` (default: the GEMM); tests pass synthetic products through it.
@@ -430,6 +488,7 @@ def _topk_block_numpy(
             dtype,
             None if rb is None else rb[b],
             None if cb is None else cb[b],
+            labels,
         )  # fmt: skip
         for b in range(len(a3))
     ]
@@ -443,7 +502,7 @@ def _stack_parts(parts, lead):
     return keys, idx
 
 
-def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound):
+def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None):
     """Rows part (and with ``both`` the columns part) of one 2-D block."""
     row_offset, col_offset, exclude_self = offsets
     n, m = an.shape[0], bn.shape[0]
@@ -470,6 +529,8 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
         strip = full[r0:r1] if group_cols else buf[: r1 - r0]
         product(r0, r1, strip)
         _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
+        if labels is not None:
+            strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
         t = _group_threshold(strip, kk_r, g_r) if t_r is None else t_r[r0:r1]
         if cols is None:
             rows.add(strip, t[:, None], r0, mask)
@@ -666,6 +727,9 @@ def _merge_numpy(keys, idx, k: int):
 def finish_topk(part):
     """Final ``(values, idx)`` from merged keys: NaN keys become NaN values.
 
+    Entries a label mask excluded (or padding) reach a final result only when a row has
+    fewer than ``k`` valid neighbours; they become value NaN and index -1.
+
     Examples
     --------
     >>> finish_topk((np.array([[0.5, NAN_KEY]]), np.array([[1, 0]])))
@@ -674,7 +738,10 @@ def finish_topk(part):
     keys, idx = part
     xp = array_api_compat.array_namespace(keys)
     nan = xp.asarray(xp.nan, dtype=keys.dtype, device=array_api_compat.device(keys))
-    return xp.where(keys == NAN_KEY, nan, keys), idx
+    invalid = keys < (NAN_KEY + EXCLUDED_KEY) / 2  # EXCLUDED_KEY or PAD_KEY
+    if bool(xp.any(invalid)):
+        idx = xp.where(invalid, xp.asarray(-1, dtype=idx.dtype, device=array_api_compat.device(idx)), idx)
+    return xp.where((keys == NAN_KEY) | invalid, nan, keys), idx
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -689,6 +756,9 @@ def select_above(
     batch_offset: int = 0,
     upper: bool = False,
     exclude_self: bool = False,
+    row_labels=None,
+    col_labels=None,
+    label_pairs: str = "different",
 ):
     """Every entry of a similarity block ``(..., n, m)`` with ``s >= threshold``.
 
@@ -698,6 +768,8 @@ def select_above(
         Keep only global ``j >= i`` (self-similarity: each unordered pair once).
     exclude_self
         Drop the global diagonal ``i == j``.
+    row_labels, col_labels, label_pairs
+        Optional label mask: drop the pairs :func:`label_excluded` marks.
 
     Returns
     -------
@@ -719,6 +791,9 @@ def select_above(
         c = xp.arange(s3.shape[-1], device=dev)[None, :] + col_offset
         keep = (c > r) if (upper and exclude_self) else (c >= r) if upper else (c != r)
         mask = mask & keep
+    if row_labels is not None:
+        excluded = label_excluded(_labels_like(row_labels, s), _labels_like(col_labels, s), label_pairs)
+        mask = mask & ~excluded
     b, i, j = xp.nonzero(mask)
     score = s3[mask]
     as64 = lambda v, off: xp.astype(v, xp.int64) + off  # noqa: E731
@@ -740,6 +815,9 @@ def pairs_block(
     blas_threads: int | None = None,
     like: str = "numpy",
     precision: str = "float32",
+    row_labels=None,
+    col_labels=None,
+    label_pairs: str = "different",
 ):
     """Product of two normalised blocks filtered by :func:`select_above` (the block is dropped).
 
@@ -772,5 +850,8 @@ def pairs_block(
         batch_offset=batch_offset,
         upper=upper,
         exclude_self=exclude_self,
+        row_labels=row_labels,
+        col_labels=col_labels,
+        label_pairs=label_pairs,
     )
     return tuple(to_host_like(v, like) for v in out)
