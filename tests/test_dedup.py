@@ -277,3 +277,22 @@ def test_records_provenance_and_writes_with_to_parquet(tmp_path):
     labelled = dcs.duplicate_groups(x, threshold=0.9, chunks=(5, 5), labels=np.arange(len(x)) % 2)
     assert labelled._name != groups._name and _provenance.lookup(labelled._name)["label_pairs"] == "different"
     assert dask.compute(labelled)[0]["size"].max() <= groups.compute()["size"].max()
+
+
+def test_benchmark_runs_tiny():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dedup.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--n", "1200", "--repeat", "1", "--skip-community"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["bench"] == "dedup-summary" and summary["groups_over_pairs"] > 0
+    assert (
+        summary["rows_in_groups"] == 5 * summary["groups"] and summary["pairs"] == 10 * summary["groups"] > 0
+    )
+    assert summary["community"].startswith("skipped")
