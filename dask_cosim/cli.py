@@ -124,8 +124,6 @@ def _build_groups(spec: JobSpec, a, common: dict):
     """``dask-cosim dedup``: :func:`~dask_cosim.duplicate_groups` of A with the labels file."""
     import numpy as np
 
-    import dask_cosim as dcs
-
     for opt, value in (("dtype", spec.dtype), ("zero_vector", spec.zero_vector), ("b", spec.b)):
         if value is not None:
             raise BadInput(f"--{opt.replace('_', '-')} does not apply to dedup jobs")
@@ -135,9 +133,16 @@ def _build_groups(spec: JobSpec, a, common: dict):
             labels = np.load(_location(spec.labels), mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise BadInput(f"--labels: cannot read {spec.labels!r} as a .npy array ({err})") from err
-    return dcs.duplicate_groups(
-        a, threshold=spec.threshold, labels=labels, label_pairs=spec.label_pairs, **common
-    )
+    from .dedup import _duplicate_groups
+    from .io import _PQ_META, _fs
+
+    # each block's forest is kept under OUT/_dask_cosim/forests: --resume computes only the
+    # blocks whose forest is missing (to_parquet clears OUT first on a fresh run)
+    fs, root = _fs(_location(spec.output), spec.storage_options or None)
+    return _duplicate_groups(
+        a, spec.threshold, labels=labels, label_pairs=spec.label_pairs,
+        checkpoint=(fs, f"{root}/{_PQ_META}/forests"), **common,
+    )  # fmt: skip
 
 
 def _regular_sizes(result, spec: JobSpec):

@@ -12,6 +12,7 @@ most one entry per linked row.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import dask.array as da
@@ -101,6 +102,17 @@ def duplicate_groups(
     >>> dcs.duplicate_groups(a, threshold=0.95, labels=[0, 0, 1, 2, 3]).compute()["group"].tolist()
     [0, 1, 2, 2, 4]
     """
+    return _duplicate_groups(
+        a, threshold, labels=labels, label_pairs=label_pairs, chunks=chunks, device=device, checkpoint=None
+    )
+
+
+def _duplicate_groups(
+    a, threshold, *, labels, label_pairs, chunks, device, checkpoint: tuple | None
+) -> dd.DataFrame:
+    """:func:`duplicate_groups`; ``checkpoint=(fs, folder)`` (fsspec) keeps each block's forest
+    there, and a rerun loads the forests it finds instead of computing their blocks again
+    (``dask-cosim dedup --resume``)."""
     threshold = _check_unit_threshold(threshold)
     label_pairs = check_label_pairs(label_pairs)
     prep = _prepare(a, None, chunks=chunks, device=device)
@@ -111,7 +123,10 @@ def duplicate_groups(
         result = dd.from_pandas(meta, npartitions=1)
     else:
         token = tokenize(prep.an.name, prep.plan.chunks, threshold, labels_token(labels), label_pairs)
-        final = _merge_tree(_forests(prep, token, threshold, labels, label_pairs), token)
+        if checkpoint is not None:
+            token = tokenize(token, checkpoint[1])
+        forests = _forests(prep, token, threshold, labels, label_pairs, checkpoint)
+        final = _merge_tree(forests, token)
         n = prep.out_shape[-2]
         batches = _starts(prep.plan.batch) if batched else [(0, 1)]
         parts = [
@@ -147,10 +162,14 @@ def _groups_frame(final, b0: int, b1: int, r0: int, r1: int, n: int, batched: bo
 # --------------------------------------------------------------------------- graph
 
 
-def _forests(prep: Prepared, token: str, threshold: float, labels, label_pairs: str) -> list[Delayed]:
+def _forests(
+    prep: Prepared, token: str, threshold: float, labels, label_pairs: str, checkpoint=None
+) -> list[Delayed]:
     """One ``cosine-groups-forest`` task per upper block of S: the forest of its pairs."""
     name = f"cosine-groups-forest-{token}"
     kwargs = {**prep.product_kwargs(), "like": "numpy", "threshold": threshold, "n": prep.out_shape[-2]}
+    if checkpoint is not None:
+        kwargs["checkpoint"] = checkpoint
     if labels is not None:
         kwargs["label_pairs"] = label_pairs
     if use_triangle(prep):
@@ -189,12 +208,40 @@ def _merge_tree(forests: list[Delayed], token: str) -> Delayed:
     return delayed(finish_forest, pure=True)(forests[0], dask_key_name=f"cosine-groups-final-{token}")
 
 
-def _forest_block(an, bn, row_labels=None, col_labels=None, *, n: int, **kwargs):
-    """The forest of one block's pairs (node ids ``batch * n + i``); the diagonal is no link."""
+def _forest_block(an, bn, row_labels=None, col_labels=None, *, n: int, checkpoint=None, **kwargs):
+    """The forest of one block's pairs (node ids ``batch * n + i``); the diagonal is no link.
+
+    With ``checkpoint=(fs, folder)`` the forest is loaded from the folder if an earlier run
+    stored it there, else computed and stored (under a temporary name, then renamed).
+    """
     if row_labels is not None:
         kwargs.update(row_labels=row_labels, col_labels=col_labels)
-    b, i, j, _ = pairs_block(an, bn, exclude_self=True, **kwargs)
-    return components(b * n + i, b * n + j)
+
+    def compute():
+        b, i, j, _ = pairs_block(an, bn, exclude_self=True, **kwargs)
+        return components(b * n + i, b * n + j)
+
+    if checkpoint is None:
+        return compute()
+    offsets = (kwargs.get("batch_offset", 0), kwargs.get("row_offset", 0), kwargs.get("col_offset", 0))
+    return _stored(checkpoint, "forest-{}-{}-{}.npy".format(*offsets), compute)
+
+
+def _stored(checkpoint: tuple, name: str, compute):
+    """``compute()``'s forest, kept as ``folder/name``: loaded when there, else computed and saved."""
+    fs, folder = checkpoint
+    path = f"{folder}/{name}"
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            nodes, roots = np.load(f, allow_pickle=False)
+        return nodes, roots
+    nodes, roots = compute()
+    fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.{name}.{os.getpid()}.tmp"
+    with fs.open(tmp, "wb") as f:
+        np.save(f, np.stack([nodes, roots]))
+    fs.mv(tmp, path)
+    return nodes, roots
 
 
 def _forest_task(an, bn, rows, cols, *rest, labelled: bool, **kwargs):

@@ -85,19 +85,31 @@ def test_dedup_with_labels_and_3d(data, scheduler, capsys, tmp_path):
     assert tuple(map(int, COUNTS.search(out).groups())) == tuple(2 * c for c in counts(got[got.batch == 0]))
 
 
-def test_dedup_resumes_only_the_missing_partitions(data, scheduler, capsys, tmp_path):
+def test_dedup_resumes_only_the_missing_partitions_and_forests(
+    data, scheduler, capsys, tmp_path, monkeypatch
+):
+    from dask_cosim import dedup as dedup_module
+
     d, x = data
     args = [d / "x.npy", "-o", tmp_path / "g", "--threshold", "0.95", "--chunks", "20,20", "--quiet",
             "--scheduler", scheduler]  # fmt: skip
     assert dedup(capsys, *args)[0] == 0
     want = pd.read_parquet(tmp_path / "g")
+    forests = sorted((tmp_path / "g" / "_dask_cosim" / "forests").glob("forest-*.npy"))
+    assert len(forests) == 4 * 5 // 2  # one per upper block of 4 x 4
     os.remove(tmp_path / "g" / "part-000002.parquet")  # as if the run had died before these
     os.remove(tmp_path / "g" / "_dask_cosim" / "done" / "000002")
+    for f in forests[:3]:
+        os.remove(f)
     rc, out, err = dedup(capsys, *args)
     assert rc == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    calls = []
+    real = dedup_module.pairs_block
+    monkeypatch.setattr(dedup_module, "pairs_block", lambda *a, **k: calls.append(1) or real(*a, **k))
     rc, out, err = dedup(capsys, *args, "--resume")
     assert rc == 0, err
     assert "(1 written, 3 already done)" in out
+    assert len(calls) == 3  # only the blocks whose forest was lost ran a product
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "g"), want)
     rc, out, err = dedup(capsys, *args[:4], "0.9", *args[5:], "--resume")  # another threshold
     assert rc == 2 and "different parameters" in err
