@@ -296,3 +296,27 @@ def test_benchmark_runs_tiny():
         summary["rows_in_groups"] == 5 * summary["groups"] and summary["pairs"] == 10 * summary["groups"] > 0
     )
     assert summary["community"].startswith("skipped")
+
+
+@pytest.mark.timeout(180)
+def test_worker_killed_mid_run_gives_the_same_groups(real_cluster, gate_file):
+    """SIGKILL the worker holding the most finished forests; dask recomputes what it lost."""
+    from ._real_cluster import gated, held_keys, open_gate, wait_until
+
+    x = planted(12, n_groups=40, per_group=6, singles=240, d=16)  # 480 rows, 6 row blocks
+    t = safe_threshold(x, 0.95)
+    groups = dcs.duplicate_groups(gated(x, (80, 16), gate_file), threshold=t, chunks=(80, 80))
+    with real_cluster.client() as client:
+        future = client.compute(groups)
+        held = wait_until(
+            lambda: (h := held_keys(client, "cosine-groups")) and sum(h.values()) >= 4 and h,
+            timeout=60,
+            what="finished forests in worker memory",
+            client=client,
+        )
+        victim = max(held, key=held.get)
+        real_cluster.kill_worker(victim)
+        open_gate(gate_file)
+        got = future.result(timeout=90)
+    assert held[victim] >= 1
+    assert_groups(got, x, t)
