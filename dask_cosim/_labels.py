@@ -70,7 +70,7 @@ def check_labels(labels, prep: Prepared):
         return None
     n, m = prep.out_shape[-2:]
     if prep.self_similar:
-        if isinstance(labels, tuple):
+        if isinstance(labels, tuple) and len(labels) == 2 and all(np.ndim(x) == 1 for x in labels):
             raise ValueError(
                 "labels: for self-similarity (b=None) expected one 1-D integer array of length "
                 f"N = {n}, received a tuple of {len(labels)}"
