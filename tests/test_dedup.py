@@ -182,6 +182,13 @@ def test_batches_are_deduplicated_on_their_own():
         assert got["batch"].tolist() == [0] * 26 + [1] * 26
         for b in range(2):
             assert_groups(got[got["batch"] == b], x[b], t)
+    labels = np.arange(26) % 4
+    for mode in ("different", "same"):
+        got = dcs.duplicate_groups(
+            x, threshold=t, labels=labels, label_pairs=mode, chunks=(1, 7, 7)
+        ).compute()
+        for b in range(2):
+            assert_groups(got[got["batch"] == b], x[b], t, labels=labels, label_pairs=mode)
 
 
 @pytest.mark.parametrize("mode", ["different", "same"])
