@@ -212,7 +212,9 @@ def test_same_groups_on_every_scheduler_and_a_distributed_cluster():
     assert_groups(want, x, t)
     pd.testing.assert_frame_equal(groups.compute(scheduler="threads"), want)
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
         Client(cluster),
     ):
         pd.testing.assert_frame_equal(groups.compute(), want)
