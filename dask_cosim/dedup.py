@@ -129,13 +129,13 @@ def _duplicate_groups(
         forests = _forests(prep, token, threshold, labels, label_pairs, checkpoint)
         final = _merge_tree(forests, token)
         n = prep.out_shape[-2]
-        batches = _starts(prep.plan.batch) if batched else [(0, 1)]
+        batches = _spans(prep.plan.batch) if batched else [(0, 1)]
         parts = [
             delayed(_groups_frame, pure=True)(
                 final, b0, b1, r0, r1, n, batched, dask_key_name=(f"cosine-groups-{token}", p)
             )
             for p, ((b0, b1), (r0, r1)) in enumerate(
-                (bb, rr) for bb in batches for rr in _starts(prep.plan.rows)
+                (bb, rr) for bb in batches for rr in _spans(prep.plan.rows)
             )
         ]
         result = dd.from_delayed(parts, meta=meta, verify_meta=False)
@@ -144,7 +144,8 @@ def _duplicate_groups(
     return result
 
 
-def _starts(sizes) -> list[tuple[int, int]]:
+def _spans(sizes) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each block of the given sizes."""
     ends = np.cumsum(sizes)
     return [(int(e - s), int(e)) for s, e in zip(sizes, ends, strict=True)]
 
@@ -182,8 +183,10 @@ def _forests(
         graph, keys = pairs_triangle_graph(prep, name, task_for, extras)
     else:
         rows, cols = _row_and_col_indices(prep)
-        extra = [] if labels is None else [*block_labels(labels, prep)]
-        extra = [extra[0], "i", extra[1], "j"] if extra else []
+        extra = []
+        if labels is not None:  # before the batch numbers: _forest_task takes them positionally
+            lrows, lcols = block_labels(labels, prep)
+            extra = [lrows, "i", lcols, "j"]
         if len(prep.out_index) == 3:
             extra += [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
         parts = prep.pair_blockwise(
