@@ -128,15 +128,15 @@ def _duplicate_groups(
             token = tokenize(token, checkpoint[1])
         forests = _forests(prep, token, threshold, labels, label_pairs, checkpoint)
         final = _merge_tree(forests, token)
-        n = prep.out_shape[-2]
-        batches = _spans(prep.plan.batch) if batched else [(0, 1)]
+        n, n_batch = prep.out_shape[-2], prep.out_shape[0]
+        rows = _spans(prep.plan.rows)
+        # rows in (batch, i) order: one batch per partition when there are several row blocks
+        batches = [(0, 1)] if not batched else _spans(prep.plan.batch if len(rows) == 1 else (1,) * n_batch)
         parts = [
             delayed(_groups_frame, pure=True)(
                 final, b0, b1, r0, r1, n, batched, dask_key_name=(f"cosine-groups-{token}", p)
             )
-            for p, ((b0, b1), (r0, r1)) in enumerate(
-                (bb, rr) for bb in batches for rr in _spans(prep.plan.rows)
-            )
+            for p, ((b0, b1), (r0, r1)) in enumerate((bb, rr) for bb in batches for rr in rows)
         ]
         result = dd.from_delayed(parts, meta=meta, verify_meta=False)
     facts = {} if labels is None else {"labels": labels_token(labels), "label_pairs": label_pairs}

@@ -176,10 +176,11 @@ def test_batches_are_deduplicated_on_their_own():
     x = np.stack([planted(5, n_groups=4, singles=6, d=8), planted(6, n_groups=4, singles=6, d=8)])
     x[1, :5] = x[0, :5]  # the same rows in another batch link nothing across batches
     t = safe_threshold(x.reshape(-1, 8), 0.9)
-    for chunks in [(1, 7, 7), (2, 26, 26), (1, 26, 26), "auto"]:
+    for chunks in [(1, 7, 7), (2, 7, 7), (2, 26, 26), (1, 26, 26), "auto"]:
         got = dcs.duplicate_groups(x, threshold=t, chunks=chunks).compute()
         assert list(got.columns) == ["batch", "i", "group", "size"]
-        assert got["batch"].tolist() == [0] * 26 + [1] * 26
+        assert got["batch"].tolist() == [0] * 26 + [1] * 26  # in (batch, i) order
+        assert got["i"].tolist() == list(range(26)) * 2 and got.index.tolist() == list(range(52))
         for b in range(2):
             assert_groups(got[got["batch"] == b], x[b], t)
     labels = np.arange(26) % 4
