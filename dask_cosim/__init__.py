@@ -15,6 +15,7 @@ from ._resources import GPURouting, NoGPUWorkerError, ensure_gpu_routing
 from ._version import __version__
 from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
+from .dedup import duplicate_groups
 from .io import to_parquet, to_zarr
 from .planning import JobPlan, plan
 from .reductions import pairs_above, topk
@@ -26,6 +27,7 @@ __all__ = [
     "pairs_above",
     "plan",
     "JobPlan",
+    "duplicate_groups",
     "to_zarr",
     "to_parquet",
     "PlanError",

@@ -51,6 +51,8 @@ __all__ = [
     "finish_topk",
     "select_above",
     "pairs_block",
+    "LABEL_PAIRS",
+    "label_excluded",
 ]
 
 #: Key of a NaN similarity: below every clipped similarity, so NaN ranks last.
@@ -59,6 +61,8 @@ NAN_KEY = -2.0
 EXCLUDED_KEY = -3.0
 #: Key of padding (index -1) where a pruned block has fewer than k candidates in a row.
 PAD_KEY = -4.0
+#: Label masks: ``"different"`` keeps pairs whose labels differ, ``"same"`` pairs that share one.
+LABEL_PAIRS = ("different", "same")
 #: Number of column groups whose maxima bound the k-th best value of a row.
 _GROUPS = 128
 #: Row strips of the NumPy fast path hold about this many bytes of similarities.
@@ -82,8 +86,37 @@ def _diagonal_mask(xp, shape, row_offset: int, col_offset: int, device=None):
     return r == c
 
 
-def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self: bool = False):
+def label_excluded(row_labels, col_labels, label_pairs: str = "different"):
+    """Boolean ``(n, m)`` mask of the pairs a label mask drops (any array namespace).
+
+    ``label_pairs="different"`` keeps pairs whose labels differ (drops equal labels),
+    ``"same"`` keeps pairs within a label (drops different labels).
+
+    Examples
+    --------
+    >>> label_excluded(np.array([0, 1]), np.array([0, 0, 1]))
+    array([[ True,  True, False],
+           [False, False,  True]])
+    """
+    if label_pairs == "different":
+        return row_labels[:, None] == col_labels[None, :]
+    if label_pairs == "same":
+        return row_labels[:, None] != col_labels[None, :]
+    raise ValueError(f"label_pairs: expected one of {LABEL_PAIRS}, received {label_pairs!r}")
+
+
+def _labels_like(labels, x):
+    """Label slices moved to where block ``x`` lives (labels travel as host arrays)."""
+    return None if labels is None else _bound_like(labels, x)
+
+
+def similarity_keys(
+    s, *, row_offset: int = 0, col_offset: int = 0, exclude_self: bool = False, excluded=None
+):
     """Ranking keys of a similarity block ``(..., n, m)``: clipped values, NaN and diagonal marked.
+
+    ``excluded``: optional boolean ``(n, m)`` mask (a label mask) whose entries are keyed
+    :data:`EXCLUDED_KEY`, like the diagonal with ``exclude_self``.
 
     Examples
     --------
@@ -91,6 +124,11 @@ def similarity_keys(s, *, row_offset: int = 0, col_offset: int = 0, exclude_self
     array([[-3. , -2. ],
            [ 0.5, -3. ]])
     """
+    if excluded is not None:
+        key = similarity_keys(s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self)
+        xp = array_api_compat.array_namespace(key)
+        mark = xp.asarray(EXCLUDED_KEY, dtype=key.dtype, device=array_api_compat.device(key))
+        return xp.where(excluded, mark, key)
     if isinstance(s, np.ndarray):
         return _similarity_keys_numpy(s, row_offset, col_offset, exclude_self)
     if array_api_compat.is_cupy_array(s):
@@ -190,6 +228,7 @@ def select_topk(
     col_offset: int = 0,
     exclude_self: bool = False,
     bound=None,
+    excluded=None,
 ):
     """Local top-``k`` of a similarity block ``(..., n, m)`` for any array namespace.
 
@@ -212,6 +251,9 @@ def select_topk(
         Optional lower bound of each selected row's final k-th best key (shape
         ``(..., n)`` for ``axis=-1``, ``(..., m)`` for ``axis=-2``): entries below it are
         dropped and the rows padded (:data:`PAD_KEY`, index -1).
+    excluded
+        Optional boolean ``(n, m)`` mask of entries ranked last like the excluded
+        diagonal (a label mask, :func:`label_excluded`).
 
     Returns
     -------
@@ -226,7 +268,9 @@ def select_topk(
     (array([[0.9, 0.9, 0.1]]), array([[11, 12, 10]]))
     """
     xp = array_api_compat.array_namespace(s)
-    key = similarity_keys(s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self)
+    key = similarity_keys(
+        s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self, excluded=excluded
+    )
     if axis in (-2, key.ndim - 2):
         key = xp.permute_dims(key, (*range(key.ndim - 2), key.ndim - 1, key.ndim - 2))
         offset = row_offset
@@ -291,6 +335,9 @@ def topk_block(
     row_pivot=None,
     col_pivot=None,
     fast: bool = True,
+    row_labels=None,
+    col_labels=None,
+    label_pairs: str = "different",
 ):
     """Product of two normalised blocks and its local top-``k``, without keeping the product.
 
@@ -302,6 +349,9 @@ def topk_block(
     ``row_pivot`` / ``col_pivot``: top-k parts of the same rows / columns from another
     block, whose k-th best keys prune this block (:func:`part_bound`).
     ``fast=False`` forces the generic array-API path (used by tests).
+    ``row_labels`` / ``col_labels``: 1-D integer labels of the block's rows and columns;
+    pairs the mask ``label_pairs`` drops (:func:`label_excluded`) rank last like the
+    excluded diagonal.
 
     Examples
     --------
@@ -321,17 +371,22 @@ def topk_block(
     offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
     row_bound = None if row_pivot is None else _bound_like(part_bound(row_pivot, k), an)
     col_bound = None if col_pivot is None else _bound_like(part_bound(col_pivot, k), an)
+    labels = None
+    if row_labels is not None:
+        labels = (_labels_like(row_labels, an), _labels_like(col_labels, an), label_pairs)
     if fast and _fast_path_fits(an, bn):
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
         small = _is_small_numpy(an, bn, device)
         with nullcontext() if small else limit_blas(blas_threads_for_task(blas_threads)):
             bounds = {"row_bound": row_bound, "col_bound": col_bound}
-            parts = _topk_block_tiled(an, bn, k, both=both, **bounds, **offsets)
+            parts = _topk_block_tiled(an, bn, k, both=both, labels=labels, **bounds, **offsets)
     else:
         s = similarity_block(
             an, bn, device=device, blas_threads=blas_threads, like="input", precision=precision
         )
+        if labels is not None:
+            offsets["excluded"] = label_excluded(*labels)
         rows = select_topk(s, k, axis=-1, bound=row_bound, **offsets)
         parts = (rows, select_topk(s, k, axis=-2, bound=col_bound, **offsets)) if both else (rows,)
         del s
@@ -406,8 +461,10 @@ def _even_tiles(size: int, most: int) -> list[tuple[int, int]]:
     return out
 
 
-def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=None, **offsets):
-    """:func:`_topk_block_numpy` over column tiles of ``bn``, merged: the same parts."""
+def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=None, labels=None, **offsets):
+    """:func:`_topk_block_numpy` over column tiles of ``bn``, merged: the same parts.
+
+    ``labels``: ``(row_labels, col_labels, label_pairs)``, the column labels sliced per tile."""
     m = bn.shape[-2]
     most = TILE_COLS
     if both and col_bound is None:  # that path keeps one tile whole: narrower tiles for tall blocks
@@ -415,7 +472,9 @@ def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=N
         most = max(256, min(TILE_COLS, _PAIRS_TILE_BYTES // max(1, rows * an.dtype.itemsize)))
     tiles = _even_tiles(m, most)
     if len(tiles) == 1:
-        return _topk_block_numpy(an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, **offsets)
+        return _topk_block_numpy(
+            an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, labels=labels, **offsets
+        )
     rows_part, col_parts = None, []
     for c0, c1 in tiles:
         bound = row_bound
@@ -432,6 +491,7 @@ def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=N
             exclude_self=offsets["exclude_self"],
             row_bound=bound,
             col_bound=None if col_bound is None else col_bound[..., c0:c1],
+            labels=None if labels is None else (labels[0], labels[1][c0:c1], labels[2]),
         )
         rows_part = out[0] if rows_part is None else merge_topk([rows_part, out[0]], k)
         if both:
@@ -469,8 +529,11 @@ def _topk_block_numpy(
     row_bound=None,
     col_bound=None,
     product=None,
+    labels=None,
 ):
     """NumPy twin of :func:`select_topk` on ``an @ bn.T`` (raw), one 2-D block at a time.
+
+    ``labels``: optional ``(row_labels, col_labels, label_pairs)`` label mask.
 
     ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
     product into ``out`` (default: the GEMM); tests pass synthetic products through it.
@@ -502,6 +565,7 @@ def _topk_block_numpy(
             dtype,
             None if rb is None else rb[b],
             None if cb is None else cb[b],
+            labels,
         )  # fmt: skip
         for b in range(len(a3))
     ]
@@ -515,7 +579,7 @@ def _stack_parts(parts, lead):
     return keys, idx
 
 
-def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound):
+def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None):
     """Rows part (and with ``both`` the columns part) of one 2-D block."""
     row_offset, col_offset, exclude_self = offsets
     n, m = an.shape[0], bn.shape[0]
@@ -542,6 +606,8 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
         strip = full[r0:r1] if group_cols else buf[: r1 - r0]
         product(r0, r1, strip)
         _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
+        if labels is not None:
+            strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
         t = _group_threshold(strip, kk_r, g_r) if t_r is None else t_r[r0:r1]
         if cols is None:
             rows.add(strip, t[:, None], r0, mask)
@@ -738,6 +804,9 @@ def _merge_numpy(keys, idx, k: int):
 def finish_topk(part):
     """Final ``(values, idx)`` from merged keys: NaN keys become NaN values.
 
+    Entries a label mask excluded (or padding) reach a final result only when a row has
+    fewer than ``k`` valid neighbours; they become value NaN and index -1.
+
     Examples
     --------
     >>> finish_topk((np.array([[0.5, NAN_KEY]]), np.array([[1, 0]])))
@@ -746,7 +815,10 @@ def finish_topk(part):
     keys, idx = part
     xp = array_api_compat.array_namespace(keys)
     nan = xp.asarray(xp.nan, dtype=keys.dtype, device=array_api_compat.device(keys))
-    return xp.where(keys == NAN_KEY, nan, keys), idx
+    invalid = keys < (NAN_KEY + EXCLUDED_KEY) / 2  # EXCLUDED_KEY or PAD_KEY
+    if bool(xp.any(invalid)):
+        idx = xp.where(invalid, xp.asarray(-1, dtype=idx.dtype, device=array_api_compat.device(idx)), idx)
+    return xp.where((keys == NAN_KEY) | invalid, nan, keys), idx
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -761,6 +833,9 @@ def select_above(
     batch_offset: int = 0,
     upper: bool = False,
     exclude_self: bool = False,
+    row_labels=None,
+    col_labels=None,
+    label_pairs: str = "different",
 ):
     """Every entry of a similarity block ``(..., n, m)`` with ``s >= threshold``.
 
@@ -770,6 +845,8 @@ def select_above(
         Keep only global ``j >= i`` (self-similarity: each unordered pair once).
     exclude_self
         Drop the global diagonal ``i == j``.
+    row_labels, col_labels, label_pairs
+        Optional label mask: drop the pairs :func:`label_excluded` marks.
 
     Returns
     -------
@@ -791,6 +868,9 @@ def select_above(
         c = xp.arange(s3.shape[-1], device=dev)[None, :] + col_offset
         keep = (c > r) if (upper and exclude_self) else (c >= r) if upper else (c != r)
         mask = mask & keep
+    if row_labels is not None:
+        excluded = label_excluded(_labels_like(row_labels, s), _labels_like(col_labels, s), label_pairs)
+        mask = mask & ~excluded
     b, i, j = xp.nonzero(mask)
     score = s3[mask]
     as64 = lambda v, off: xp.astype(v, xp.int64) + off  # noqa: E731
@@ -812,6 +892,9 @@ def pairs_block(
     blas_threads: int | None = None,
     like: str = "numpy",
     precision: str = "float32",
+    row_labels=None,
+    col_labels=None,
+    label_pairs: str = "different",
 ):
     """Product of two normalised blocks filtered by :func:`select_above` (the block is dropped).
 
@@ -830,7 +913,8 @@ def pairs_block(
         return _pairs_block_tiled(
             an, bn, threshold=threshold, row_offset=row_offset, col_offset=col_offset,
             batch_offset=batch_offset, upper=upper, exclude_self=exclude_self, out_dtype=out_dtype,
-            blas_threads=blas_threads, precision=precision,
+            blas_threads=blas_threads, precision=precision, row_labels=row_labels, col_labels=col_labels,
+            label_pairs=label_pairs,
         )  # fmt: skip
     else:
         s = similarity_block(
@@ -850,6 +934,9 @@ def pairs_block(
         batch_offset=batch_offset,
         upper=upper,
         exclude_self=exclude_self,
+        row_labels=row_labels,
+        col_labels=col_labels,
+        label_pairs=label_pairs,
     )
     return tuple(to_host_like(v, like) for v in out)
 
@@ -864,7 +951,19 @@ def _needs_tiles(an, bn, device: str) -> bool:
     return batch * an.shape[-2] * bn.shape[-2] * np.result_type(an, bn).itemsize > _PAIRS_TILE_BYTES
 
 
-def _pairs_block_tiled(an, bn, *, threshold, row_offset, col_offset, upper, exclude_self, **kwargs):
+def _pairs_block_tiled(
+    an,
+    bn,
+    *,
+    threshold,
+    row_offset,
+    col_offset,
+    upper,
+    exclude_self,
+    row_labels=None,
+    col_labels=None,
+    **kwargs,
+):
     """:func:`pairs_block` on NumPy blocks, one tile of S at a time; the same pairs in the
     same (batch, i, j) order, while memory holds one tile (plus the pairs found)."""
     batch = int(np.prod(np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])))
@@ -887,8 +986,10 @@ def _pairs_block_tiled(an, bn, *, threshold, row_offset, col_offset, upper, excl
                     upper=upper,
                     exclude_self=exclude_self,
                     device="cpu",
+                    row_labels=None if row_labels is None else row_labels[r0:r1],
+                    col_labels=None if col_labels is None else col_labels[c0:c1],
                     **kwargs,
-                )  # fmt: skip
+                )
             )
     b, i, j, score = (np.concatenate([f[n] for f in found]) for n in range(4))
     if len(found) > 1:  # tiles interleave rows (and batches): restore (batch, i, j) order

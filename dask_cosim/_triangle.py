@@ -108,11 +108,16 @@ def _upper_layer(prep: Prepared, name: str, task_for: Callable[[int | None, int,
     }
 
 
-def _graph(prep: Prepared, layers: dict[str, tuple[dict, set[str]]]) -> HighLevelGraph:
-    """``prep.an``'s graph plus ``layers`` (name -> (tasks, names of layers they need))."""
+def _graph(prep: Prepared, layers: dict[str, tuple[dict, set[str]]], extras=()) -> HighLevelGraph:
+    """``prep.an``'s graph plus ``layers`` (name -> (tasks, names of layers they need));
+    ``extras``: other collections whose graphs the layers read too."""
     base = prep.an.__dask_graph__()
     all_layers = dict(base.layers)
     deps = {k: set(v) for k, v in base.dependencies.items()}
+    for extra in extras:
+        graph = extra.__dask_graph__()
+        all_layers.update(graph.layers)
+        deps.update({k: set(v) for k, v in graph.dependencies.items()})
     for name, (tasks, needs) in layers.items():
         all_layers[name] = MaterializedLayer(tasks)
         deps[name] = set(needs)
@@ -224,13 +229,18 @@ def _pivoted_topk_block(an, bn, row_pivot, col_pivot, **kwargs):
 
 
 def pairs_triangle_graph(
-    prep: Prepared, name: str, task_for: Callable[[int | None, int, int, dict], Callable]
+    prep: Prepared,
+    name: str,
+    task_for: Callable[[int | None, int, int, dict], Callable],
+    extras: tuple[da.Array, ...] = (),
 ) -> tuple[HighLevelGraph, list[tuple]]:
     """One ``pairs`` task per upper block; returns the graph and the keys in block order.
 
     ``task_for(kb, i, j, offsets)`` returns the callable applied to ``(an[i], an[j])``;
     ``offsets`` holds ``row_offset``, ``col_offset``, ``batch_offset`` and ``upper``
-    (True on diagonal blocks, where only ``j >= i`` is kept).
+    (True on diagonal blocks, where only ``j >= i`` is kept). ``extras``: 1-D dask arrays
+    chunked like the rows (e.g. labels) whose blocks ``i`` and ``j`` are passed too, as
+    ``(an[i], an[j], extra[i], extra[j], ...)``.
     """
     starts = _offsets(prep.plan.rows)
     batch_starts = _offsets(prep.plan.batch)
@@ -245,6 +255,10 @@ def pairs_triangle_graph(
         return task_for(kb, i, j, offsets)
 
     tasks = _upper_layer(prep, name, task)
+    for key in tasks:
+        i, j = key[-2:]
+        tasks[key] += tuple(k for x in extras for k in ((x.name, i), (x.name, j)))
+    needs = {prep.an.name, *(x.name for x in extras)}
     with annotate_for(prep.device):
-        graph = _graph(prep, {name: (tasks, {prep.an.name})})
+        graph = _graph(prep, {name: (tasks, needs)}, extras)
     return graph, list(tasks)

@@ -1,4 +1,4 @@
-"""The ``dask-cosim`` command: ``run`` a job into zarr/Parquet, a ``demo``, and ``info``.
+"""The ``dask-cosim`` command: ``run`` a job into zarr/Parquet, ``dedup``, a ``demo``, and ``info``.
 
 Exit codes: 0 success, 2 usage or bad input (one line on stderr, no traceback), 1 any
 other failure (one line; ``--traceback`` shows the details), 130 interrupted.
@@ -62,9 +62,14 @@ class JobSpec:
     quiet: bool = False
     storage_options: dict = field(default_factory=dict)
     plan_only: bool = False  # --plan: print the plan, compute nothing
+    dedup: bool = False  # ``dask-cosim dedup``: duplicate_groups at ``threshold``
+    labels: str | None = None  # .npy file of integer labels (label mask)
+    label_pairs: str = "different"
 
     @property
     def kind(self) -> str:
+        if self.dedup:
+            return "groups"
         if self.topk is not None:
             return "topk"
         return "pairs" if self.threshold is not None else "similarity"
@@ -103,6 +108,8 @@ def _build(spec: JobSpec, chunks) -> Any:
 
     a, b = _location(spec.a), _location(spec.b)
     common = {"chunks": chunks, "device": spec.device}
+    if spec.kind == "groups":
+        return _build_groups(spec, a, common)
     if spec.kind == "topk":
         return _call(dcs.topk, a, b, spec, k=spec.topk, exclude_self=spec.exclude_self, **common)
     if spec.kind == "pairs":
@@ -114,13 +121,38 @@ def _build(spec: JobSpec, chunks) -> Any:
     return _call(dcs.cosine_similarity, a, b, spec, **common)
 
 
+def _build_groups(spec: JobSpec, a, common: dict):
+    """``dask-cosim dedup``: :func:`~dask_cosim.duplicate_groups` of A with the labels file."""
+    import numpy as np
+
+    for opt, value in (("dtype", spec.dtype), ("zero_vector", spec.zero_vector), ("b", spec.b)):
+        if value is not None:
+            raise BadInput(f"--{opt.replace('_', '-')} does not apply to dedup jobs")
+    labels = None
+    if spec.labels is not None:
+        try:
+            labels = np.load(_location(spec.labels), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise BadInput(f"--labels: cannot read {spec.labels!r} as a .npy array ({err})") from err
+    from .dedup import _duplicate_groups
+    from .io import _PQ_META, _fs
+
+    # each block's forest is kept under OUT/_dask_cosim/forests: --resume computes only the
+    # blocks whose forest is missing (to_parquet clears OUT first on a fresh run)
+    fs, root = _fs(_location(spec.output), spec.storage_options or None)
+    return _duplicate_groups(
+        a, spec.threshold, labels=labels, label_pairs=spec.label_pairs,
+        checkpoint=(fs, f"{root}/{_PQ_META}/forests"), **common,
+    )  # fmt: skip
+
+
 def _regular_sizes(result, spec: JobSpec):
     """Integer block sizes that make the output blocks regular (zarr chunks = dask blocks),
     as the sizing policy decides (:func:`dask_cosim._sizing.regular_sizes`)."""
     from . import _provenance
     from ._sizing import regular_sizes
 
-    if spec.kind == "pairs":
+    if spec.kind in ("pairs", "groups"):
         return None
     arr = result[0] if isinstance(result, tuple) else result
     return regular_sizes(_provenance.plan_of(arr.name), batched=arr.ndim == 3)
@@ -163,7 +195,7 @@ def execute_job(job: Job, *, progress: bool) -> Any:
         "storage_options": spec.storage_options or None,
         "progress": progress,
     }
-    if spec.kind == "pairs":
+    if spec.kind in ("pairs", "groups"):
         return to_parquet(job.result, _location(spec.output), **kwargs)
     return to_zarr(job.result, _location(spec.output), codec=spec.codec, **kwargs)
 
@@ -308,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Blocked cosine similarity of embedding sets with Dask: zarr in, zarr out."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,dedup,demo,info}")
 
     run = sub.add_parser("run", help="compute similarity, top-k or pairs above a threshold into OUT")
     run.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
@@ -354,6 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", metavar="DIR", help="write inputs and outputs to DIR and keep them")
     _cluster_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    dedup = sub.add_parser(
+        "dedup", help="near-duplicate groups (connected components of score >= T) into a Parquet dir"
+    )
+    dedup.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
+    dedup.add_argument("-o", "--output", required=True, metavar="OUT", help="Parquet directory")
+    dedup.add_argument(
+        "--threshold", type=float, default=0.95, metavar="T", help="link rows with score >= T (0.95)"
+    )
+    dedup.add_argument("--labels", metavar="L.npy", help="integer label per row: a label mask")
+    dedup.add_argument(
+        "--label-pairs",
+        choices=("different", "same"),
+        default="different",
+        help="with --labels: link only rows whose labels differ (default) or are the same",
+    )
+    dedup.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="blocks of S")
+    dedup.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    dedup.add_argument(
+        "--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options"
+    )
+    again = dedup.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="finish a half-written OUT")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _cluster_options(dedup)
+    dedup.set_defaults(func=cmd_dedup)
 
     info = sub.add_parser("info", help="versions, BLAS, GPU and the dask config in force")
     info.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
@@ -413,6 +471,54 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(report.summary(), flush=True)
     return EXIT_OK
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    spec = JobSpec(
+        a=args.a,
+        b=None,
+        output=args.output,
+        threshold=args.threshold,
+        chunks=args.chunks,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        scheduler=args.scheduler,
+        timeout=args.timeout,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=_memory_limit(args.memory_limit),
+        quiet=args.quiet,
+        storage_options=args.storage_options,
+        dedup=True,
+        labels=args.labels,
+        label_pairs=args.label_pairs,
+    )
+    report = run_job(spec)
+    print(report.summary(), flush=True)
+    groups, rows = count_groups(_location(spec.output), spec.storage_options or None)
+    print(f"{groups} groups of size > 1 holding {rows} rows", flush=True)
+    return EXIT_OK
+
+
+def count_groups(path, storage_options: dict | None = None) -> tuple[int, int]:
+    """Groups of size > 1 and the rows they hold, in a written ``duplicate_groups`` dataset.
+
+    Reads the ``i``, ``group`` and ``size`` columns one file at a time.
+    """
+    import pyarrow.parquet as pq
+
+    from .io import _fs
+
+    fs, root = _fs(path, storage_options)
+    groups = rows = 0
+    for name in sorted(fs.glob(f"{root}/part-*.parquet")):
+        with fs.open(name, "rb") as f:
+            t = pq.read_table(f, columns=["i", "group", "size"]).to_pandas()
+        big = t["size"].to_numpy() > 1
+        rows += int(big.sum())
+        groups += int((big & (t["i"].to_numpy() == t["group"].to_numpy())).sum())
+    return groups, rows
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

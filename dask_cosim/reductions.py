@@ -24,6 +24,7 @@ import pandas as pd
 from dask.array.reductions import _tree_reduce
 from dask.base import tokenize
 
+from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._sizing import SPLIT_EVERY
@@ -97,6 +98,8 @@ def topk(
     precision: Precision = "float32",
     like: Like | None = None,
     check_finite: bool = False,
+    labels=None,
+    label_pairs: LabelPairs = "different",
 ) -> tuple[da.Array, da.Array]:
     """The ``k`` most similar vectors of ``b`` for every vector of ``a``, without storing S.
 
@@ -129,6 +132,14 @@ def topk(
         Where the results live, as in :func:`dask_cosim.cosine_similarity`.
     check_finite : bool
         As :func:`dask_cosim.cosine_similarity`: refuse NaN/inf inputs before building.
+    labels : array_like or dask.array.Array, optional
+        Label mask: one 1-D integer label per vector (self-similarity), or a tuple
+        ``(labels_a, labels_b)`` with ``b``. Pairs the mask drops rank below every
+        similarity inside the block tasks, so a row keeps ``k`` valid neighbours when it
+        has that many; rows with fewer end in value NaN / index -1. Self-similarity with
+        labels computes every block (no triangle). Bad labels are a ValueError here.
+    label_pairs : {"different", "same"}
+        ``"different"``: only pairs whose labels differ; ``"same"``: only pairs within a label.
 
     Returns
     -------
@@ -165,17 +176,20 @@ def topk(
         )
     exclude_self = _check_exclude_self(exclude_self, prep)
     _check_k_fits(k, prep, exclude_self)
+    labels, label_pairs = check_labels(labels, prep), check_label_pairs(label_pairs)
 
     out_chunks = prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:]
     topk_chunks = (*out_chunks[:-1], (k,))
     if 0 in prep.out_shape:
         vals, idx = _empty_topk(prep, topk_chunks)
     else:
-        triangle = use_triangle(prep)
+        triangle = use_triangle(prep) and labels is None
         # priorities by upper row: on a cluster, row panels finish in order (see _topk_store)
         with dask.annotate(priority=priority_of(triangle, len(prep.plan.rows))):
-            build = topk_triangle_parts if triangle else _topk_parts
-            parts = build(prep, k, exclude_self)
+            if triangle:
+                parts = topk_triangle_parts(prep, k, exclude_self)
+            else:
+                parts = _topk_parts(prep, k, exclude_self, labels, label_pairs)
         # parts left on the GPU (like="cupy") are merged there too
         where = prep.device if prep.like == "cupy" else "cpu"
         with annotate_for(where):
@@ -207,7 +221,10 @@ def topk(
         upper = parts.dask.dependencies[parts.name] if triangle else ()
         register_topk(vals.name, TopkSource(parts, k, triangle, where, next(iter(upper), None)))
     for result in (vals, idx):
-        record_result(result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, precision=precision)
+        record_result(
+            result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, precision=precision,
+            **_label_facts(labels, label_pairs),
+        )  # fmt: skip
     return vals, idx
 
 
@@ -226,14 +243,25 @@ def _row_and_col_indices(prep: Prepared) -> tuple[da.Array, da.Array]:
     return rows, cols
 
 
-def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
+def _label_facts(labels, label_pairs: str) -> dict:
+    """Provenance of a label mask (nothing without labels, so unlabelled results keep their facts)."""
+    return {} if labels is None else {"labels": labels_token(labels), "label_pairs": label_pairs}
+
+
+def _topk_parts(
+    prep: Prepared, k: int, exclude_self: bool, labels=None, label_pairs: str = "different"
+) -> da.Array:
     """Object array of local top-k parts, one ``cosine-topk`` task per output block.
 
     The first column block of every row block is its *pivot*: those tasks run first, and
     each row's k-th best value there is a lower bound of its final k-th best, so the
     tasks of the other column blocks keep only entries at or above it (pruning).
+    ``labels``: validated ``(labels_a, labels_b)``, passed to each task as its slices.
     """
     rows, cols = _row_and_col_indices(prep)
+    lrows = lcols = None
+    if labels is not None:
+        lrows, lcols = block_labels(labels, prep)
     common = {
         "dtype": object,
         "meta": np.empty((0,) * len(prep.out_index), dtype=object),
@@ -242,6 +270,8 @@ def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
         "exclude_self": exclude_self,
         **prep.product_kwargs(),
     }
+    if labels is not None:
+        common["label_pairs"] = label_pairs
     jb = prep.bn.ndim - 2  # the j axis of bn
 
     def column_blocks(x, axis: int, sl: slice):
@@ -249,28 +279,41 @@ def _topk_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
         index[axis] = sl
         return x.blocks[tuple(index)]
 
+    def label_args(sl: slice | None) -> list:
+        if labels is None:
+            return []
+        return [lrows, "i", lcols if sl is None else column_blocks(lcols, 0, sl), "j"]
+
     if len(prep.plan.cols) == 1 or prep.plan.cols[0] < k:  # no pivot with k columns
-        return prep.pair_blockwise(_topk_task, rows, "i", cols, "j", token="cosine-topk", **common)
+        return prep.pair_blockwise(
+            _topk_task, rows, "i", cols, "j", *label_args(None), token="cosine-topk", **common
+        )
     first, others = slice(0, 1), slice(1, None)
     pivot = prep.pair_blockwise(
-        _topk_task, rows, "i", column_blocks(cols, 0, first), "j",
+        _topk_task, rows, "i", column_blocks(cols, 0, first), "j", *label_args(first),
         bn=column_blocks(prep.bn, jb, first), token="cosine-topk", **common,
     )  # fmt: skip
     pruned = prep.pair_blockwise(
         _pruned_topk_task,
         pivot, prep.out_index,  # one block along j: every column block of the row block
-        rows, "i", column_blocks(cols, 0, others), "j",
+        rows, "i", column_blocks(cols, 0, others), "j", *label_args(others),
         bn=column_blocks(prep.bn, jb, others), token="cosine-topk", align_arrays=False, **common,
     )  # fmt: skip
     return da.concatenate([pivot, pruned], axis=len(prep.out_index) - 1)
 
 
-def _topk_task(an, bn, rows, cols, **kwargs):
-    return topk_block(an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]), **kwargs)
+def _topk_task(an, bn, rows, cols, row_labels=None, col_labels=None, **kwargs):
+    return topk_block(
+        an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]),
+        row_labels=row_labels, col_labels=col_labels, **kwargs,
+    )  # fmt: skip
 
 
-def _pruned_topk_task(an, bn, pivot, rows, cols, **kwargs):
-    return topk_block(an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]), row_pivot=pivot, **kwargs)
+def _pruned_topk_task(an, bn, pivot, rows, cols, row_labels=None, col_labels=None, **kwargs):
+    return topk_block(
+        an, bn, row_offset=int(rows[0]), col_offset=int(cols[0]), row_pivot=pivot,
+        row_labels=row_labels, col_labels=col_labels, **kwargs,
+    )  # fmt: skip
 
 
 def _merge_parts(parts, axis=None, keepdims=True, *, k: int, final: bool):
@@ -299,6 +342,8 @@ def pairs_above(
     device: Device = "auto",
     precision: Precision = "float32",
     check_finite: bool = False,
+    labels=None,
+    label_pairs: LabelPairs = "different",
 ) -> dd.DataFrame:
     """Every pair ``(batch, i, j)`` with similarity ``>= threshold``, as a lazy DataFrame.
 
@@ -321,6 +366,8 @@ def pairs_above(
         Drop pairs with ``i == j`` (``b`` must have as many vectors as ``a``).
     check_finite : bool
         As :func:`dask_cosim.cosine_similarity`: refuse NaN/inf inputs before building.
+    labels, label_pairs
+        Label mask as in :func:`topk`: pairs it drops are filtered inside the block tasks.
 
     Returns
     -------
@@ -342,28 +389,35 @@ def pairs_above(
         a, b, op="pairs", chunks=chunks, device=device, precision=precision, check_finite=check_finite
     )
     exclude_self = _check_exclude_self(exclude_self, prep)
+    labels, label_pairs = check_labels(labels, prep), check_label_pairs(label_pairs)
     meta = _pairs_meta(prep.out_dtype)
     if 0 in prep.out_shape:
         result = dd.from_pandas(meta, npartitions=1)
     else:
         token = tokenize(prep.an.name, prep.bn.name, prep.plan.chunks, threshold, exclude_self)
+        if labels is not None:
+            token = tokenize(token, labels_token(labels), label_pairs)
         name = f"cosine-pairs-{token}"
         kwargs = {**prep.product_kwargs(), "like": "numpy", "threshold": threshold}
+        if labels is not None:
+            kwargs["label_pairs"] = label_pairs
         if use_triangle(prep):
 
             def task_for(kb, i, j, offsets):
                 task = partial(_pairs_frame, exclude_self=exclude_self, **offsets, **kwargs)
                 return routed(task, prep.device)
 
-            graph, keys = pairs_triangle_graph(prep, name, task_for)
+            extras = () if labels is None else (block_labels(labels, prep)[0],)
+            graph, keys = pairs_triangle_graph(prep, name, task_for, extras)
         else:
-            parts = _pairs_parts(prep, name, exclude_self, kwargs)
+            parts = _pairs_parts(prep, name, exclude_self, kwargs, labels)
             graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
         result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-pairs-frame")
     record_result(
-        result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self, precision=precision
-    )
+        result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
+        precision=precision, **_label_facts(labels, label_pairs),
+    )  # fmt: skip
     return result
 
 
@@ -386,14 +440,17 @@ def _flatten(keys):
         yield keys
 
 
-def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict) -> da.Array:
+def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:
     """Object array of per-block DataFrames (rectangular blocks)."""
     rows, cols = _row_and_col_indices(prep)
     extra = []
+    if labels is not None:  # before the batch numbers: _pairs_task takes them positionally
+        lrows, lcols = block_labels(labels, prep)
+        extra = [lrows, "i", lcols, "j"]
     if len(prep.out_index) == 3:
-        extra = [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
+        extra += [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
     return prep.pair_blockwise(
-        _pairs_task,
+        _pairs_task if labels is None else _labelled_pairs_task,
         rows,
         "i",
         cols,
@@ -419,6 +476,12 @@ def _pairs_task(an, bn, rows, cols, batches=None, **kwargs):
     )
 
 
-def _pairs_frame(an, bn, **kwargs) -> pd.DataFrame:
+def _labelled_pairs_task(an, bn, rows, cols, row_labels, col_labels, batches=None, **kwargs):
+    return _pairs_task(an, bn, rows, cols, batches, row_labels=row_labels, col_labels=col_labels, **kwargs)
+
+
+def _pairs_frame(an, bn, row_labels=None, col_labels=None, **kwargs) -> pd.DataFrame:
+    if row_labels is not None:
+        kwargs.update(row_labels=row_labels, col_labels=col_labels)
     batch, i, j, score = pairs_block(an, bn, **kwargs)
     return pd.DataFrame({"batch": batch, "i": i, "j": j, "score": score})

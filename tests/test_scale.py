@@ -386,3 +386,33 @@ def test_tiled_pairs_keep_batch_row_column_order_for_batched_blocks(monkeypatch)
         )
     s = np.einsum("bnd,bmd->bnm", an, bn)
     assert len(tiled[0]) == int((s >= 0.5).sum()) > 0
+
+
+@pytest.mark.parametrize("label_pairs", ["different", "same"])
+def test_tiled_kernels_slice_the_label_mask_per_tile(monkeypatch, label_pairs):
+    from dask_cosim import _select
+
+    gen = np.random.default_rng(11)
+    an = gen.standard_normal((500, 8))
+    bn = gen.standard_normal((1500, 8))
+    an /= np.linalg.norm(an, axis=1, keepdims=True)
+    bn /= np.linalg.norm(bn, axis=1, keepdims=True)
+    lab = {
+        "row_labels": gen.integers(0, 3, 500),
+        "col_labels": gen.integers(0, 3, 1500),
+        "label_pairs": label_pairs,
+    }
+    whole = _select.topk_block(an, bn, k=5, **lab)
+    whole_pairs = _select.pairs_block(an, bn, threshold=0.7, **lab)
+    monkeypatch.setattr(_select, "TILE_COLS", 256)
+    monkeypatch.setattr(_select, "_PAIRS_TILE_BYTES", 40_000)
+    tiled = _select.topk_block(an, bn, k=5, **lab)
+    tiled_pairs = _select.pairs_block(an, bn, threshold=0.7, **lab)
+    np.testing.assert_allclose(tiled[0], whole[0], atol=1e-12)
+    np.testing.assert_array_equal(tiled[1], whole[1])
+    for w, t in zip(whole_pairs, tiled_pairs, strict=True):
+        np.testing.assert_allclose(w, t, atol=1e-12)
+    keep = _select.label_excluded(lab["row_labels"], lab["col_labels"], label_pairs)
+    s = np.where(keep, -np.inf, an @ bn.T)
+    assert len(tiled_pairs[0]) == int((s >= 0.7).sum()) > 0
+    np.testing.assert_allclose(tiled[0], -np.sort(-s, axis=1)[:, :5], atol=1e-12)
