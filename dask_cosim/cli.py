@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +28,15 @@ PROG = "dask-cosim"
 
 class BadInput(Exception):
     """A problem with the command line or its inputs: exit code 2, one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage block) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix(PROG).strip()
+        hint = f"{PROG} {command} --help" if command else f"{PROG} --help"
+        self.exit(EXIT_USAGE, f"{PROG}: error: {_one_line(message)} (see {hint})\n")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -277,6 +288,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, received {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, received {text!r}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    value = _finite_float(text)
+    if not -1.0 <= value <= 1.0:
+        hint = f" (a percentage? use {value / 100:g})" if 5 <= value <= 100 else ""
+        raise argparse.ArgumentTypeError(
+            f"expected a similarity in [-1, 1], received {text!r}{hint}; no pair could reach it"
+            if value > 1
+            else f"expected a similarity in [-1, 1], received {text!r}"
+        )
+    return value
+
+
+def _scheduler_address(text: str) -> str:
+    """A scheduler address distributed can connect to (scheme known, host and port well formed)."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address
+
+    expected = "expected an address like tcp://10.0.0.5:8786 or tls://host:8786"
+    try:
+        scheme, location = parse_address(text)
+        backend = registry.get_backend(scheme)
+        if scheme != "inproc":
+            host, port = backend.get_address_host_port(location)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} out of range" if host else "no host")
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"{expected}, received {text!r} ({_one_line(err)})") from None
+    return text
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -289,9 +347,14 @@ def _json_dict(text: str) -> dict:
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to run")
-    g.add_argument("--scheduler", metavar="ADDRESS", help="connect to this Dask scheduler (never shut down)")
     g.add_argument(
-        "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for --scheduler (10)"
+        "--scheduler",
+        type=_scheduler_address,
+        metavar="ADDRESS",
+        help="connect to this Dask scheduler (never shut down)",
+    )
+    g.add_argument(
+        "--timeout", type=_seconds, default=10.0, metavar="S", help="seconds to wait for --scheduler (10)"
     )
     g.add_argument("--workers", type=_positive_int, metavar="N", help="embedded cluster: worker processes")
     g.add_argument(
@@ -305,12 +368,21 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ._version import __version__
+
+    parser = _Parser(
         prog=PROG, description="Blocked cosine similarity of embedding sets with Dask: zarr in, zarr out."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,info}")
 
-    run = sub.add_parser("run", help="compute similarity, top-k or pairs above a threshold into OUT")
+    run = sub.add_parser(
+        "run",
+        help="compute similarity, top-k or pairs above a threshold into OUT",
+        description="Compute S = cos(A, B) (or its top-k, or the pairs above a threshold) into OUT.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
     run.add_argument("b", metavar="B", nargs="?", help="second input (default: A itself)")
     run.add_argument(
@@ -318,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = run.add_mutually_exclusive_group()
     what.add_argument("--topk", type=_positive_int, metavar="K", help="k nearest columns of each row")
-    what.add_argument("--threshold", type=float, metavar="T", help="every pair with score >= T (Parquet)")
+    what.add_argument(
+        "--threshold", type=_threshold, metavar="T", help="every pair with score >= T, -1 <= T <= 1 (Parquet)"
+    )
     run.add_argument("--exclude-self", action="store_true", help="drop i == j (self-similarity)")
     run.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="output blocks")
     run.add_argument("--dtype", choices=("float16", "float32", "float64"), help="similarity output dtype")
@@ -356,6 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
     info.set_defaults(func=cmd_info)
     return parser
+
+
+RUN_EXAMPLES = """\
+examples:
+  dask-cosim run A.zarr B.zarr -o S.zarr                     S = cos(A, B) into a zarr group
+  dask-cosim run A.zarr -o knn.zarr --topk 10 --exclude-self  10 nearest neighbours of each row of A
+  dask-cosim run A.npy B.npy -o pairs/ --threshold 0.9        every pair with score >= 0.9 (Parquet)
+  dask-cosim run A.zarr -o S.zarr --resume                    finish a run that was interrupted
+  dask-cosim run A.zarr -o S.zarr --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
+
+exit codes: 0 done, 2 bad option or input (one line), 1 failure (one line), 130 interrupted
+"""
 
 
 def _spec_from_args(args: argparse.Namespace) -> JobSpec:
@@ -423,9 +509,21 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subpro
     raise Interrupted()
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | str) -> str:
     text = str(err) or type(err).__name__
     return " ".join(text.split())
+
+
+_API_FLAGS = re.compile(r"\b(resume|overwrite|exclude_self|check_finite)=True(?: \(--[\w-]+\))?")
+
+
+def _cli_words(text: str) -> str:
+    """Messages of the library speak API (``overwrite=True``); the command's speak CLI (``--overwrite``).
+
+    >>> _cli_words("pass overwrite=True (--overwrite) to replace it, or rerun with resume=True")
+    'pass --overwrite to replace it, or rerun with --resume'
+    """
+    return _API_FLAGS.sub(lambda m: "--" + m[1].replace("_", "-"), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except BadInput as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(
@@ -453,7 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure as one line
-        print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: error: {type(err).__name__}: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True
+        )
         if getattr(args, "traceback", False):
             traceback.print_exc()
         else:

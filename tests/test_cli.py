@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 import dask_cosim as dcs
-from dask_cosim.cli import main
+from dask_cosim.cli import build_parser, main
 from dask_cosim.io import MARKERS, regular_chunks
 from dask_cosim.testing import reference_cosine
 
@@ -193,7 +193,7 @@ BAD = {
     "bad memory limit": (["run", "{A}", "-o", "{out}", "--memory-limit", "lots"], r"--memory-limit"),
     "output exists": (
         ["run", "{A}", "-o", "{existing}"],
-        r"already exists; pass overwrite=True \(--overwrite\)",
+        r"already exists; pass --overwrite to replace it",
     ),
     "output is not zarr": (
         ["run", "{A}", "-o", "{dir}/notzarr", "--overwrite"],
@@ -208,13 +208,46 @@ BAD = {
         r"cannot reach a Dask scheduler at 'tcp://127\.0\.0\.1:\d+' within 1 s",
     ),
 }
-USAGE = {
-    "topk and threshold": ["run", "{A}", "-o", "{out}", "--topk", "3", "--threshold", "0.5"],
-    "resume and overwrite": ["run", "{A}", "-o", "{out}", "--resume", "--overwrite"],
-    "k = 0": ["run", "{A}", "-o", "{out}", "--topk", "0"],
-    "bad chunks": ["run", "{A}", "-o", "{out}", "--chunks", "1,x,3"],
-    "no output": ["run", "{A}"],
-    "no command": [],
+USAGE = {  # every bad option: exit 2, one line naming the option (no argparse usage block)
+    "topk and threshold": (
+        ["run", "{A}", "-o", "{out}", "--topk", "3", "--threshold", "0.5"],
+        r"--threshold",
+    ),
+    "resume and overwrite": (["run", "{A}", "-o", "{out}", "--resume", "--overwrite"], r"--overwrite"),
+    "k = 0": (["run", "{A}", "-o", "{out}", "--topk", "0"], r"--topk: expected a positive integer.*'0'"),
+    "k = 2.5": (["run", "{A}", "-o", "{out}", "--topk", "2.5"], r"--topk: .*'2\.5'"),
+    "bad chunks": (["run", "{A}", "-o", "{out}", "--chunks", "1,x,3"], r"--chunks"),
+    "zero chunk": (
+        ["run", "{A}", "-o", "{out}", "--chunks", "1,0,100"],
+        r"--chunks: block sizes must be positive",
+    ),
+    "negative timeout": (["run", "{A}", "-o", "{out}", "--timeout", "-1"], r"--timeout: expected a positive"),
+    "nan timeout": (["run", "{A}", "-o", "{out}", "--timeout", "nan"], r"--timeout: expected a finite"),
+    "port not a number": (
+        ["run", "{A}", "-o", "{out}", "--scheduler", "tcp://127.0.0.1:notaport"],
+        r"--scheduler: expected an address like tcp://.*'tcp://127\.0\.0\.1:notaport'",
+    ),
+    "unknown protocol": (
+        ["run", "{A}", "-o", "{out}", "--scheduler", "udp://127.0.0.1:8786"],
+        r"--scheduler: .*unknown address scheme 'udp'",
+    ),
+    "threshold above 1": (["run", "{A}", "-o", "{out}", "--threshold", "1.5"], r"--threshold: .*\[-1, 1\]"),
+    "threshold as a percentage": (
+        ["run", "{A}", "-o", "{out}", "--threshold", "90"],
+        r"percentage\? use 0\.9",
+    ),
+    "threshold inf": (["run", "{A}", "-o", "{out}", "--threshold", "inf"], r"--threshold: expected a finite"),
+    "threshold nan": (["run", "{A}", "-o", "{out}", "--threshold", "nan"], r"--threshold: expected a finite"),
+    "bad workers": (["run", "{A}", "-o", "{out}", "--workers", "0"], r"--workers"),
+    "bad storage options": (["run", "{A}", "-o", "{out}", "--storage-options", "[1]"], r"--storage-options"),
+    "bad codec": (["run", "{A}", "-o", "{out}", "--codec", "lzma"], r"--codec: invalid choice"),
+    "unknown option": (
+        ["run", "{A}", "-o", "{out}", "--frobnicate"],
+        r"unrecognized arguments: --frobnicate",
+    ),
+    "demo bad n": (["demo", "--n", "-3"], r"--n: expected a positive integer"),
+    "no output": (["run", "{A}"], r"required: -o/--output"),
+    "no command": ([], r"required"),
 }
 
 
@@ -246,11 +279,34 @@ def test_bad_input_exit_code_2_and_one_line(case, data, existing, capsys, tmp_pa
 
 
 @pytest.mark.parametrize("case", list(USAGE))
-def test_usage_errors_exit_code_2(case, data, existing, capsys, tmp_path):
-    rc = main(_fill(USAGE[case], data, existing, tmp_path))
-    err = capsys.readouterr().err
+def test_usage_errors_exit_code_2_and_one_line(case, data, existing, capsys, tmp_path):
+    args, message = USAGE[case]
+    rc = main(_fill(args, data, existing, tmp_path))
+    out, err = capsys.readouterr()
     assert rc == 2
-    assert "usage: dask-cosim" in err and "error:" in err and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dask-cosim: error: "), err  # no usage block
+    assert re.search(message, lines[0]), lines[0]
+    assert "--help" in lines[0] and "Traceback" not in err and not out
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_version_and_run_help_examples(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"dask-cosim {dcs.__version__}"
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"dask-cosim {dcs.__version__}"
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "examples:" in out and "dask-cosim run A.zarr -o knn.zarr --topk 10" in out and "exit codes:" in out
+    )
+
+
+def test_messages_speak_cli_not_api(data, existing, capsys, tmp_path):
+    rc = main(["run", data["A"], "-o", str(existing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass --overwrite to replace it" in err and "=True" not in err
 
 
 def test_failure_during_compute_exit_code_1(data, scheduler, capsys, tmp_path):
