@@ -72,6 +72,7 @@ class JobSpec:
     processes: bool = True
     quiet: bool = False
     storage_options: dict = field(default_factory=dict)
+    log_file: str | None = None  # the cluster's log records go here; None: on stderr (--verbose)
 
     @property
     def kind(self) -> str:
@@ -221,6 +222,7 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
         timeout=spec.timeout,
         echo=None if spec.quiet else echo,
         quiet=spec.quiet,
+        log_file=spec.log_file,
     )
     try:
         with cluster as client:
@@ -238,7 +240,7 @@ def _planned_workers(spec: JobSpec):
     from .cluster import dask_client, machine_layout
 
     if spec.scheduler:
-        with dask_client(spec.scheduler, timeout=spec.timeout, echo=None) as client:
+        with dask_client(spec.scheduler, timeout=spec.timeout, echo=None, log_file=spec.log_file) as client:
             return worker_budget(client)
     if spec.memory_limit is None:
         return None
@@ -365,6 +367,17 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or dashboard link; summary only")
     g.add_argument("--traceback", action="store_true", help="show the traceback of unexpected errors")
+    logs = g.add_mutually_exclusive_group()
+    logs.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="write the cluster's log here (default: a file under $TMPDIR/dask-cosim/, kept on failure)",
+    )
+    logs.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the cluster's log on stderr instead of writing it to a file",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +480,7 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         memory_limit=_memory_limit(args.memory_limit),
         quiet=args.quiet,
         storage_options=args.storage_options,
+        log_file=args.log_path,
     )
 
 
@@ -517,13 +531,19 @@ def _one_line(err: BaseException | str) -> str:
 _API_FLAGS = re.compile(r"\b(resume|overwrite|exclude_self|check_finite)=True(?: \(--[\w-]+\))?")
 
 
+_API_CHOICE = re.compile(r"\b(zero_vector|device|codec|dtype)='([\w-]+)'")
+
+
 def _cli_words(text: str) -> str:
     """Messages of the library speak API (``overwrite=True``); the command's speak CLI (``--overwrite``).
 
     >>> _cli_words("pass overwrite=True (--overwrite) to replace it, or rerun with resume=True")
     'pass --overwrite to replace it, or rerun with --resume'
+    >>> _cli_words("zero vector at row 3 while zero_vector='error'")
+    'zero vector at row 3 while --zero-vector error'
     """
-    return _API_FLAGS.sub(lambda m: "--" + m[1].replace("_", "-"), text)
+    text = _API_FLAGS.sub(lambda m: "--" + m[1].replace("_", "-"), text)
+    return _API_CHOICE.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2]}", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -533,19 +553,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
         return int(exc.code or 0)
+    try:
+        args.log_path = _log_path(args)
+    except BadInput as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     previous = None
     if hasattr(signal, "SIGTERM") and _in_main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     start = time.perf_counter()
+    code = EXIT_FAILED
     try:
-        return args.func(args)
+        code = args.func(args)
+        return code
     except BadInput as err:
         print(f"{PROG}: error: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(
             f"{PROG}: interrupted after {time.perf_counter() - start:.1f} s; the cluster was shut down, "
-            "finished blocks are kept (rerun with --resume)",
+            f"finished blocks are kept (rerun with --resume){_log_note(args)}",
             file=sys.stderr,
             flush=True,
         )
@@ -557,11 +584,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "traceback", False):
             traceback.print_exc()
         else:
-            print(f"{PROG}: (rerun with --traceback for details)", file=sys.stderr, flush=True)
+            print(
+                f"{PROG}: (rerun with --traceback for details{_log_note(args)})", file=sys.stderr, flush=True
+            )
         return EXIT_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        _tidy_log(args, code)
+
+
+def _log_path(args: argparse.Namespace) -> str | None:
+    """Where this command's cluster log goes: ``--log-file``, a default file, or None (``--verbose``)."""
+    if getattr(args, "verbose", True) or not hasattr(args, "scheduler"):
+        return None
+    if args.log_file:
+        path = os.path.abspath(os.path.expanduser(args.log_file))
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise BadInput(f"--log-file: cannot write {path!r} ({err.strerror or err})") from None
+        args.default_log = False
+        return path
+    from .cluster import default_log_file
+
+    args.default_log = True
+    return default_log_file()
+
+
+def _log_note(args: argparse.Namespace) -> str:
+    path = getattr(args, "log_path", None)
+    if path and os.path.exists(path) and os.path.getsize(path) > 0:
+        return f"; the cluster's log: {path}"
+    return ""
+
+
+def _tidy_log(args: argparse.Namespace, code: int) -> None:
+    """The default log is kept only when something went wrong (it is named then); an empty one never."""
+    path = getattr(args, "log_path", None)
+    if not path or not os.path.exists(path):
+        return
+    if os.path.getsize(path) == 0 or (code == EXIT_OK and getattr(args, "default_log", False)):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def _in_main_thread() -> bool:

@@ -322,8 +322,8 @@ def test_failure_during_compute_exit_code_1(data, scheduler, capsys, tmp_path):
     assert "--traceback" in err and "Traceback" not in err
 
 
-def _cli(*args, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _cli(*args, env=None, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "dask_cosim", *map(str, args)],
         stdout=subprocess.PIPE,
@@ -332,6 +332,51 @@ def _cli(*args, **kwargs) -> subprocess.Popen:
         env=env,
         **kwargs,
     )
+
+
+def test_embedded_cluster_failure_is_one_line_and_logs_go_to_a_file(tmp_path):
+    """A task failing on the embedded cluster's worker processes: no "Compute Failed" traceback
+    on stderr, only the error and the hint, which names the cluster's log (kept on failure)."""
+    a = np.ones((40, 4), dtype="float32")
+    a[33] = 0.0
+    np.save(tmp_path / "z.npy", a)
+    p = _cli(
+        "run", tmp_path / "z.npy", "-o", tmp_path / "z.zarr", "--zero-vector", "error", "--quiet",
+        "--chunks", "10,40", "--workers", "1", "--threads-per-worker", "1",
+        env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith("dask-cosim: error: ZeroVectorError: ") and "--zero-vector error" in lines[0]
+    log = re.fullmatch(
+        r"dask-cosim: \(rerun with --traceback for details; the cluster's log: (.+)\)", lines[1]
+    )
+    assert log and Path(log[1]).parent == tmp_path / "dask-cosim", lines[1]
+    assert "Compute Failed" in Path(log[1]).read_text()  # the worker process's record, in the log
+
+
+def test_cluster_logs_leave_stderr_alone_and_verbose_keeps_them(tmp_path, capsys):
+    import logging
+
+    from dask_cosim.cli import _log_path, build_parser
+    from dask_cosim.cluster import cluster_logs
+
+    path = tmp_path / "c.log"
+    before = {name: logging.getLogger(name).handlers[:] for name in ("distributed", "tornado", "bokeh")}
+    with cluster_logs(str(path)):
+        logging.getLogger("distributed.worker").error("Compute Failed")
+        logging.getLogger("tornado.application").error("Uncaught exception GET /groups")
+        logging.getLogger("bokeh.server").error("AssertionError")
+    assert capsys.readouterr().err == ""
+    assert path.read_text().count("\n") == 3
+    assert before == {name: logging.getLogger(name).handlers for name in before}  # restored afterwards
+    parser = build_parser()
+    assert _log_path(parser.parse_args(["run", "A", "-o", "O", "--verbose"])) is None
+    assert _log_path(parser.parse_args(["run", "A", "-o", "O", "--log-file", str(path)])) == str(path)
+    assert main(["run", "A", "-o", "O", "--log-file", str(tmp_path / "no" / "dir.log")]) == 2
+    assert "--log-file: cannot write" in capsys.readouterr().err
 
 
 def test_info(capsys):
