@@ -64,7 +64,11 @@ class WriteReport:
 
     ``blocks`` counts output blocks (zarr: marker grid, Parquet: partitions),
     ``blocks_skipped`` those already done by an earlier run (``resume=True``),
-    ``blocks_written`` those this call computed and stored.
+    ``blocks_written`` those this call computed and stored. ``pairs`` counts the
+    similarity entries the written blocks cover, ``products`` the dot products actually
+    computed for them (fewer for a self-similarity, which computes one triangle of blocks
+    and transposes it). ``found`` is the number of pairs in a ``pairs_above`` output;
+    ``rows``, ``k`` and ``nan_rows`` (rows holding a NaN score) describe a top-k output.
     """
 
     path: str
@@ -77,6 +81,12 @@ class WriteReport:
     dim: int | None
     seconds: float
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    products: int | None = None  # dot products computed now (None: one per pair)
+    found: int | None = None  # pairs_above: pairs in the whole output
+    threshold: float | None = None
+    rows: int | None = None  # topk: rows of the output (batch x N)
+    k: int | None = None
+    nan_rows: int | None = None  # topk: rows with a NaN score (a NaN/inf input vector)
 
     @property
     def pairs_per_second(self) -> float:
@@ -84,19 +94,75 @@ class WriteReport:
 
     @property
     def gflops(self) -> float | None:
-        """GFLOP/s equivalent ``2 * pairs * D / t`` (``None`` when D is unknown)."""
+        """GFLOP/s ``2 * products * D / t``: the products computed, not the pairs of the result
+        (``None`` when D is unknown)."""
         if self.dim is None or self.seconds <= 0:
             return None
-        return 2.0 * self.pairs * self.dim / self.seconds / 1e9
+        products = self.pairs if self.products is None else self.products
+        return 2.0 * products * self.dim / self.seconds / 1e9
+
+    def counts(self) -> list[str]:
+        """What a user checks first: pairs found, rows and NaN rows of a top-k, products computed."""
+        out = []
+        if self.found is not None:
+            above = f" with score >= {self.threshold:g}" if self.threshold is not None else ""
+            out.append(f"found {self.found} pairs{above}")
+        if self.rows is not None and self.k is not None:
+            nan = f", {self.nan_rows} with a NaN score" if self.nan_rows is not None else ""
+            out.append(f"{self.rows} rows x {self.k} neighbours{nan}")
+        if self.products is not None and self.products < self.pairs:
+            out.append(
+                f"self-similarity: {self.products:.3g} of {self.pairs:.3g} products computed "
+                "(one triangle of blocks), GFLOP/s counts those"
+            )
+        return out
 
     def summary(self) -> str:
         resumed = f", {self.blocks_skipped} already done" if self.blocks_skipped else ""
         flops = f", {self.gflops:.1f} GFLOP/s" if self.gflops is not None else ""
+        counts = "".join(f"; {c}" for c in self.counts())
         return (
             f"{self.path}: {self.kind} shape {self.shape}, {self.blocks} blocks "
             f"({self.blocks_written} written{resumed}) in {self.seconds:.2f} s, "
-            f"{self.pairs_per_second:.3g} pairs/s{flops}"
+            f"{self.pairs_per_second:.3g} pairs/s{flops}{counts}"
         )
+
+
+def _products(facts: Mapping[str, Any], share: float) -> int | None:
+    """Dot products computed for ``share`` of the output: a self-similarity with square
+    blocks and more than one block row computes only the upper triangle of blocks."""
+    shape, chunks = facts.get("shape"), facts.get("chunks")
+    if not shape or not chunks:
+        return None
+    total = int(np.prod(shape))
+    rows, cols = list(chunks[-2]), list(chunks[-1])
+    if facts.get("self_similar") and rows == cols and len(rows) > 1 and total:
+        r = np.asarray(rows, dtype=np.int64)
+        total = int(np.prod(shape[:-2], dtype=np.int64)) * int(np.triu(np.outer(r, r)).sum())
+    return int(round(total * share))
+
+
+def _topk_nan_rows(values) -> int | None:
+    """Rows of a written top-k ``values`` array that hold a NaN score (read block by block)."""
+    try:
+        vals = da.from_array(values, chunks=values.chunks)
+        return int(da.isnan(vals).any(axis=-1).sum().compute())
+    except Exception:  # noqa: BLE001 - only for the report; never fail a finished write over it
+        return None
+
+
+def _parquet_rows(fs, root: str, nparts: int) -> int | None:
+    """Rows of the whole Parquet output, from the files' footers."""
+    import pyarrow.parquet as pq
+
+    try:
+        total = 0
+        for i in range(nparts):
+            with fs.open(f"{root}/{_pq_name(i)}", "rb") as f:
+                total += pq.read_metadata(f).num_rows
+        return total
+    except Exception:  # noqa: BLE001 - only for the report
+        return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -597,6 +663,13 @@ def to_zarr(
     tasks, pending = _zarr_tasks(payload, group, done, gate)
     _execute(tasks, progress, gate)
     _finish_zarr(group, payload, where)
+    pairs = int(sum(payload.pairs_per_block[i] for i in pending))
+    extra: dict[str, Any] = {}
+    if payload.kind == "topk":
+        shape = payload.arrays["values"].shape
+        extra = {"rows": int(np.prod(shape[:-1])), "k": int(shape[-1])}
+        extra["nan_rows"] = _topk_nan_rows(group["values"])
+    seconds = time.perf_counter() - start
     return WriteReport(
         path=where,
         kind=payload.kind,
@@ -604,11 +677,19 @@ def to_zarr(
         blocks=int(done.size),
         blocks_skipped=int(done.sum()),
         blocks_written=len(pending),
-        pairs=int(sum(payload.pairs_per_block[i] for i in pending)),
+        pairs=pairs,
         dim=payload.dim,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         arrays=layout["arrays"],
+        products=_products(
+            _provenance.lookup(_result_name(result)), pairs / max(int(payload.pairs_per_block.sum()), 1)
+        ),
+        **extra,
     )
+
+
+def _result_name(result) -> str:
+    return result.name if isinstance(result, da.Array) else result[0].name
 
 
 _CODECS = ("auto", "none", "zstd", "blosc-lz4")
@@ -897,6 +978,7 @@ def to_parquet(
     info["complete"] = True
     _write_json(fs, f"{root}/{_PQ_META}/attrs.json", info)
     total = int(np.prod(facts.get("shape", [0]))) if facts.get("shape") else 0
+    share = len(pending) / max(nparts, 1)
     return WriteReport(
         path=where,
         kind=facts.get("kind", "pairs"),
@@ -904,9 +986,12 @@ def to_parquet(
         blocks=nparts,
         blocks_skipped=len(done),
         blocks_written=len(pending),
-        pairs=int(round(total * len(pending) / max(nparts, 1))),
+        pairs=int(round(total * share)),
         dim=_dim(facts),
         seconds=time.perf_counter() - start,
+        products=_products(facts, share),
+        found=_parquet_rows(fs, root, nparts),
+        threshold=facts.get("threshold"),
     )
 
 

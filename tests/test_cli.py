@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
     r"(?:^|\r)(?P<path>[^\s\x1b]+): (?P<kind>\w+) shape \((?P<shape>[\d, ]+)\), (?P<blocks>\d+) blocks "
     r"\((?P<written>\d+) written(, (?P<skipped>\d+) already done)?\) in [\d.]+ s, [\d.e+]+ pairs/s"
-    r"(, [\d.]+ GFLOP/s)?$",
+    r"(, [\d.]+ GFLOP/s)?(?P<counts>(; [^;\n]+)*)$",
     re.M,
 )
 
@@ -137,7 +137,10 @@ def test_topk_job_end_to_end(data, scheduler, capsys, tmp_path):
         "--quiet", "--scheduler", scheduler.scheduler_address,
     )  # fmt: skip
     assert rc == 0, err
-    assert _summary(stdout)["kind"] == "topk"
+    m = _summary(stdout)
+    assert m["kind"] == "topk" and m["counts"].startswith("; 600 rows x 7 neighbours, 0 with a NaN score; ")
+    upper = (300**2 + 4 * 64**2 + 44**2) // 2  # blocks of 64, 64, 64, 64, 44 rows: one triangle + diagonal
+    assert f"self-similarity: {2 * upper:.3g} of {2 * 300**2:.3g} products computed" in m["counts"]
     s = reference_cosine(data["a"])
     s[:, np.arange(300), np.arange(300)] = -np.inf
     order = np.argsort(-s, axis=-1, kind="stable")[..., :7]
@@ -154,11 +157,13 @@ def test_threshold_job_end_to_end(data, scheduler, capsys, tmp_path):
         "--quiet", "--scheduler", scheduler.scheduler_address,
     )  # fmt: skip
     assert rc == 0, err
-    assert _summary(stdout)["blocks"] == str(2 * 3 * 2)
+    m = _summary(stdout)
+    assert m["blocks"] == str(2 * 3 * 2)
     got = pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True)
     s = reference_cosine(data["a"], data["b"])
     kb, i, j = np.nonzero(s >= 0.45)
     assert len(got) == len(kb) > 0
+    assert m["counts"] == f"; found {len(kb)} pairs with score >= 0.45"  # the count a user checks first
     np.testing.assert_array_equal(got[["batch", "i", "j"]].to_numpy(), np.stack([kb, i, j], 1))
     np.testing.assert_allclose(got["score"], s[kb, i, j], atol=2e-6)
 

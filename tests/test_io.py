@@ -429,3 +429,24 @@ def test_parquet_write_error_raises_after_the_running_writes_end(tmp_path, monke
     time.sleep(1.0)  # two slow writes' worth: anything still running would land now
     assert sorted(p.name for p in done.iterdir()) == before
     assert "000001" not in before
+
+
+def test_summary_counts_the_products_computed_and_what_was_found(tmp_path):
+    a = np.random.default_rng(7).standard_normal((2, 300, 16)).astype("float32")
+    a[1, 5] = np.nan  # a NaN vector: its own top-k row is NaN
+    # self-similarity, 3 x 3 blocks of 100 per batch: only the 6 upper blocks are multiplied
+    report = dcs.to_zarr(dcs.cosine_similarity(a, chunks=(1, 100, 100)), tmp_path / "s.zarr")
+    assert report.pairs == 2 * 300 * 300 and report.products == 2 * 6 * 100 * 100
+    assert report.gflops == pytest.approx(2 * report.products * 16 / report.seconds / 1e9)
+    assert "; self-similarity: 1.2e+05 of 1.8e+05 products computed" in report.summary()
+    # two inputs: every pair is a product, and the summary says nothing more
+    report = dcs.to_zarr(dcs.cosine_similarity(a, a[:, :200], chunks=(1, 100, 100)), tmp_path / "ab.zarr")
+    assert report.products == report.pairs == 2 * 300 * 200 and ";" not in report.summary()
+    report = dcs.to_zarr(dcs.topk(a, k=3, chunks=(1, 100, 100)), tmp_path / "t.zarr")
+    assert (report.rows, report.k, report.nan_rows) == (600, 3, 1)
+    assert "; 600 rows x 3 neighbours, 1 with a NaN score" in report.summary()
+    pairs = dcs.pairs_above(a, threshold=0.5, chunks=(1, 100, 100))
+    report = dcs.to_parquet(pairs, tmp_path / "p")
+    n = len(pairs.compute())
+    assert report.found == n > 0 and f"; found {n} pairs with score >= 0.5" in report.summary()
+    assert report.products == 2 * 6 * 100 * 100
