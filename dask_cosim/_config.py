@@ -48,3 +48,21 @@ def blas_threads_setting() -> int | None:
     if value in (None, "auto"):
         return None
     return max(1, int(value))
+
+
+def progress_interval() -> float:
+    """Seconds between two plain progress lines off a terminal (``cosine.progress-interval``)."""
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get("cosine.progress-interval", "15s")
+    try:
+        seconds = parse_timedelta(value, default="s")
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"dask config cosine.progress-interval: expected a duration like '15s', received {value!r}"
+        ) from err
+    if not seconds or seconds <= 0:
+        raise ValueError(
+            f"dask config cosine.progress-interval: expected a positive duration, received {value!r}"
+        )
+    return float(seconds)

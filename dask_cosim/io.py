@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import warnings
@@ -24,7 +25,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from . import _provenance
+from . import _config, _provenance
 from ._backend import to_numpy
 
 __all__ = [
@@ -335,6 +336,75 @@ def _wait_until_forgotten(client, keys: list, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _PlainProgress:
+    """Progress for a log: one plain line every ``interval`` seconds, and one at the end,
+    instead of a bar redrawn with ``\\r`` ten times a second (used when stdout is not a terminal).
+
+    ``done`` returns how many of ``total`` blocks are finished; it is called from a thread.
+    """
+
+    def __init__(self, done, total: int, interval: float):
+        self.done, self.total, self.interval = done, total, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dask-cosim-progress", daemon=True)
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _PlainProgress:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self.line()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.line()
+
+    def line(self) -> None:
+        n = self.done()
+        percent = 100 * n // self.total if self.total else 100
+        elapsed = time.perf_counter() - self._start
+        print(
+            f"progress: {n}/{self.total} blocks written ({percent}%), {elapsed:.1f} s",
+            file=sys.stdout,
+            flush=True,
+        )
+
+
+def _local_progress(tasks: list):
+    """A progress display for dask's local schedulers: the bar on a terminal, plain lines off one."""
+    from dask.callbacks import Callback
+    from dask.diagnostics import ProgressBar
+
+    if _is_terminal(sys.stdout):
+        return ProgressBar()
+    keys = {t.key for t in tasks}
+    finished: list = []
+
+    class _Count(Callback):
+        def _posttask(self, key, result, dsk, state, id):
+            if key in keys:
+                finished.append(key)
+
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    stack.enter_context(_Count())
+    stack.enter_context(_PlainProgress(lambda: len(finished), len(tasks), _config.progress_interval()))
+    return stack
+
+
 def _execute(tasks: list, progress: bool, gate: _WriteGate) -> None:
     """Run the write tasks: on the active distributed client if any, else dask's scheduler.
 
@@ -348,26 +418,30 @@ def _execute(tasks: list, progress: bool, gate: _WriteGate) -> None:
     if client is None:
         from contextlib import nullcontext
 
-        from dask.diagnostics import ProgressBar
-
         try:
-            with ProgressBar() if progress else nullcontext():
+            with _local_progress(tasks) if progress else nullcontext():
                 dask.compute(*tasks)
         except Exception:
             gate.close_and_wait()
             raise
         return
+    from contextlib import nullcontext
+
     from distributed import as_completed
 
     futures = client.compute(tasks)
     try:
-        if progress:
+        plain = progress and not _is_terminal(sys.stdout)
+        if progress and not plain:
             from distributed import progress as show_progress
 
             show_progress(futures, notebook=False)  # clears its line when done
-        for future in as_completed(futures):
-            if future.status == "error":
-                future.result()  # raises the task's exception (fail fast)
+        interval = _config.progress_interval() if plain else 0.0
+        count = lambda: sum(f.done() for f in futures)  # noqa: E731
+        with _PlainProgress(count, len(futures), interval) if plain else nullcontext():
+            for future in as_completed(futures):
+                if future.status == "error":
+                    future.result()  # raises the task's exception (fail fast)
     except BaseException as err:
         client.cancel(futures)
         if isinstance(err, Exception):  # not on Ctrl-C: the user wants out now
