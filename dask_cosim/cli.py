@@ -33,6 +33,8 @@ class BadInput(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (no usage block) and exits 2."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers (top level only)
+
     def error(self, message: str):  # type: ignore[override]
         command = self.prog.removeprefix(PROG).strip()
         hint = f"{PROG} {command} --help" if command else f"{PROG} --help"
@@ -442,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, BLAS, GPU and the dask config in force")
     info.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
     info.set_defaults(func=cmd_info)
+    parser.commands = {"run": run, "demo": demo, "info": info}
     return parser
 
 
@@ -550,7 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dask-cosim`` and ``python -m dask_cosim``; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's own parser, so the hint points at its --help
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
         return int(exc.code or 0)
     try:

@@ -248,7 +248,7 @@ USAGE = {  # every bad option: exit 2, one line naming the option (no argparse u
     "bad codec": (["run", "{A}", "-o", "{out}", "--codec", "lzma"], r"--codec: invalid choice"),
     "unknown option": (
         ["run", "{A}", "-o", "{out}", "--frobnicate"],
-        r"unrecognized arguments: --frobnicate",
+        r"unrecognized arguments: --frobnicate \(see dask-cosim run --help\)",
     ),
     "demo bad n": (["demo", "--n", "-3"], r"--n: expected a positive integer"),
     "no output": (["run", "{A}"], r"required: -o/--output"),
