@@ -572,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
         return code
     except BadInput as err:
+        code = EXIT_USAGE
         print(f"{PROG}: error: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -626,11 +627,12 @@ def _log_note(args: argparse.Namespace) -> str:
 
 
 def _tidy_log(args: argparse.Namespace, code: int) -> None:
-    """The default log is kept only when something went wrong (it is named then); an empty one never."""
+    """The default log is kept only after a failure or an interruption (the message names it);
+    an empty one never."""
     path = getattr(args, "log_path", None)
     if not path or not os.path.exists(path):
         return
-    if os.path.getsize(path) == 0 or (code == EXIT_OK and getattr(args, "default_log", False)):
+    if os.path.getsize(path) == 0 or (code in (EXIT_OK, EXIT_USAGE) and getattr(args, "default_log", False)):
         try:
             os.remove(path)
         except OSError:
