@@ -92,6 +92,16 @@ def default_log_file() -> str:
     return os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
 
+def _cluster_loggers() -> list[logging.Logger]:
+    """The loggers of :data:`CLUSTER_LOGGERS` and every logger below them with handlers of its
+    own (distributed's logging config gives e.g. ``tornado.application`` its own stderr handler)."""
+    names = set(CLUSTER_LOGGERS)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.handlers and name.split(".")[0] in CLUSTER_LOGGERS:
+            names.add(name)
+    return [logging.getLogger(name) for name in sorted(names)]
+
+
 @contextmanager
 def cluster_logs(path: str | None) -> Iterator[None]:
     """Send this process's ``distributed``, ``bokeh``, ``tornado`` and ``asyncio`` log records
@@ -113,8 +123,7 @@ def cluster_logs(path: str | None) -> Iterator[None]:
     handler = logging.FileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
     saved = []
-    for name in CLUSTER_LOGGERS:
-        logger = logging.getLogger(name)
+    for logger in _cluster_loggers():
         saved.append((logger, logger.handlers[:], logger.propagate))
         logger.handlers = [handler]
         logger.propagate = False

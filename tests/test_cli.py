@@ -362,26 +362,32 @@ def test_embedded_cluster_failure_is_one_line_and_logs_go_to_a_file(tmp_path):
     assert "Compute Failed" in Path(log[1]).read_text()  # the worker process's record, in the log
 
 
-def test_cluster_logs_leave_stderr_alone_and_verbose_keeps_them(tmp_path, capsys):
+def test_cluster_logs_leave_stderr_alone_and_verbose_keeps_them(tmp_path, capfd, monkeypatch):
     import logging
 
     from dask_cosim.cli import _log_path, build_parser
     from dask_cosim.cluster import cluster_logs
 
     path = tmp_path / "c.log"
-    before = {name: logging.getLogger(name).handlers[:] for name in ("distributed", "tornado", "bokeh")}
+    names = ("distributed", "distributed.worker", "tornado", "tornado.application", "bokeh")
+    # as distributed's logging config does: a child logger with a stderr handler of its own
+    monkeypatch.setattr(logging.getLogger("tornado.application"), "handlers", [logging.StreamHandler()])
+    monkeypatch.setattr(logging.getLogger("tornado.application"), "propagate", False)
+    before = {name: logging.getLogger(name).handlers[:] for name in names}
+    capfd.readouterr()
     with cluster_logs(str(path)):
         logging.getLogger("distributed.worker").error("Compute Failed")
-        logging.getLogger("tornado.application").error("Uncaught exception GET /groups")
+        logging.getLogger("tornado.application").error("Uncaught exception GET /status/ws")
         logging.getLogger("bokeh.server").error("AssertionError")
-    assert capsys.readouterr().err == ""
-    assert path.read_text().count("\n") == 3
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+    assert capfd.readouterr().err == ""  # nothing reached the process's stderr (file descriptor 2)
+    assert path.read_text().count("\n") == 4
     assert before == {name: logging.getLogger(name).handlers for name in before}  # restored afterwards
     parser = build_parser()
     assert _log_path(parser.parse_args(["run", "A", "-o", "O", "--verbose"])) is None
     assert _log_path(parser.parse_args(["run", "A", "-o", "O", "--log-file", str(path)])) == str(path)
     assert main(["run", "A", "-o", "O", "--log-file", str(tmp_path / "no" / "dir.log")]) == 2
-    assert "--log-file: cannot write" in capsys.readouterr().err
+    assert "--log-file: cannot write" in capfd.readouterr().err
 
 
 def test_info(capsys):
