@@ -616,7 +616,10 @@ def _log_path(args: argparse.Namespace) -> str | None:
     from .cluster import default_log_file
 
     args.default_log = True
-    return default_log_file()
+    try:
+        return default_log_file()
+    except OSError:  # no writable temporary folder: the log stays on stderr, as with --verbose
+        return None
 
 
 def _log_note(args: argparse.Namespace) -> str:
