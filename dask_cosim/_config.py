@@ -70,3 +70,21 @@ def max_blocks() -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or value != int(value):
         raise ValueError(f"dask config cosine.max-blocks: expected a positive integer, received {value!r}")
     return int(value)
+
+
+def progress_interval() -> float:
+    """Seconds between two plain progress lines off a terminal (``cosine.progress-interval``)."""
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get("cosine.progress-interval", "15s")
+    try:
+        seconds = parse_timedelta(value, default="s")
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"dask config cosine.progress-interval: expected a duration like '15s', received {value!r}"
+        ) from err
+    if not seconds or seconds <= 0:
+        raise ValueError(
+            f"dask config cosine.progress-interval: expected a positive duration, received {value!r}"
+        )
+    return float(seconds)

@@ -105,6 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             echo=say,
             quiet=args.quiet,
+            log_file=getattr(args, "log_path", None),
         ):
             for job in prepared:
                 say(f"demo: {job.spec.kind} job -> {job.spec.output}")

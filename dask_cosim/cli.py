@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +28,17 @@ PROG = "dask-cosim"
 
 class BadInput(Exception):
     """A problem with the command line or its inputs: exit code 2, one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage block) and exits 2."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers (top level only)
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix(PROG).strip()
+        hint = f"{PROG} {command} --help" if command else f"{PROG} --help"
+        self.exit(EXIT_USAGE, f"{PROG}: error: {_one_line(message)} (see {hint})\n")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -65,6 +78,7 @@ class JobSpec:
     dedup: bool = False  # ``dask-cosim dedup``: duplicate_groups at ``threshold``
     labels: str | None = None  # .npy file of integer labels (label mask)
     label_pairs: str = "different"
+    log_file: str | None = None  # the cluster's log records go here; None: on stderr (--verbose)
 
     @property
     def kind(self) -> str:
@@ -241,6 +255,7 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print) -> Any:
         timeout=spec.timeout,
         echo=None if spec.quiet else echo,
         quiet=spec.quiet,
+        log_file=spec.log_file,
     )
     try:
         with cluster as client:
@@ -259,7 +274,7 @@ def _planned_workers(spec: JobSpec):
     from .cluster import dask_client, machine_layout
 
     if spec.scheduler:
-        with dask_client(spec.scheduler, timeout=spec.timeout, echo=None) as client:
+        with dask_client(spec.scheduler, timeout=spec.timeout, echo=None, log_file=spec.log_file) as client:
             return cluster_layout(client)
     n, t = machine_layout(spec.workers, spec.threads_per_worker)
     if spec.memory_limit is None:
@@ -309,6 +324,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, received {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, received {text!r}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    value = _finite_float(text)
+    if not -1.0 <= value <= 1.0:
+        hint = f" (a percentage? use {value / 100:g})" if 5 <= value <= 100 else ""
+        raise argparse.ArgumentTypeError(
+            f"expected a similarity in [-1, 1], received {text!r}{hint}; no pair could reach it"
+            if value > 1
+            else f"expected a similarity in [-1, 1], received {text!r}"
+        )
+    return value
+
+
+def _scheduler_address(text: str) -> str:
+    """A scheduler address distributed can connect to (scheme known, host and port well formed)."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address
+
+    expected = "expected an address like tcp://10.0.0.5:8786 or tls://host:8786"
+    try:
+        scheme, location = parse_address(text)
+        backend = registry.get_backend(scheme)
+        if scheme != "inproc":
+            host, port = backend.get_address_host_port(location)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} out of range" if host else "no host")
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"{expected}, received {text!r} ({_one_line(err)})") from None
+    return text
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -321,9 +383,14 @@ def _json_dict(text: str) -> dict:
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to run")
-    g.add_argument("--scheduler", metavar="ADDRESS", help="connect to this Dask scheduler (never shut down)")
     g.add_argument(
-        "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for --scheduler (10)"
+        "--scheduler",
+        type=_scheduler_address,
+        metavar="ADDRESS",
+        help="connect to this Dask scheduler (never shut down)",
+    )
+    g.add_argument(
+        "--timeout", type=_seconds, default=10.0, metavar="S", help="seconds to wait for --scheduler (10)"
     )
     g.add_argument("--workers", type=_positive_int, metavar="N", help="embedded cluster: worker processes")
     g.add_argument(
@@ -334,15 +401,35 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or dashboard link; summary only")
     g.add_argument("--traceback", action="store_true", help="show the traceback of unexpected errors")
+    logs = g.add_mutually_exclusive_group()
+    logs.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="write the cluster's log here (default: a file under $TMPDIR/dask-cosim/, kept on failure)",
+    )
+    logs.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the cluster's log on stderr instead of writing it to a file",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ._version import __version__
+
+    parser = _Parser(
         prog=PROG, description="Blocked cosine similarity of embedding sets with Dask: zarr in, zarr out."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,dedup,demo,info}")
 
-    run = sub.add_parser("run", help="compute similarity, top-k or pairs above a threshold into OUT")
+    run = sub.add_parser(
+        "run",
+        help="compute similarity, top-k or pairs above a threshold into OUT",
+        description="Compute S = cos(A, B) (or its top-k, or the pairs above a threshold) into OUT.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
     run.add_argument("b", metavar="B", nargs="?", help="second input (default: A itself)")
     run.add_argument(
@@ -350,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = run.add_mutually_exclusive_group()
     what.add_argument("--topk", type=_positive_int, metavar="K", help="k nearest columns of each row")
-    what.add_argument("--threshold", type=float, metavar="T", help="every pair with score >= T (Parquet)")
+    what.add_argument(
+        "--threshold", type=_threshold, metavar="T", help="every pair with score >= T, -1 <= T <= 1 (Parquet)"
+    )
     run.add_argument("--exclude-self", action="store_true", help="drop i == j (self-similarity)")
     run.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="output blocks")
     run.add_argument("--dtype", choices=("float16", "float32", "float64"), help="similarity output dtype")
@@ -416,7 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, BLAS, GPU and the dask config in force")
     info.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
     info.set_defaults(func=cmd_info)
+    parser.commands = {"run": run, "demo": demo, "info": info}
     return parser
+
+
+RUN_EXAMPLES = """\
+examples:
+  dask-cosim run A.zarr B.zarr -o S.zarr                     S = cos(A, B) into a zarr group
+  dask-cosim run A.zarr -o knn.zarr --topk 10 --exclude-self  10 nearest neighbours of each row of A
+  dask-cosim run A.npy B.npy -o pairs/ --threshold 0.9        every pair with score >= 0.9 (Parquet)
+  dask-cosim run A.zarr -o S.zarr --resume                    finish a run that was interrupted
+  dask-cosim run A.zarr -o S.zarr --scheduler tcp://10.0.0.5:8786   on an existing Dask cluster
+
+exit codes: 0 done, 2 bad option or input (one line), 1 failure (one line), 130 interrupted
+"""
 
 
 def _spec_from_args(args: argparse.Namespace) -> JobSpec:
@@ -443,6 +545,7 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         quiet=args.quiet,
         storage_options=args.storage_options,
         plan_only=args.plan,
+        log_file=args.log_path,
     )
 
 
@@ -493,6 +596,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
         dedup=True,
         labels=args.labels,
         label_pairs=args.label_pairs,
+        log_file=args.log_path,
     )
     report = run_job(spec)
     print(report.summary(), flush=True)
@@ -539,45 +643,120 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subpro
     raise Interrupted()
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | str) -> str:
     text = str(err) or type(err).__name__
     return " ".join(text.split())
+
+
+_API_FLAGS = re.compile(r"\b(resume|overwrite|exclude_self|check_finite)=True(?: \(--[\w-]+\))?")
+
+
+_API_CHOICE = re.compile(r"\b(zero_vector|device|codec|dtype)='([\w-]+)'")
+
+
+def _cli_words(text: str) -> str:
+    """Messages of the library speak API (``overwrite=True``); the command's speak CLI (``--overwrite``).
+
+    >>> _cli_words("pass overwrite=True (--overwrite) to replace it, or rerun with resume=True")
+    'pass --overwrite to replace it, or rerun with --resume'
+    >>> _cli_words("zero vector at row 3 while zero_vector='error'")
+    'zero vector at row 3 while --zero-vector error'
+    """
+    text = _API_FLAGS.sub(lambda m: "--" + m[1].replace("_", "-"), text)
+    return _API_CHOICE.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2]}", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dask-cosim`` and ``python -m dask_cosim``; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's own parser, so the hint points at its --help
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
         return int(exc.code or 0)
+    try:
+        args.log_path = _log_path(args)
+    except BadInput as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     previous = None
     if hasattr(signal, "SIGTERM") and _in_main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     start = time.perf_counter()
+    code = EXIT_FAILED
     try:
-        return args.func(args)
+        code = args.func(args)
+        return code
     except BadInput as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        code = EXIT_USAGE
+        print(f"{PROG}: error: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(
             f"{PROG}: interrupted after {time.perf_counter() - start:.1f} s; the cluster was shut down, "
-            "finished blocks are kept (rerun with --resume)",
+            f"finished blocks are kept (rerun with --resume){_log_note(args)}",
             file=sys.stderr,
             flush=True,
         )
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure as one line
-        print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: error: {type(err).__name__}: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True
+        )
         if getattr(args, "traceback", False):
             traceback.print_exc()
         else:
-            print(f"{PROG}: (rerun with --traceback for details)", file=sys.stderr, flush=True)
+            print(
+                f"{PROG}: (rerun with --traceback for details{_log_note(args)})", file=sys.stderr, flush=True
+            )
         return EXIT_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        _tidy_log(args, code)
+
+
+def _log_path(args: argparse.Namespace) -> str | None:
+    """Where this command's cluster log goes: ``--log-file``, a default file, or None (``--verbose``)."""
+    if getattr(args, "verbose", True) or not hasattr(args, "scheduler"):
+        return None
+    if args.log_file:
+        path = os.path.abspath(os.path.expanduser(args.log_file))
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise BadInput(f"--log-file: cannot write {path!r} ({err.strerror or err})") from None
+        args.default_log = False
+        return path
+    from .cluster import default_log_file
+
+    args.default_log = True
+    try:
+        return default_log_file()
+    except OSError:  # no writable temporary folder: the log stays on stderr, as with --verbose
+        return None
+
+
+def _log_note(args: argparse.Namespace) -> str:
+    path = getattr(args, "log_path", None)
+    if path and os.path.exists(path) and os.path.getsize(path) > 0:
+        return f"; the cluster's log: {path}"
+    return ""
+
+
+def _tidy_log(args: argparse.Namespace, code: int) -> None:
+    """The default log is kept only after a failure or an interruption (the message names it);
+    an empty one never."""
+    path = getattr(args, "log_path", None)
+    if not path or not os.path.exists(path):
+        return
+    if os.path.getsize(path) == 0 or (code in (EXIT_OK, EXIT_USAGE) and getattr(args, "default_log", False)):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def _in_main_thread() -> bool:

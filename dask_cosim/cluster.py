@@ -15,9 +15,13 @@ __all__ = [
     "dashboard_address",
     "machine_layout",
     "embedded_blas_threads",
+    "cluster_logs",
+    "default_log_file",
 ]
 
 DEFAULT_DASHBOARD_PORT = 8787
+# this process's loggers whose records belong to the cluster, not to the user's terminal
+CLUSTER_LOGGERS = ("distributed", "bokeh", "tornado", "asyncio")
 
 
 class SchedulerUnreachable(ConnectionError):
@@ -76,6 +80,62 @@ def embedded_blas_threads(
         yield
 
 
+def default_log_file() -> str:
+    """Where a run's cluster log goes unless ``--log-file``/``--verbose``: a new file under
+    ``$TMPDIR/dask-cosim/`` named after the time and process id (deleted when left empty)."""
+    import os
+    import tempfile
+    import time
+
+    folder = os.path.join(tempfile.gettempdir(), "dask-cosim")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+def _cluster_loggers() -> list[logging.Logger]:
+    """The loggers of :data:`CLUSTER_LOGGERS` and every logger below them with handlers of its
+    own (distributed's logging config gives e.g. ``tornado.application`` its own stderr handler)."""
+    names = set(CLUSTER_LOGGERS)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.handlers and name.split(".")[0] in CLUSTER_LOGGERS:
+            names.add(name)
+    return [logging.getLogger(name) for name in sorted(names)]
+
+
+@contextmanager
+def cluster_logs(path: str | None) -> Iterator[None]:
+    """Send this process's ``distributed``, ``bokeh``, ``tornado`` and ``asyncio`` log records
+    to the file ``path`` (created at the first record) instead of stderr, for the duration
+    of the block; ``None`` leaves logging alone (``--verbose``).
+
+    Examples
+    --------
+    >>> import logging, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "cluster.log")
+    >>> with cluster_logs(path):
+    ...     logging.getLogger("distributed.worker").error("Compute Failed")
+    >>> "Compute Failed" in open(path).read()
+    True
+    """
+    if path is None:
+        yield
+        return
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    saved = []
+    for logger in _cluster_loggers():
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+        handler.close()
+
+
 @contextmanager
 def dask_client(
     scheduler: str | None = None,
@@ -87,6 +147,7 @@ def dask_client(
     timeout: float = 10.0,
     echo: Callable[[str], None] | None = print,
     quiet: bool = False,
+    log_file: str | None = None,
 ) -> Iterator:
     """A distributed ``Client`` for the duration of a ``with`` block.
 
@@ -96,6 +157,10 @@ def dask_client(
     this machine with scheduler, workers and dashboard bound to 127.0.0.1, and shuts it
     down when the block ends, also on error and on Ctrl-C.
 
+    ``log_file``: the cluster's log records (this process's ``distributed``, ``bokeh`` and
+    ``tornado`` loggers, and everything the embedded cluster's worker processes write on
+    stderr) go to this file instead of stderr; ``None`` leaves them on stderr.
+
     Examples
     --------
     >>> from dask_cosim.cluster import dask_client
@@ -103,6 +168,15 @@ def dask_client(
     ...     client.submit(sum, [1, 2]).result()
     3
     """
+    with cluster_logs(log_file):
+        yield from _dask_client(
+            scheduler, workers, threads_per_worker, memory_limit, processes, timeout, echo, quiet, log_file
+        )
+
+
+def _dask_client(
+    scheduler, workers, threads_per_worker, memory_limit, processes, timeout, echo, quiet, log_file
+):
     from distributed import Client
 
     if scheduler:
@@ -132,7 +206,7 @@ def dask_client(
 
     n, t = machine_layout(workers, threads_per_worker)
     with _children_ignore_sigint(processes):
-        cluster = _local_cluster(n, t, processes, memory_limit, quiet)
+        cluster = _local_cluster(n, t, processes, memory_limit, quiet, log_file)
     try:
         client = Client(cluster, set_as_default=True)
         try:
@@ -145,9 +219,21 @@ def dask_client(
         cluster.close()
 
 
-def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool):
+def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, log_file: str | None = None):
     from distributed import LocalCluster
 
+    from ._dashboard import install as fix_group_graph
+    from ._worker_logs import ENV
+
+    fix_group_graph()  # /groups answers 500 in distributed 2026.8 otherwise (see _dashboard)
+
+    extra: dict = {}
+    if log_file is not None:
+        if processes:  # each worker process (also one the nanny restarts) writes its stderr to the log
+            extra = {"preload": ["dask_cosim._worker_logs"], "env": {ENV: log_file}}
+        level = logging.WARNING  # (lower would print the workers' start-up records before the preload)
+    else:
+        level = logging.ERROR if quiet else logging.WARNING
     return LocalCluster(
         n_workers=n,
         threads_per_worker=t,
@@ -156,7 +242,8 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool):
         host="127.0.0.1",
         protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
         dashboard_address=dashboard_address(),
-        silence_logs=logging.ERROR if quiet else logging.WARNING,
+        silence_logs=level,
+        **extra,
     )
 
 

@@ -37,13 +37,7 @@ SPLIT_EVERY = 8
 
 
 def _check_unit_threshold(threshold) -> float:
-    threshold = _check_threshold(threshold)
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"threshold: expected a real number in [-1, 1] (cosine similarities lie there), "
-            f"received {threshold!r}"
-        )
-    return threshold
+    return _check_threshold(threshold)  # a real number in [-1, 1], as for pairs_above
 
 
 def duplicate_groups(

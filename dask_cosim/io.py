@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from . import _provenance, _topk_store
+from . import _config, _provenance, _topk_store
 from ._backend import to_numpy
 
 __all__ = [
@@ -64,7 +65,11 @@ class WriteReport:
 
     ``blocks`` counts output blocks (zarr: marker grid, Parquet: partitions),
     ``blocks_skipped`` those already done by an earlier run (``resume=True``),
-    ``blocks_written`` those this call computed and stored.
+    ``blocks_written`` those this call computed and stored. ``pairs`` counts the
+    similarity entries the written blocks cover, ``products`` the dot products actually
+    computed for them (fewer for a self-similarity, which computes one triangle of blocks
+    and transposes it). ``found`` is the number of pairs in a ``pairs_above`` output;
+    ``rows``, ``k`` and ``nan_rows`` (rows holding a NaN score) describe a top-k output.
     """
 
     path: str
@@ -77,6 +82,12 @@ class WriteReport:
     dim: int | None
     seconds: float
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    products: int | None = None  # dot products computed now (None: one per pair)
+    found: int | None = None  # pairs_above: pairs in the whole output
+    threshold: float | None = None
+    rows: int | None = None  # topk: rows of the output (batch x N)
+    k: int | None = None
+    nan_rows: int | None = None  # topk: rows with a NaN score (a NaN/inf input vector)
 
     @property
     def pairs_per_second(self) -> float:
@@ -84,19 +95,75 @@ class WriteReport:
 
     @property
     def gflops(self) -> float | None:
-        """GFLOP/s equivalent ``2 * pairs * D / t`` (``None`` when D is unknown)."""
+        """GFLOP/s ``2 * products * D / t``: the products computed, not the pairs of the result
+        (``None`` when D is unknown)."""
         if self.dim is None or self.seconds <= 0:
             return None
-        return 2.0 * self.pairs * self.dim / self.seconds / 1e9
+        products = self.pairs if self.products is None else self.products
+        return 2.0 * products * self.dim / self.seconds / 1e9
+
+    def counts(self) -> list[str]:
+        """What a user checks first: pairs found, rows and NaN rows of a top-k, products computed."""
+        out = []
+        if self.found is not None:
+            above = f" with score >= {self.threshold:g}" if self.threshold is not None else ""
+            out.append(f"found {self.found} pairs{above}")
+        if self.rows is not None and self.k is not None:
+            nan = f", {self.nan_rows} with a NaN score" if self.nan_rows is not None else ""
+            out.append(f"{self.rows} rows x {self.k} neighbours{nan}")
+        if self.products is not None and self.products < self.pairs:
+            out.append(
+                f"self-similarity: {self.products:.3g} of {self.pairs:.3g} products computed "
+                "(one triangle of blocks), GFLOP/s counts those"
+            )
+        return out
 
     def summary(self) -> str:
         resumed = f", {self.blocks_skipped} already done" if self.blocks_skipped else ""
         flops = f", {self.gflops:.1f} GFLOP/s" if self.gflops is not None else ""
+        counts = "".join(f"; {c}" for c in self.counts())
         return (
             f"{self.path}: {self.kind} shape {self.shape}, {self.blocks} blocks "
             f"({self.blocks_written} written{resumed}) in {self.seconds:.2f} s, "
-            f"{self.pairs_per_second:.3g} pairs/s{flops}"
+            f"{self.pairs_per_second:.3g} pairs/s{flops}{counts}"
         )
+
+
+def _products(facts: Mapping[str, Any], share: float) -> int | None:
+    """Dot products computed for ``share`` of the output: a self-similarity with square
+    blocks and more than one block row computes only the upper triangle of blocks."""
+    shape, chunks = facts.get("shape"), facts.get("chunks")
+    if not shape or not chunks:
+        return None
+    total = int(np.prod(shape))
+    rows, cols = list(chunks[-2]), list(chunks[-1])
+    if facts.get("self_similar") and not facts.get("labels") and rows == cols and len(rows) > 1 and total:
+        r = np.asarray(rows, dtype=np.int64)
+        total = int(np.prod(shape[:-2], dtype=np.int64)) * int(np.triu(np.outer(r, r)).sum())
+    return int(round(total * share))
+
+
+def _topk_nan_rows(values) -> int | None:
+    """Rows of a written top-k ``values`` array that hold a NaN score (read block by block)."""
+    try:
+        vals = da.from_array(values, chunks=values.chunks)
+        return int(da.isnan(vals).any(axis=-1).sum().compute())
+    except Exception:  # noqa: BLE001 - only for the report; never fail a finished write over it
+        return None
+
+
+def _parquet_rows(fs, root: str, nparts: int) -> int | None:
+    """Rows of the whole Parquet output, from the files' footers."""
+    import pyarrow.parquet as pq
+
+    try:
+        total = 0
+        for i in range(nparts):
+            with fs.open(f"{root}/{_pq_name(i)}", "rb") as f:
+                total += pq.read_metadata(f).num_rows
+        return total
+    except Exception:  # noqa: BLE001 - only for the report
+        return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -269,6 +336,73 @@ def _wait_until_forgotten(client, keys: list, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _PlainProgress:
+    """Progress for a log: one plain line every ``interval`` seconds, and one at the end,
+    instead of a bar redrawn with ``\\r`` ten times a second (used when stdout is not a terminal).
+
+    ``done`` returns how many of ``total`` blocks are finished; it is called from a thread.
+    """
+
+    def __init__(self, done, total: int, interval: float):
+        self.done, self.total, self.interval = done, total, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dask-cosim-progress", daemon=True)
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _PlainProgress:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self.line()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.line()
+
+    def line(self) -> None:
+        n = self.done()
+        percent = 100 * n // self.total if self.total else 100
+        elapsed = time.perf_counter() - self._start
+        print(
+            f"progress: {n}/{self.total} blocks written ({percent}%), {elapsed:.1f} s",
+            file=sys.stdout,
+            flush=True,
+        )
+
+
+def _local_progress(tasks: list):
+    """A progress display for dask's local schedulers: the bar on a terminal, plain lines off one."""
+    from dask.callbacks import Callback
+    from dask.diagnostics import ProgressBar
+
+    if _is_terminal(sys.stdout):
+        return ProgressBar()
+    keys = {t.key for t in tasks}
+    finished: list = []
+
+    class _Count(Callback):
+        def _posttask(self, key, result, dsk, state, id):
+            if key in keys:
+                finished.append(key)
+
+    stack = ExitStack()
+    stack.enter_context(_Count())
+    stack.enter_context(_PlainProgress(lambda: len(finished), len(tasks), _config.progress_interval()))
+    return stack
+
+
 def _execute(tasks: list, progress: bool, gate: _WriteGate) -> None:
     """Run the write tasks: on the active distributed client if any, else dask's scheduler.
 
@@ -280,12 +414,8 @@ def _execute(tasks: list, progress: bool, gate: _WriteGate) -> None:
         return
     client = _distributed_client()
     if client is None:
-        from contextlib import nullcontext
-
-        from dask.diagnostics import ProgressBar
-
         try:
-            with ProgressBar() if progress else nullcontext():
+            with _local_progress(tasks) if progress else nullcontext():
                 dask.compute(*tasks)
         except Exception:
             gate.close_and_wait()
@@ -295,13 +425,17 @@ def _execute(tasks: list, progress: bool, gate: _WriteGate) -> None:
 
     futures = client.compute(tasks)
     try:
-        if progress:
+        plain = progress and not _is_terminal(sys.stdout)
+        if progress and not plain:
             from distributed import progress as show_progress
 
             show_progress(futures, notebook=False)  # clears its line when done
-        for future in as_completed(futures):
-            if future.status == "error":
-                future.result()  # raises the task's exception (fail fast)
+        interval = _config.progress_interval() if plain else 0.0
+        count = lambda: sum(f.done() for f in futures)  # noqa: E731
+        with _PlainProgress(count, len(futures), interval) if plain else nullcontext():
+            for future in as_completed(futures):
+                if future.status == "error":
+                    future.result()  # raises the task's exception (fail fast)
     except BaseException as err:
         client.cancel(futures)
         if isinstance(err, Exception):  # not on Ctrl-C: the user wants out now
@@ -610,6 +744,13 @@ def to_zarr(
     _finish_zarr(group, payload, where)
     if payload.topk_source is not None:
         _topk_store.drop_state_arrays(group)
+    seconds = time.perf_counter() - start  # the write; the counts below read the output back
+    pairs = int(sum(payload.pairs_per_block[i] for i in pending))
+    extra: dict[str, Any] = {}
+    if payload.kind == "topk":
+        shape = payload.arrays["values"].shape
+        extra = {"rows": int(np.prod(shape[:-1])), "k": int(shape[-1])}
+        extra["nan_rows"] = _topk_nan_rows(group["values"])
     return WriteReport(
         path=where,
         kind=payload.kind,
@@ -617,11 +758,19 @@ def to_zarr(
         blocks=int(done.size),
         blocks_skipped=int(done.sum()),
         blocks_written=len(pending),
-        pairs=int(sum(payload.pairs_per_block[i] for i in pending)),
+        pairs=pairs,
         dim=payload.dim,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         arrays=layout["arrays"],
+        products=_products(
+            _provenance.lookup(_result_name(result)), pairs / max(int(payload.pairs_per_block.sum()), 1)
+        ),
+        **extra,
     )
+
+
+def _result_name(result) -> str:
+    return result.name if isinstance(result, da.Array) else result[0].name
 
 
 _CODECS = ("auto", "none", "zstd", "blosc-lz4")
@@ -910,6 +1059,7 @@ def to_parquet(
     info["complete"] = True
     _write_json(fs, f"{root}/{_PQ_META}/attrs.json", info)
     total = int(np.prod(facts.get("shape", [0]))) if facts.get("shape") else 0
+    share = len(pending) / max(nparts, 1)
     return WriteReport(
         path=where,
         kind=facts.get("kind", "pairs"),
@@ -917,9 +1067,12 @@ def to_parquet(
         blocks=nparts,
         blocks_skipped=len(done),
         blocks_written=len(pending),
-        pairs=int(round(total * len(pending) / max(nparts, 1))),
+        pairs=int(round(total * share)),
         dim=_dim(facts),
         seconds=time.perf_counter() - start,
+        products=_products(facts, share),
+        found=_parquet_rows(fs, root, nparts),
+        threshold=facts.get("threshold"),
     )
 
 

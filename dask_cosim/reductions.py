@@ -75,6 +75,11 @@ def _check_threshold(threshold) -> float:
         raise TypeError(f"threshold: expected a real number, received {threshold!r}")
     if np.isnan(threshold):
         raise ValueError("threshold: received NaN; expected a real number (similarities lie in [-1, 1])")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"threshold: expected a similarity in [-1, 1], received {threshold!r}"
+            + ("; no pair could reach it" if threshold > 1 else "; pass -1 to keep every pair")
+        )
     return float(threshold)
 
 

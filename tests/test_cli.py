@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 import dask_cosim as dcs
-from dask_cosim.cli import main
+from dask_cosim.cli import build_parser, main
 from dask_cosim.io import MARKERS, regular_chunks
 from dask_cosim.testing import reference_cosine
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
     r"(?:^|\r)(?P<path>[^\s\x1b]+): (?P<kind>\w+) shape \((?P<shape>[\d, ]+)\), (?P<blocks>\d+) blocks "
     r"\((?P<written>\d+) written(, (?P<skipped>\d+) already done)?\) in [\d.]+ s, [\d.e+]+ pairs/s"
-    r"(, [\d.]+ GFLOP/s)?$",
+    r"(, [\d.]+ GFLOP/s)?(?P<counts>(; [^;\n]+)*)$",
     re.M,
 )
 
@@ -96,7 +96,7 @@ def test_similarity_job_end_to_end(data, scheduler, capsys, tmp_path):
     )
     assert rc == 0, err
     assert f"Connected to {scheduler.scheduler_address}; dashboard: http://127.0.0.1:" in stdout
-    assert "100% Completed" in stdout  # distributed's progress bar
+    assert "\r" not in stdout and "progress: 12/12 blocks written (100%)" in stdout  # not a terminal: plain
     m = _summary(stdout)
     assert m["path"] == str(out) and m["kind"] == "similarity" and m["shape"] == "2, 300, 200"
     assert m["blocks"] == m["written"] == str(2 * 3 * 2) and "GFLOP/s" in m[0]
@@ -137,7 +137,10 @@ def test_topk_job_end_to_end(data, scheduler, capsys, tmp_path):
         "--quiet", "--scheduler", scheduler.scheduler_address,
     )  # fmt: skip
     assert rc == 0, err
-    assert _summary(stdout)["kind"] == "topk"
+    m = _summary(stdout)
+    assert m["kind"] == "topk" and m["counts"].startswith("; 600 rows x 7 neighbours, 0 with a NaN score; ")
+    upper = (300**2 + 4 * 64**2 + 44**2) // 2  # blocks of 64, 64, 64, 64, 44 rows: one triangle + diagonal
+    assert f"self-similarity: {2 * upper:.3g} of {2 * 300**2:.3g} products computed" in m["counts"]
     s = reference_cosine(data["a"])
     s[:, np.arange(300), np.arange(300)] = -np.inf
     order = np.argsort(-s, axis=-1, kind="stable")[..., :7]
@@ -154,11 +157,13 @@ def test_threshold_job_end_to_end(data, scheduler, capsys, tmp_path):
         "--quiet", "--scheduler", scheduler.scheduler_address,
     )  # fmt: skip
     assert rc == 0, err
-    assert _summary(stdout)["blocks"] == str(2 * 3 * 2)
+    m = _summary(stdout)
+    assert m["blocks"] == str(2 * 3 * 2)
     got = pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True)
     s = reference_cosine(data["a"], data["b"])
     kb, i, j = np.nonzero(s >= 0.45)
     assert len(got) == len(kb) > 0
+    assert m["counts"] == f"; found {len(kb)} pairs with score >= 0.45"  # the count a user checks first
     np.testing.assert_array_equal(got[["batch", "i", "j"]].to_numpy(), np.stack([kb, i, j], 1))
     np.testing.assert_allclose(got["score"], s[kb, i, j], atol=2e-6)
 
@@ -193,7 +198,7 @@ BAD = {
     "bad memory limit": (["run", "{A}", "-o", "{out}", "--memory-limit", "lots"], r"--memory-limit"),
     "output exists": (
         ["run", "{A}", "-o", "{existing}"],
-        r"already exists; pass overwrite=True \(--overwrite\)",
+        r"already exists; pass --overwrite to replace it",
     ),
     "output is not zarr": (
         ["run", "{A}", "-o", "{dir}/notzarr", "--overwrite"],
@@ -208,13 +213,46 @@ BAD = {
         r"cannot reach a Dask scheduler at 'tcp://127\.0\.0\.1:\d+' within 1 s",
     ),
 }
-USAGE = {
-    "topk and threshold": ["run", "{A}", "-o", "{out}", "--topk", "3", "--threshold", "0.5"],
-    "resume and overwrite": ["run", "{A}", "-o", "{out}", "--resume", "--overwrite"],
-    "k = 0": ["run", "{A}", "-o", "{out}", "--topk", "0"],
-    "bad chunks": ["run", "{A}", "-o", "{out}", "--chunks", "1,x,3"],
-    "no output": ["run", "{A}"],
-    "no command": [],
+USAGE = {  # every bad option: exit 2, one line naming the option (no argparse usage block)
+    "topk and threshold": (
+        ["run", "{A}", "-o", "{out}", "--topk", "3", "--threshold", "0.5"],
+        r"--threshold",
+    ),
+    "resume and overwrite": (["run", "{A}", "-o", "{out}", "--resume", "--overwrite"], r"--overwrite"),
+    "k = 0": (["run", "{A}", "-o", "{out}", "--topk", "0"], r"--topk: expected a positive integer.*'0'"),
+    "k = 2.5": (["run", "{A}", "-o", "{out}", "--topk", "2.5"], r"--topk: .*'2\.5'"),
+    "bad chunks": (["run", "{A}", "-o", "{out}", "--chunks", "1,x,3"], r"--chunks"),
+    "zero chunk": (
+        ["run", "{A}", "-o", "{out}", "--chunks", "1,0,100"],
+        r"--chunks: block sizes must be positive",
+    ),
+    "negative timeout": (["run", "{A}", "-o", "{out}", "--timeout", "-1"], r"--timeout: expected a positive"),
+    "nan timeout": (["run", "{A}", "-o", "{out}", "--timeout", "nan"], r"--timeout: expected a finite"),
+    "port not a number": (
+        ["run", "{A}", "-o", "{out}", "--scheduler", "tcp://127.0.0.1:notaport"],
+        r"--scheduler: expected an address like tcp://.*'tcp://127\.0\.0\.1:notaport'",
+    ),
+    "unknown protocol": (
+        ["run", "{A}", "-o", "{out}", "--scheduler", "udp://127.0.0.1:8786"],
+        r"--scheduler: .*unknown address scheme 'udp'",
+    ),
+    "threshold above 1": (["run", "{A}", "-o", "{out}", "--threshold", "1.5"], r"--threshold: .*\[-1, 1\]"),
+    "threshold as a percentage": (
+        ["run", "{A}", "-o", "{out}", "--threshold", "90"],
+        r"percentage\? use 0\.9",
+    ),
+    "threshold inf": (["run", "{A}", "-o", "{out}", "--threshold", "inf"], r"--threshold: expected a finite"),
+    "threshold nan": (["run", "{A}", "-o", "{out}", "--threshold", "nan"], r"--threshold: expected a finite"),
+    "bad workers": (["run", "{A}", "-o", "{out}", "--workers", "0"], r"--workers"),
+    "bad storage options": (["run", "{A}", "-o", "{out}", "--storage-options", "[1]"], r"--storage-options"),
+    "bad codec": (["run", "{A}", "-o", "{out}", "--codec", "lzma"], r"--codec: invalid choice"),
+    "unknown option": (
+        ["run", "{A}", "-o", "{out}", "--frobnicate"],
+        r"unrecognized arguments: --frobnicate \(see dask-cosim run --help\)",
+    ),
+    "demo bad n": (["demo", "--n", "-3"], r"--n: expected a positive integer"),
+    "no output": (["run", "{A}"], r"required: -o/--output"),
+    "no command": ([], r"required"),
 }
 
 
@@ -246,11 +284,34 @@ def test_bad_input_exit_code_2_and_one_line(case, data, existing, capsys, tmp_pa
 
 
 @pytest.mark.parametrize("case", list(USAGE))
-def test_usage_errors_exit_code_2(case, data, existing, capsys, tmp_path):
-    rc = main(_fill(USAGE[case], data, existing, tmp_path))
-    err = capsys.readouterr().err
+def test_usage_errors_exit_code_2_and_one_line(case, data, existing, capsys, tmp_path):
+    args, message = USAGE[case]
+    rc = main(_fill(args, data, existing, tmp_path))
+    out, err = capsys.readouterr()
     assert rc == 2
-    assert "usage: dask-cosim" in err and "error:" in err and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dask-cosim: error: "), err  # no usage block
+    assert re.search(message, lines[0]), lines[0]
+    assert "--help" in lines[0] and "Traceback" not in err and not out
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_version_and_run_help_examples(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"dask-cosim {dcs.__version__}"
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"dask-cosim {dcs.__version__}"
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "examples:" in out and "dask-cosim run A.zarr -o knn.zarr --topk 10" in out and "exit codes:" in out
+    )
+
+
+def test_messages_speak_cli_not_api(data, existing, capsys, tmp_path):
+    rc = main(["run", data["A"], "-o", str(existing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass --overwrite to replace it" in err and "=True" not in err
 
 
 def test_failure_during_compute_exit_code_1(data, scheduler, capsys, tmp_path):
@@ -266,8 +327,8 @@ def test_failure_during_compute_exit_code_1(data, scheduler, capsys, tmp_path):
     assert "--traceback" in err and "Traceback" not in err
 
 
-def _cli(*args, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _cli(*args, env=None, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "dask_cosim", *map(str, args)],
         stdout=subprocess.PIPE,
@@ -276,6 +337,57 @@ def _cli(*args, **kwargs) -> subprocess.Popen:
         env=env,
         **kwargs,
     )
+
+
+def test_embedded_cluster_failure_is_one_line_and_logs_go_to_a_file(tmp_path):
+    """A task failing on the embedded cluster's worker processes: no "Compute Failed" traceback
+    on stderr, only the error and the hint, which names the cluster's log (kept on failure)."""
+    a = np.ones((40, 4), dtype="float32")
+    a[33] = 0.0
+    np.save(tmp_path / "z.npy", a)
+    p = _cli(
+        "run", tmp_path / "z.npy", "-o", tmp_path / "z.zarr", "--zero-vector", "error", "--quiet",
+        "--chunks", "10,40", "--workers", "1", "--threads-per-worker", "1",
+        env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith("dask-cosim: error: ZeroVectorError: ") and "--zero-vector error" in lines[0]
+    log = re.fullmatch(
+        r"dask-cosim: \(rerun with --traceback for details; the cluster's log: (.+)\)", lines[1]
+    )
+    assert log and Path(log[1]).parent == tmp_path / "dask-cosim", lines[1]
+    assert "Compute Failed" in Path(log[1]).read_text()  # the worker process's record, in the log
+
+
+def test_cluster_logs_leave_stderr_alone_and_verbose_keeps_them(tmp_path, capfd, monkeypatch):
+    import logging
+
+    from dask_cosim.cli import _log_path, build_parser
+    from dask_cosim.cluster import cluster_logs
+
+    path = tmp_path / "c.log"
+    names = ("distributed", "distributed.worker", "tornado", "tornado.application", "bokeh")
+    # as distributed's logging config does: a child logger with a stderr handler of its own
+    monkeypatch.setattr(logging.getLogger("tornado.application"), "handlers", [logging.StreamHandler()])
+    monkeypatch.setattr(logging.getLogger("tornado.application"), "propagate", False)
+    before = {name: logging.getLogger(name).handlers[:] for name in names}
+    capfd.readouterr()
+    with cluster_logs(str(path)):
+        logging.getLogger("distributed.worker").error("Compute Failed")
+        logging.getLogger("tornado.application").error("Uncaught exception GET /status/ws")
+        logging.getLogger("bokeh.server").error("AssertionError")
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+    assert capfd.readouterr().err == ""  # nothing reached the process's stderr (file descriptor 2)
+    assert path.read_text().count("\n") == 4
+    assert before == {name: logging.getLogger(name).handlers for name in before}  # restored afterwards
+    parser = build_parser()
+    assert _log_path(parser.parse_args(["run", "A", "-o", "O", "--verbose"])) is None
+    assert _log_path(parser.parse_args(["run", "A", "-o", "O", "--log-file", str(path)])) == str(path)
+    assert main(["run", "A", "-o", "O", "--log-file", str(tmp_path / "no" / "dir.log")]) == 2
+    assert "--log-file: cannot write" in capfd.readouterr().err
 
 
 def test_info(capsys):

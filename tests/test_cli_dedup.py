@@ -118,7 +118,7 @@ def test_dedup_resumes_only_the_missing_partitions_and_forests(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--threshold", "1.5"], r"threshold: expected a real number in \[-1, 1\]"),
+        (["--threshold", "1.5"], r"threshold: expected a similarity in \[-1, 1\]"),
         (["--threshold", "nan"], r"threshold: received NaN"),
         (["--labels", "{d}/short.npy"], r"labels: expected 80 labels \(one per vector\), received 5"),
         (["--labels", "{d}/float.npy"], r"labels: expected integer labels"),

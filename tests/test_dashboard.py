@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 import dask_cosim as dcs
@@ -84,3 +92,54 @@ def test_dashboard_is_up_and_shows_every_stage(port_8787_taken, tmp_path):
     # the embedded cluster is gone: its dashboard no longer answers
     with pytest.raises(OSError):
         _get(link)
+
+
+def _readme_pages() -> list[str]:
+    """The dashboard pages the README's dashboard section names (`/status`, `/groups`, ...)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Watching it on the dashboard", 1)[1].split("\n## ", 1)[0]
+    return sorted(set(re.findall(r"`(/[\w./-]*)`", section)))
+
+
+def test_every_dashboard_page_answers_during_a_real_run_and_stderr_stays_empty(tmp_path):
+    pages = _readme_pages()
+    assert {"/status", "/tasks", "/workers", "/groups", "/metrics"} <= set(pages), pages
+    a = np.random.default_rng(0).standard_normal((2, 512, 16)).astype("float32")
+    np.save(tmp_path / "a.npy", a)
+    out = tmp_path / "knn.zarr"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TMPDIR=str(tmp_path))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dask_cosim", "run", str(tmp_path / "a.npy"), "-o", str(out), "--topk", "5",
+         "--chunks", "1,64,64", "--workers", "1", "--threads-per-worker", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    stopped: list[psutil.Process] = []
+    try:
+        link = re.search(r"Dask dashboard: (http://127\.0\.0\.1:\d+)/status", p.stdout.readline())
+        assert link, "no dashboard link"
+        deadline = time.monotonic() + 120
+        while not list((out / "_blocks_done" / "c").rglob("*")) if (out / "_blocks_done").exists() else True:
+            assert p.poll() is None and time.monotonic() < deadline, "the run ended before a block was done"
+            time.sleep(0.02)
+        # the job is running: hold it there (stop the worker processes) while the pages are fetched
+        stopped = psutil.Process(p.pid).children(recursive=True)
+        for proc in stopped:
+            proc.send_signal(signal.SIGSTOP)
+        for page in pages:
+            status, body = _get(link[1] + page)
+            assert status == 200 and body, page
+        assert p.poll() is None  # still the same run
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+        try:
+            stdout, stderr = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 0, stderr
+    assert stderr == ""  # no dashboard, worker or shutdown noise reached the terminal
+    assert "; 1024 rows x 5 neighbours, 0 with a NaN score" in stdout
+    assert not list((tmp_path / "dask-cosim").glob("*.log"))  # the default log is gone after success

@@ -256,8 +256,8 @@ def test_result_does_not_depend_on_chunking():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"threshold": 1.5}, ValueError, r"threshold: expected a real number in \[-1, 1\].*received 1.5"),
-        ({"threshold": -1.01}, ValueError, r"threshold: expected a real number in \[-1, 1\]"),
+        ({"threshold": 1.5}, ValueError, r"threshold: expected a similarity in \[-1, 1\].*received 1.5"),
+        ({"threshold": -1.01}, ValueError, r"threshold: expected a similarity in \[-1, 1\]"),
         ({"threshold": float("nan")}, ValueError, r"threshold: received NaN"),
         ({"threshold": "0.9"}, TypeError, r"threshold: expected a real number, received '0.9'"),
         ({"label_pairs": "all"}, ValueError, r"label_pairs: expected 'different' or 'same'"),

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import runpy
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,3 +25,29 @@ def test_core_benchmark_quick():
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert '"workload": "W2"' in out and '"workload": "W1"' in out and "ratio_to_limit" in out
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="needs chromium (apt-get install chromium)",
+)
+def test_dashboard_screenshots_script_draws_the_panels(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "dashboard_screenshots.py"), "--out", str(tmp_path),
+         "--pages", "status,groups", "--settle", "1", "--n", "256", "--size", "800x600"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for page in ("status", "groups"):
+        png = (tmp_path / f"{page}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">I", png[16:20])[0] == 800  # the width asked for (IHDR)
+        assert len(png) > 5000  # more than the navigation bar on a blank page
+
+
+def test_dashboard_screenshots_script_without_chromium_says_so(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "dashboard_screenshots.py"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env={"PATH": "/nonexistent", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 2 and "no chromium on PATH" in out.stderr

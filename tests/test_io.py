@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import dask
@@ -351,7 +352,8 @@ def client():
             yield c
 
 
-def test_distributed_write_with_progress_bar(tmp_path, client, capsys):
+def test_distributed_write_with_progress_bar(tmp_path, client, capsys, monkeypatch):
+    monkeypatch.setattr("dask_cosim.io._is_terminal", lambda stream: True)  # as in a terminal
     a = _data((2, 64, 8), "float32")
     S = dcs.cosine_similarity(a, chunks=(1, 32, 32))
     with dask.config.set(scheduler=None):
@@ -429,3 +431,60 @@ def test_parquet_write_error_raises_after_the_running_writes_end(tmp_path, monke
     time.sleep(1.0)  # two slow writes' worth: anything still running would land now
     assert sorted(p.name for p in done.iterdir()) == before
     assert "000001" not in before
+
+
+def test_summary_counts_the_products_computed_and_what_was_found(tmp_path):
+    a = np.random.default_rng(7).standard_normal((2, 300, 16)).astype("float32")
+    a[1, 5] = np.nan  # a NaN vector: its own top-k row is NaN
+    # self-similarity, 3 x 3 blocks of 100 per batch: only the 6 upper blocks are multiplied
+    report = dcs.to_zarr(dcs.cosine_similarity(a, chunks=(1, 100, 100)), tmp_path / "s.zarr")
+    assert report.pairs == 2 * 300 * 300 and report.products == 2 * 6 * 100 * 100
+    assert report.gflops == pytest.approx(2 * report.products * 16 / report.seconds / 1e9)
+    assert "; self-similarity: 1.2e+05 of 1.8e+05 products computed" in report.summary()
+    # two inputs: every pair is a product, and the summary says nothing more
+    report = dcs.to_zarr(dcs.cosine_similarity(a, a[:, :200], chunks=(1, 100, 100)), tmp_path / "ab.zarr")
+    assert report.products == report.pairs == 2 * 300 * 200 and ";" not in report.summary()
+    report = dcs.to_zarr(dcs.topk(a, k=3, chunks=(1, 100, 100)), tmp_path / "t.zarr")
+    assert (report.rows, report.k, report.nan_rows) == (600, 3, 1)
+    assert "; 600 rows x 3 neighbours, 1 with a NaN score" in report.summary()
+    pairs = dcs.pairs_above(a, threshold=0.5, chunks=(1, 100, 100))
+    report = dcs.to_parquet(pairs, tmp_path / "p")
+    n = len(pairs.compute())
+    assert report.found == n > 0 and f"; found {n} pairs with score >= 0.5" in report.summary()
+    assert report.products == 2 * 6 * 100 * 100
+
+
+def test_plain_progress_prints_a_line_every_interval_and_at_the_end(capsys):
+    from dask_cosim.io import _PlainProgress
+
+    done, seen = [3], []
+    with _PlainProgress(lambda: done[0], 12, interval=0.01) as bar:
+        deadline = time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:  # poll until two periodic lines came
+            seen += capsys.readouterr().out.splitlines()
+            time.sleep(0.01)
+        done[0] = 12
+    assert len(seen) >= 2 and all(line.startswith("progress: 3/12 blocks written (25%), ") for line in seen)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("progress: 12/12 blocks written (100%), ") and lines[-1].endswith(" s")
+    assert not bar._thread.is_alive()
+
+
+@pytest.mark.parametrize("where", ["distributed", "threads"])
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, client, capsys, where):
+    """stdout is not a terminal (pytest captures it, as a batch job's log would): no \\r frames,
+    plain lines every ``cosine.progress-interval`` and one at the end."""
+    a = _data((2, 64, 8), "float32")
+    S = dcs.cosine_similarity(a, a[:, :48], chunks=(1, 32, 16))
+    scheduler = None if where == "distributed" else "threads"
+    with dask.config.set({"scheduler": scheduler, "cosine.progress-interval": "10ms"}):
+        report = dcs.to_zarr(S, tmp_path / "d.zarr", progress=True)
+    out = capsys.readouterr().out
+    assert "\r" not in out and "Completed" not in out
+    assert out.splitlines()[-1].startswith("progress: 12/12 blocks written (100%), ")
+    assert report.blocks_written == 12
+    with (
+        dask.config.set({"cosine.progress-interval": "0s"}),
+        pytest.raises(ValueError, match="progress-interval"),
+    ):
+        dcs.to_zarr(S, tmp_path / "e.zarr", progress=True)

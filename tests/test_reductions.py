@@ -649,7 +649,7 @@ def test_pairs_above_threshold_equal_to_a_score_and_empty_result():
     assert ((got.batch == 1) & (got.i == 4) & (got.j == 7)).sum() == 1
     bb, ii, jj = np.nonzero(S >= float(t))
     assert sorted(zip(got.batch, got.i, got.j, strict=True)) == sorted(zip(bb, ii, jj, strict=True))
-    empty = dcs.pairs_above(a, b, threshold=1.5, chunks=(2, 10, 10)).compute()
+    empty = dcs.pairs_above(a, b, threshold=1.0, chunks=(2, 10, 10)).compute()
     assert len(empty) == 0 and list(empty.columns) == ["batch", "i", "j", "score"]
     assert empty.dtypes.to_dict() == {"batch": np.int64, "i": np.int64, "j": np.int64, "score": np.float32}
 
@@ -672,6 +672,9 @@ def test_pairs_above_rejects_bad_threshold_and_is_lazy():
         dcs.pairs_above(np.ones((3, 2)), threshold=float("nan"))
     with pytest.raises(TypeError, match=r"threshold: expected a real number, received '0.5'"):
         dcs.pairs_above(np.ones((3, 2)), threshold="0.5")
+    for bad in (1.5, 90, float("inf"), -1.01, float("-inf")):  # similarities lie in [-1, 1]
+        with pytest.raises(ValueError, match=r"threshold: expected a similarity in \[-1, 1\], received"):
+            dcs.pairs_above(np.ones((3, 2)), threshold=bad)
 
     def boom(x):
         raise AssertionError("input was read at call time")
