@@ -3,7 +3,7 @@
 distributed's ``TaskGroupGraph.update_layout`` places each task group one column right of
 its dependencies, visiting the groups in ``dask.order.order``. With dask/distributed
 2026.8 that order is not topological for some group graphs (a top-k's
-``cosine-topk-merge-aggregate`` group came after the groups that depend on it), so the
+``cosine-merge-aggregate`` group came after the groups that depend on it), so the
 page fails with a ``KeyError`` and answers HTTP 500. :func:`install` replaces the
 method by the same layout over a topological order (``graphlib``), for the schedulers
 this process runs (the embedded cluster's); a remote scheduler keeps its own dashboard.

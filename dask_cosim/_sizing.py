@@ -69,7 +69,7 @@ MIN_GPU_ROWS = 1024
 MIN_TRIANGLE_BLOCKS = 16
 #: Floating-point operations below which a task is mostly overhead (tens of milliseconds).
 MIN_TASK_FLOPS = 1e9
-#: Parts merged by one ``cosine-topk-merge`` task (dask's tree reduction).
+#: Parts merged by one ``cosine-merge`` task (dask's tree reduction).
 SPLIT_EVERY = 8
 
 _OPS = ("similarity", "topk", "pairs")

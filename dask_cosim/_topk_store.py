@@ -197,7 +197,7 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     state = (group[STATE[0]], group[STATE[1]])
     outputs = (group["values"], group["indices"])
     marker, links = group[marker_name], group[LINKS]
-    name = f"cosine-topk-link-{token}"
+    name = f"cosine-link-{token}"
     dsk: dict = {}
     finals, pending = [], []
     for panel in np.ndindex(*grid):

@@ -179,7 +179,7 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
     """
     kwargs = prep.product_kwargs()
     token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, "topk-triangle")
-    up, parts = f"cosine-topk-{token}", f"cosine-topk-part-{token}"
+    up, parts = f"cosine-topk-{token}", f"cosine-pick-{token}"
     starts = _offsets(prep.plan.rows)
 
     def task_for(kb: int | None, i: int, j: int) -> Callable:

@@ -4,7 +4,7 @@ The graph has an edge wherever ``similarity >= threshold``. Each upper block of 
 self-similarity (the same tasks as :func:`dask_cosim.pairs_above`) finds its pairs and
 reduces them at once to a *forest* of its connected components (union-find in NumPy,
 :mod:`dask_cosim._components`); the pairs themselves never leave the task. Forests are
-merged as a tree, :data:`SPLIT_EVERY` per ``cosine-groups-merge`` task, into one forest
+merged as a tree, :data:`SPLIT_EVERY` per ``cosine-union`` task, into one forest
 over the rows that have any link; one ``cosine-groups`` task per row block then labels
 its rows from it. Peak memory: a block of S per product task, and forests that hold at
 most one entry per linked row.
@@ -32,7 +32,7 @@ from .reductions import _check_threshold, _flatten, _prepare, _row_and_col_indic
 
 __all__ = ["duplicate_groups", "SPLIT_EVERY"]
 
-#: Forests merged by one ``cosine-groups-merge`` task.
+#: Forests merged by one ``cosine-union`` task.
 SPLIT_EVERY = 8
 
 
@@ -161,8 +161,8 @@ def _groups_frame(final, b0: int, b1: int, r0: int, r1: int, n: int, batched: bo
 def _forests(
     prep: Prepared, token: str, threshold: float, labels, label_pairs: str, checkpoint=None
 ) -> list[Delayed]:
-    """One ``cosine-groups-forest`` task per upper block of S: the forest of its pairs."""
-    name = f"cosine-groups-forest-{token}"
+    """One ``cosine-forest`` task per upper block of S: the forest of its pairs."""
+    name = f"cosine-forest-{token}"
     kwargs = {**prep.product_kwargs(), "like": "numpy", "threshold": threshold, "n": prep.out_shape[-2]}
     if checkpoint is not None:
         kwargs["checkpoint"] = checkpoint
@@ -198,12 +198,12 @@ def _merge_tree(forests: list[Delayed], token: str) -> Delayed:
     while len(forests) > 1:
         forests = [
             delayed(merge_forests, pure=True)(
-                forests[s : s + SPLIT_EVERY], dask_key_name=(f"cosine-groups-merge-{token}", level, s)
+                forests[s : s + SPLIT_EVERY], dask_key_name=(f"cosine-union-{token}", level, s)
             )
             for s in range(0, len(forests), SPLIT_EVERY)
         ]
         level += 1
-    return delayed(finish_forest, pure=True)(forests[0], dask_key_name=f"cosine-groups-final-{token}")
+    return delayed(finish_forest, pure=True)(forests[0], dask_key_name=f"cosine-roots-{token}")
 
 
 def _forest_block(an, bn, row_labels=None, col_labels=None, *, n: int, checkpoint=None, **kwargs):

@@ -1044,7 +1044,7 @@ def to_parquet(
     gate = _WriteGate()
     tasks = [
         delayed(_write_partition, pure=True)(
-            fs, root, i, parts[i], gate, dask_key_name=(f"cosine-write-parquet-{token}", i)
+            fs, root, i, parts[i], gate, dask_key_name=(f"cosine-parquet-{token}", i)
         )
         for i in pending
     ]

@@ -19,8 +19,8 @@ Op = Literal["similarity", "topk", "pairs"]
 
 #: Stages of the lazy graph a writer does not run (to_zarr merges top-k parts in checkpointed links).
 _REPLACED_BY_WRITER = {
-    "topk": ("cosine-topk-part", "cosine-topk-merge-partial", "cosine-topk-merge-aggregate")
-    + ("cosine-topk-values", "cosine-topk-indices"),
+    "topk": ("cosine-pick", "cosine-merge-partial", "cosine-merge-aggregate")
+    + ("cosine-values", "cosine-indices"),
 }
 #: Scheduler and worker cost of one task, assumed for the overhead share (distributed's
 #: documentation puts a task's overhead near a millisecond).

@@ -109,7 +109,7 @@ def topk(
     """The ``k`` most similar vectors of ``b`` for every vector of ``a``, without storing S.
 
     Each output block of S is computed by one ``cosine-topk`` task that keeps only its
-    rows' local top-k (values and global column indices); ``cosine-topk-merge`` tasks
+    rows' local top-k (values and global column indices); ``cosine-merge`` tasks
     merge those along the column blocks as a tree. Memory stays at a few blocks per
     worker whatever the size of S. The first column block of each row block runs first
     and its k-th best values prune the other blocks' selection. With ``b=None`` only the
@@ -206,7 +206,7 @@ def topk(
                 object,
                 split_every=SPLIT_EVERY,
                 combine=routed(partial(_merge_parts, k=k, final=False), where),
-                name="cosine-topk-merge",
+                name="cosine-merge",
                 concatenate=False,
             )
             vals = merged.map_blocks(
@@ -214,14 +214,14 @@ def topk(
                 chunks=topk_chunks,
                 dtype=prep.out_dtype,
                 meta=prep.meta,
-                token="cosine-topk-values",
+                token="cosine-values",
             )
             idx = merged.map_blocks(
                 routed(_indices, where),
                 chunks=topk_chunks,
                 dtype=np.int64,
                 meta=prep.meta.astype(np.int64),
-                token="cosine-topk-indices",
+                token="cosine-indices",
             )
         upper = parts.dask.dependencies[parts.name] if triangle else ()
         register_topk(vals.name, TopkSource(parts, k, triangle, where, next(iter(upper), None)))
@@ -418,7 +418,7 @@ def pairs_above(
             parts = _pairs_parts(prep, name, exclude_self, kwargs, labels)
             graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
-        result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-pairs-frame")
+        result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-frame")
     record_result(
         result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
         precision=precision, **_label_facts(labels, label_pairs),

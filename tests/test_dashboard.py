@@ -26,9 +26,9 @@ STAGES = {
     "cosine-block",  # one product per output block
     "cosine-write",  # one write (+ marker) per output block
     "cosine-topk",  # local top-k per block
-    "cosine-topk-link",  # a written top-k merges each panel's parts in checkpointed links
+    "cosine-link",  # a written top-k merges each panel's parts in checkpointed links
     "cosine-pairs",  # pairs above the threshold per block
-    "cosine-write-parquet",  # one Parquet file per block
+    "cosine-parquet",  # one Parquet file per block
 }
 
 
@@ -143,3 +143,34 @@ def test_every_dashboard_page_answers_during_a_real_run_and_stderr_stays_empty(t
     assert stderr == ""  # no dashboard, worker or shutdown noise reached the terminal
     assert "; 1024 rows x 5 neighbours, 0 with a NaN score" in stdout
     assert not list((tmp_path / "dask-cosim").glob("*.log"))  # the default log is gone after success
+
+
+def test_stage_prefixes_differ_where_the_progress_panel_cuts_them_and_are_documented():
+    """The Progress panel cuts labels after about 11 characters: stages (README table rows)
+    must differ there, and every prefix our graphs use must be in that table."""
+    from dask.utils import key_split
+
+    from .test_scale import lazy
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Watching it on the dashboard", 1)[1].split("\n### ", 1)[0]
+    rows = [
+        re.findall(r"`(cosine-[a-z-]+)`", line) for line in section.splitlines() if line.startswith("| `")
+    ]
+    documented = {p: n for n, row in enumerate(rows) for p in row}
+    cut = {}
+    for prefix, row in documented.items():
+        assert cut.setdefault(prefix[:11], row) == row, f"{prefix} reads like another stage when cut"
+    a = np.random.default_rng(0).standard_normal((600, 8))
+    graphs = [
+        dcs.cosine_similarity(a, chunks=(200, 200)),
+        dcs.cosine_similarity(a, a.copy(), chunks=(200, 200)),
+        *dcs.topk(a, k=3, chunks=(200, 200)),
+        *dcs.topk(a, a.copy(), k=3, chunks=(200, 200)),
+        dcs.pairs_above(a, threshold=0.5, chunks=(200, 200)),
+        dcs.duplicate_groups(a, threshold=0.9, chunks=(200, 200)),
+        dcs.cosine_similarity(lazy(1000, 8, chunk=100)),
+    ]
+    used = {key_split(k) for g in graphs for k in dict(g.__dask_graph__())}
+    ours = {p for p in used if p.startswith("cosine-")}
+    assert ours - set(documented) == set(), ours - set(documented)

@@ -233,10 +233,10 @@ def test_is_lazy_merges_as_a_tree_and_partitions_by_row_blocks():
     assert groups.npartitions == 16
     graph = dict(groups.__dask_graph__())
     names = [k[0] if isinstance(k, tuple) else k for k in graph]
-    assert sum(n.startswith("cosine-groups-forest") for n in names) == 16 * 17 // 2
-    merges = [k for k in graph if isinstance(k, tuple) and k[0].startswith("cosine-groups-merge")]
+    assert sum(n.startswith("cosine-forest") for n in names) == 16 * 17 // 2
+    merges = [k for k in graph if isinstance(k, tuple) and k[0].startswith("cosine-union")]
     assert len(merges) == 17 + 3 + 1  # 136 forests -> 17 -> 3 -> 1, eight at a time
-    assert sum(isinstance(n, str) and n.startswith("cosine-groups-final") for n in names) == 1
+    assert sum(isinstance(n, str) and n.startswith("cosine-roots") for n in names) == 1
 
 
 def test_empty_and_single_row_inputs():
@@ -319,7 +319,7 @@ def test_worker_killed_mid_run_gives_the_same_groups(real_cluster, gate_file):
     with real_cluster.client() as client:
         future = client.compute(groups)
         held = wait_until(
-            lambda: (h := held_keys(client, "cosine-groups")) and sum(h.values()) >= 4 and h,
+            lambda: (h := held_keys(client, "cosine-forest")) and sum(h.values()) >= 4 and h,
             timeout=60,
             what="finished forests in worker memory",
             client=client,

@@ -257,16 +257,16 @@ def test_topk_is_lazy_with_readable_names_and_output_chunks():
     assert vals.shape == idx.shape == (2, 20, 3) and vals.dtype == np.float64 and idx.dtype == np.int64
     assert vals.chunks == ((1, 1), (10, 10), (3,))
     prefixes = {name.rsplit("-", 1)[0] for name in vals.dask.layers}
-    assert {"cosine-normalize", "cosine-topk", "cosine-topk-values"} <= prefixes
-    assert any(p.startswith("cosine-topk-merge") for p in prefixes)
-    assert vals.name.startswith("cosine-topk-values-") and idx.name.startswith("cosine-topk-indices-")
+    assert {"cosine-normalize", "cosine-topk", "cosine-values"} <= prefixes
+    assert any(p.startswith("cosine-merge") for p in prefixes)
+    assert vals.name.startswith("cosine-values-") and idx.name.startswith("cosine-indices-")
 
 
 def test_topk_merges_as_a_tree():
     a, b = rng(12).standard_normal((10, 4)), rng(13).standard_normal((200, 4))
     vals, idx = dcs.topk(a, b, k=3, chunks=(10, 2))  # 100 column blocks
     split = _reductions().SPLIT_EVERY
-    layers = [n for n in vals.dask.layers if n.startswith("cosine-topk-merge")]
+    layers = [n for n in vals.dask.layers if n.startswith("cosine-merge")]
     assert len(layers) == math.ceil(math.log(100, split))  # tree levels
     deps = vals.dask.get_all_dependencies()
     fan_in = [len(deps[key]) for name in layers for key in vals.dask.layers[name]]
@@ -351,7 +351,7 @@ def test_reductions_on_a_gpu_take_whole_rows_of_s_when_enough_fit():
     vals, _ = dcs.topk(a, a.copy(), k=3, device="gpu")  # one part per row block: nothing to prune or merge
     stages = {name.rsplit("-", 1)[0] for name in vals.dask.layers}
     assert vals.numblocks == (4, 1) and "cosine-topk" in stages
-    assert not stages & {"blocks", "concatenate", "cosine-topk-merge-partial"}
+    assert not stages & {"blocks", "concatenate", "cosine-merge-partial"}
 
 
 def test_topk_empty_inputs():
@@ -408,7 +408,8 @@ def test_topk_graph_never_holds_more_than_a_block(self_similar):
     sizes = _layer_block_bytes({**vals.dask.layers, **idx.dask.layers}, k, pair_bytes=4 + 8)
     assert max(sizes.values()) <= s_block, {name: v for name, v in sizes.items() if v > s_block}
     # the top-k parts and merges are tiny next to a block of S: at most 2 x rows x k candidates
-    topk_layers = {name: v for name, v in sizes.items() if name.startswith("cosine-topk")}
+    stages = ("cosine-topk", "cosine-pick", "cosine-merge", "cosine-values", "cosine-indices")
+    topk_layers = {name: v for name, v in sizes.items() if name.startswith(stages)}
     assert len(topk_layers) >= 4
     assert max(topk_layers.values()) <= 2 * max(plan.rows) * k * 12
     assert vals.chunks == (plan.rows, (k,))

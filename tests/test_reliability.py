@@ -354,7 +354,7 @@ def test_worker_sigkill_during_topk_tree_reduction(real_cluster, gate_file):
         futures = client.compute([vals, idx])
         # every row block (3) merges its columns before the gated last one
         held = wait_until(
-            lambda: (h := held_keys(client, "cosine-topk-merge")) and sum(h.values()) >= 3 and h,
+            lambda: (h := held_keys(client, "cosine-merge")) and sum(h.values()) >= 3 and h,
             timeout=60,
             what="partial top-k merges in worker memory",
             client=client,

@@ -101,11 +101,11 @@ def test_marker_survives_default_optimisation_exactly_on_gpu_tasks():
 GPU_TASKS = ("cosine-block", "cosine-normalize", "cosine-topk", "cosine-pairs")
 #: host-side tasks of the same graphs (merges of host results, part picking, frames)
 HOST_TASKS = (
-    "cosine-topk-merge",
-    "cosine-topk-values",
-    "cosine-topk-indices",
-    "cosine-topk-part",
-    "cosine-pairs-frame",
+    "cosine-merge",
+    "cosine-values",
+    "cosine-indices",
+    "cosine-pick",
+    "cosine-frame",
 )
 
 
