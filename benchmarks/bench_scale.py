@@ -126,7 +126,7 @@ def graph_job(name: str, scale: float) -> dict:
 
 def part_graph(args) -> None:
     scale = 0.01 if args.quick else 1.0
-    for name in GRAPH_JOBS:
+    for name in args.jobs or GRAPH_JOBS:
         if args.quick and "1e7" in name:
             continue
         out = subprocess.run(
@@ -289,6 +289,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (for the test suite)")
     p.add_argument("--label", default="current", help="a name for this code version in the output")
     p.add_argument("--resume-n", type=int, default=200_000, help="N of the resume part (200,000)")
+    p.add_argument("--jobs", nargs="*", choices=sorted(GRAPH_JOBS), help="graph part: only these jobs")
     p.add_argument("--graph-job", help=argparse.SUPPRESS)
     p.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args()
