@@ -28,10 +28,10 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
+from _rss import TreePeakRSS  # benchmarks/_rss.py (this script's folder is on sys.path)
 
 GIB = 2**30
 
@@ -51,45 +51,6 @@ def planted(n: int, d: int, group_size: int, seed: int = 0) -> np.ndarray:
     rest = gen.standard_normal((n - len(members), d), dtype=np.float32)
     x = np.concatenate([members, rest])
     return x[gen.permutation(n)]
-
-
-class TreePeakRSS:
-    """Peak of the summed RSS of a process and all of its descendants (sampled)."""
-
-    def __init__(self, pid: int, interval: float = 0.01):
-        import psutil
-
-        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        try:
-            procs = [self.proc, *self.proc.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 # --------------------------------------------------------------------------- one variant

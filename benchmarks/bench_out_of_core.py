@@ -33,50 +33,17 @@ import platform
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 
 import numpy as np
 import psutil
 import zarr
+from _rss import TreePeakRSS  # benchmarks/_rss.py (this script's folder is on sys.path)
 
 from dask_cosim.cli import JobSpec, build_job, execute_job, run_job
 from dask_cosim.cluster import dask_client
 
 GIB = 2**30
-
-
-class TreePeakRSS:
-    """Peak of the summed RSS of this process and all of its descendants."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
 
 
 def make_inputs(root: str, batch: int, n: int, dim: int) -> tuple[str, str]:

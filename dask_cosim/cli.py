@@ -523,30 +523,37 @@ exit codes: 0 done, 2 bad option or input (one line), 1 failure (one line), 130 
 
 def _spec_from_args(args: argparse.Namespace) -> JobSpec:
     return JobSpec(
-        a=args.a,
         b=args.b,
-        output=args.output,
         topk=args.topk,
         threshold=args.threshold,
         exclude_self=args.exclude_self,
-        chunks=args.chunks,
         dtype=args.dtype,
-        device=args.device,
         zero_vector=args.zero_vector,
         check_finite=args.check_finite,
         codec=args.codec,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        scheduler=args.scheduler,
-        timeout=args.timeout,
-        workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=_memory_limit(args.memory_limit),
-        quiet=args.quiet,
-        storage_options=args.storage_options,
         plan_only=args.plan,
-        log_file=args.log_path,
+        **_common_fields(args),
     )
+
+
+def _common_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The JobSpec fields every job command takes: input, output, blocks, where to run."""
+    return {
+        "a": args.a,
+        "output": args.output,
+        "chunks": args.chunks,
+        "device": args.device,
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "scheduler": args.scheduler,
+        "timeout": args.timeout,
+        "workers": args.workers,
+        "threads_per_worker": args.threads_per_worker,
+        "memory_limit": _memory_limit(args.memory_limit),
+        "quiet": args.quiet,
+        "storage_options": args.storage_options,
+        "log_file": args.log_path,
+    }
 
 
 def _memory_limit(text: str):
@@ -578,25 +585,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_dedup(args: argparse.Namespace) -> int:
     spec = JobSpec(
-        a=args.a,
         b=None,
-        output=args.output,
         threshold=args.threshold,
-        chunks=args.chunks,
-        device=args.device,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        scheduler=args.scheduler,
-        timeout=args.timeout,
-        workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=_memory_limit(args.memory_limit),
-        quiet=args.quiet,
-        storage_options=args.storage_options,
         dedup=True,
         labels=args.labels,
         label_pairs=args.label_pairs,
-        log_file=args.log_path,
+        **_common_fields(args),
     )
     report = run_job(spec)
     print(report.summary(), flush=True)

@@ -51,3 +51,14 @@ def test_dashboard_screenshots_script_without_chromium_says_so(tmp_path):
         capture_output=True, text=True, timeout=120, env={"PATH": "/nonexistent", "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert out.returncode == 2 and "no chromium on PATH" in out.stderr
+
+
+def test_scale_benchmark_quick():
+    """Graph sizes and the scheduler's share at tiny size (the resume part runs the command
+    three times: its path is tested in tests/test_scale.py and tests/test_cli.py)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--quick", "--part", "graph"]
+        + ["--part", "scheduler"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    assert '"bench": "graph"' in out and '"job_tasks"' in out and '"scheduler_share"' in out
