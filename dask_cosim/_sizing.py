@@ -23,9 +23,9 @@ The rules, in the order they apply to ``chunks="auto"`` axes:
 3. **Graphs that stay small.** A job whose blocks would number more than
    ``cosine.max-blocks`` product tasks gets larger blocks instead, so that the task count
    is bounded whatever N (10^7 vectors stay near ``max-blocks`` tasks per stage).
-4. **Self-similarity** keeps square blocks and, for reductions, at least
+4. **Self-similarity** keeps square blocks and, for reductions on the host, at least
    :data:`MIN_TRIANGLE_BLOCKS` of them per axis while tasks keep :data:`MIN_TASK_FLOPS`,
-   so that the block triangle saves close to half.
+   so that the block triangle saves close to half (GPU-sized blocks stay GPU-sized).
 5. **Aligned with the inputs.** Block rows snap to a multiple or a divisor of the input's
    storage chunk (zarr/dask), whichever is nearest, so each input chunk is read whole.
 6. **Memory.** Every plan is checked against ``cosine.max-task-memory`` (tightened by the
@@ -162,7 +162,7 @@ def plan_job(job: Job, settings: Settings, chunks=("auto", "auto", "auto")) -> P
         batched=job.batched,
         reduce=job.reduced and not job.on_gpu,
         max_blocks=settings.max_blocks,
-        min_square_blocks=MIN_TRIANGLE_BLOCKS if job.reduced else 1,
+        min_square_blocks=MIN_TRIANGLE_BLOCKS if job.reduced and not gpu_sized else 1,
         min_square_rows=max(256, math.isqrt(int(MIN_TASK_FLOPS // (2 * max(job.dim, 1))))),
     )
     try:

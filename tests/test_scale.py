@@ -416,3 +416,13 @@ def test_tiled_kernels_slice_the_label_mask_per_tile(monkeypatch, label_pairs):
     s = np.where(keep, -np.inf, an @ bn.T)
     assert len(tiled_pairs[0]) == int((s >= 0.7).sum()) > 0
     np.testing.assert_allclose(tiled[0], -np.sort(-s, axis=1)[:, :5], atol=1e-12)
+
+
+def test_gpu_sized_self_similarity_blocks_are_not_split_for_the_triangle():
+    """On a GPU known at graph time a reduction's blocks stay near cosine.gpu-block-bytes:
+    the host's triangle rule (16 blocks per axis) would make them per-task overhead."""
+    a = da.zeros((32_768, 1024), dtype="float32", chunks=(32_768, 1024))
+    gpu = dcs.plan(a, op="topk", k=10, device="gpu")
+    assert len(gpu.plan.rows) == 2 and gpu.plan.rows == gpu.plan.cols  # 16384^2 x 4 B = 1 GiB
+    host = dcs.plan(a, op="topk", k=10, device="cpu")
+    assert len(host.plan.rows) >= 16
