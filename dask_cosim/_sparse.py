@@ -265,8 +265,11 @@ def strip_product(a_rows, bt, out: np.ndarray) -> np.ndarray:
     if is_sparse(a_rows) and is_sparse(bt):
         prod = a_rows @ bt
         out[...] = 0
-        prod = prod.tocoo()
-        out[prod.row, prod.col] = prod.data
+        if prod.dtype == out.dtype and out.flags.c_contiguous:
+            prod.toarray(out=out)  # scipy adds the stored entries into out
+        else:
+            prod = prod.tocoo()
+            out[prod.row, prod.col] = prod.data
     elif is_sparse(a_rows):
         out[...] = a_rows @ bt
     else:  # dense rows, sparse columns: (bt.T @ a.T).T
