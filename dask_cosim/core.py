@@ -374,7 +374,7 @@ def _normalized_sparse(x, rows, name: str, norm: dict) -> da.Array:
             x,
             chunks=chunks,
             asarray=False,
-            name=f"cosine-input-{name}-{tokenize(x.x)}",
+            name=f"cosine-input-{name}-{tokenize(x.x, chunks)}",  # two chunkings of one input: two names
             meta=_sparse.csr_meta(x.dtype),
         )
     return arr.map_blocks(
