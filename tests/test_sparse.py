@@ -382,3 +382,18 @@ def test_building_the_graph_reads_nothing_and_converts_once(monkeypatch):
     with dask.config.set(scheduler="sync"):
         np.testing.assert_allclose(S.compute(), sk_cosine(X, Y), atol=1e-12)
     assert calls.count("coo") == 1, calls
+
+
+def test_sparse_benchmark_quick():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sparse.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=180, check=True
+    ).stdout
+    rows = {r["bench"]: r for r in map(json.loads, out.splitlines())}
+    assert rows["similarity"]["max_abs_diff"] <= 1e-12
+    assert rows["topk"]["rows_differing_not_ties"] == 0 and rows["topk"]["max_abs_value_diff"] <= 1e-12
