@@ -66,7 +66,7 @@ ACCEPTED = (
 
 def _is_known_array(x) -> bool:
     """Arrays whose blocks dask_cosim can read: array-API arrays (NumPy, CuPy, dask, ...),
-    zarr and h5py arrays, and the package's own file readers."""
+    objects that define ``__array__``, zarr and h5py arrays, and the package's own readers."""
     import array_api_compat
 
     if isinstance(x, (NpyFile, BlockSource, _sparse.SparseSource)):
@@ -74,7 +74,8 @@ def _is_known_array(x) -> bool:
     module = type(x).__module__ or ""
     if module.split(".")[0] in ("zarr", "h5py"):
         return True
-    return bool(array_api_compat.is_array_api_obj(x))
+    # array-API arrays, and array-likes that convert themselves (xarray, pandas)
+    return bool(array_api_compat.is_array_api_obj(x)) or hasattr(type(x), "__array__")
 
 
 def _is_masked_dask(x) -> bool:

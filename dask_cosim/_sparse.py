@@ -272,8 +272,8 @@ def strip_product(a_rows, bt, out: np.ndarray) -> np.ndarray:
             out[prod.row, prod.col] = prod.data
     elif is_sparse(a_rows):
         out[...] = a_rows @ bt
-    else:  # dense rows, sparse columns: (bt.T @ a.T).T
-        out[...] = (bt.T.tocsr() @ np.ascontiguousarray(a_rows).T).T
+    else:  # dense rows, sparse columns (scipy computes it as (bt.T @ a.T).T, bt.T a CSC view)
+        out[...] = np.asarray(a_rows @ bt)
     return out
 
 

@@ -162,6 +162,11 @@ def prepare(
     op_b = Operand.from_shape("b", b_in.shape, b_in.dtype)
     batch = check_pair(op_a, op_b)
     sparse = _is_sparse_input(a_in) or _is_sparse_input(b_in)
+    if sparse and (is_device_array(a_in) or is_device_array(b_in)):
+        raise ValueError(
+            "a sparse input cannot be paired with a CuPy array (sparse products run on the host); "
+            "pass the dense input as a NumPy array"
+        )
     if sparse:
         _check_sparse_options(op_a, op_b, device=device, precision=precision, check_finite=check_finite)
     default = result_dtype(op_a.dtype, op_b.dtype)

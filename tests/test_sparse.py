@@ -397,3 +397,11 @@ def test_sparse_benchmark_quick():
     rows = {r["bench"]: r for r in map(json.loads, out.splitlines())}
     assert rows["similarity"]["max_abs_diff"] <= 1e-12
     assert rows["topk"]["rows_differing_not_ties"] == 0 and rows["topk"]["max_abs_value_diff"] <= 1e-12
+
+
+def test_array_likes_that_convert_themselves_are_still_accepted():
+    class ConvertsItself(LooksLikeAnArray):
+        def __array__(self, dtype=None, copy=None):
+            return np.ones(self.shape, dtype=dtype)
+
+    np.testing.assert_allclose(dcs.cosine_similarity(ConvertsItself()).compute(), np.ones((3, 3)))
