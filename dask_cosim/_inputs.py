@@ -8,31 +8,96 @@ from typing import Any
 
 import numpy as np
 
+from . import _sparse
+
 __all__ = ["open_input", "storage_chunks", "BlockSource"]
 
 
 def open_input(x: Any, name: str) -> Any:
     """Return an array-like with ``.shape``/``.dtype`` for input ``name`` ("a" or "b").
 
-    Strings and paths open a zarr array (local path or fsspec URL) or memory-map a
-    ``.npy`` file; nothing is read. dask, NumPy, CuPy and zarr arrays pass through;
-    anything else goes through :func:`numpy.asarray`.
+    Strings and paths open a zarr array (local path or fsspec URL), memory-map a
+    ``.npy`` file or open a ``.npz`` sparse matrix (:func:`scipy.sparse.save_npz`);
+    nothing is read but the ``.npz`` arrays. dask, NumPy, CuPy, zarr and other array-API
+    arrays pass through; sparse inputs (scipy.sparse of any format, pydata ``sparse``,
+    ``cupyx.scipy.sparse``) become a :class:`~dask_cosim._sparse.SparseSource` and dask
+    arrays of sparse chunks pass through. Lists and scalars go through
+    :func:`numpy.asarray`. Anything else is a ``TypeError`` naming its type: masked
+    arrays (their raw data would be computed, mask ignored) and objects that only look
+    like arrays (``shape``, ``dtype``, ``__getitem__``).
     """
     if isinstance(x, (str, os.PathLike)):
         return _open_path(os.fspath(x), name)
+    if _sparse.is_sparse(x):
+        return _open_sparse(x, name)
+    if isinstance(x, np.ma.MaskedArray) or _is_masked_dask(x):
+        raise TypeError(
+            f"{name}: masked arrays ({type(x).__module__}.{type(x).__name__}) are not supported: the "
+            "masked entries would be computed from their raw data. Pass x.filled(0) to treat masked "
+            "entries as zeros, or drop the masked vectors"
+        )
     if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__"):
+        if not _is_known_array(x):
+            raise TypeError(
+                f"{name}: received {type(x).__module__}.{type(x).__name__}, which has shape/dtype but is "
+                f"not an array dask_cosim reads; {ACCEPTED}"
+            )
+        if _sparse.is_sparse_dask(x) and len(x.shape) != 2:
+            raise ValueError(f"{name}: sparse inputs must be 2-D (N, D), received shape {tuple(x.shape)}")
         return x
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"{name}: cannot convert {type(x).__name__} to an array: {err}") from err
+        raise TypeError(f"{name}: cannot convert {type(x).__name__} to an array ({err}); {ACCEPTED}") from err
+    if arr.dtype == object:
+        raise TypeError(
+            f"{name}: {type(x).__name__} converts to an object array (ragged or mixed elements); {ACCEPTED}"
+        )
     return arr
+
+
+#: What a refused input is told.
+ACCEPTED = (
+    "expected a NumPy, CuPy, dask, zarr or other array-API array, a scipy.sparse matrix or array, "
+    "a pydata sparse array, a dask array of sparse chunks, a nested list of numbers, or a path "
+    "(zarr, .npy, .npz)"
+)
+
+
+def _is_known_array(x) -> bool:
+    """Arrays whose blocks dask_cosim can read: array-API arrays (NumPy, CuPy, dask, ...),
+    objects that define ``__array__``, zarr and h5py arrays, and the package's own readers."""
+    import array_api_compat
+
+    if isinstance(x, (NpyFile, BlockSource, _sparse.SparseSource)):
+        return True
+    module = type(x).__module__ or ""
+    if module.split(".")[0] in ("zarr", "h5py"):
+        return True
+    # array-API arrays, and array-likes that convert themselves (xarray, pandas)
+    return bool(array_api_compat.is_array_api_obj(x)) or hasattr(type(x), "__array__")
+
+
+def _is_masked_dask(x) -> bool:
+    meta = getattr(x, "_meta", None)
+    return hasattr(x, "dask") and isinstance(meta, np.ma.MaskedArray)
+
+
+def _open_sparse(x, name: str):
+    if len(x.shape) != 2:
+        raise ValueError(
+            f"{name}: sparse inputs must be 2-D (N, D), received {_sparse.describe(x)} of shape "
+            f"{tuple(x.shape)}"
+        )
+    return _sparse.SparseSource(x)
 
 
 def _open_path(path: str, name: str):
     is_url = "://" in path
     if not is_url and not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no such file or zarr store: {path!r}")
+    if path.endswith(".npz"):
+        return _open_npz(path, name)
     if path.endswith(".npy"):
         try:
             return NpyFile(path)
@@ -55,6 +120,21 @@ def _open_path(path: str, name: str):
         hint = f"; it holds the arrays {keys}, pass e.g. {path.rstrip('/')}/{keys[0]}" if keys else ""
         raise ValueError(f"{name}: {path!r} is a zarr group, not an array{hint}")
     return node
+
+
+def _open_npz(path: str, name: str):
+    """A sparse matrix saved by :func:`scipy.sparse.save_npz`, read whole into memory (the
+    format is a zip of arrays, which cannot be memory-mapped) and sliced per block."""
+    import scipy.sparse
+
+    try:
+        x = scipy.sparse.load_npz(path)
+    except Exception as err:  # noqa: BLE001 - a zip, pickle or key error: not a sparse .npz
+        raise ValueError(
+            f"{name}: {path!r} is not a sparse matrix written by scipy.sparse.save_npz "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    return _open_sparse(x, name)
 
 
 def storage_chunks(x: Any) -> tuple[int | None, ...]:

@@ -11,6 +11,7 @@ import array_api_compat
 import numpy as np
 
 from ._backend import blas_threads_for_task, block_namespace, device_matmul, limit_blas, to_numpy
+from ._sparse import is_sparse, sparse_similarity_block
 
 __all__ = [
     "ZeroVectorError",
@@ -249,6 +250,8 @@ def similarity_block(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, received {precision!r}")
+    if is_sparse(an) or is_sparse(bn):  # normalised CSR blocks: a sparse product, a dense block
+        return sparse_similarity_block(an, bn, out_dtype=out_dtype, out=out)
     xp, an = block_namespace(an, device)
     if array_api_compat.is_cupy_array(an):
         import cupy

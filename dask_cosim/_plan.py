@@ -285,6 +285,7 @@ def task_memory(
     compute_itemsize: int,
     out_itemsize: int,
     reduce: bool = False,
+    nnz_per_row: float | None = None,
 ) -> int:
     """Peak bytes one task holds: the worst of a normalise task and a product task.
 
@@ -294,18 +295,41 @@ def task_memory(
     With ``reduce=True`` (top-k and pairs on the CPU) the product is never held whole:
     the kernels compute it in tiles of at most :data:`REDUCE_TILE_BYTES` (plus their
     masks and candidates), and keep a transposed copy of the column block.
+
+    ``nnz_per_row`` (sparse inputs): a stored row is that many values, each with an int64
+    index (:func:`row_bytes`), instead of ``dim`` values, and a product task also holds
+    the sparse product (value and index per entry) before it is written into the dense
+    block or tile.
     """
     rows = bc * max(nc, mc)
-    normalize = rows * dim * (in_itemsize + 2 * 8 + compute_itemsize)
+    normalize = rows * (
+        row_bytes(dim, in_itemsize, nnz_per_row)
+        + 2 * row_bytes(dim, 8, nnz_per_row)
+        + row_bytes(dim, compute_itemsize, nnz_per_row)
+    )
+    unit_row = row_bytes(dim, compute_itemsize, nnz_per_row)
+    sparse_entry = 0 if nnz_per_row is None else compute_itemsize + 8
     block = bc * nc * mc
     if reduce:
         tile = min(block, REDUCE_TILE_BYTES // compute_itemsize)
-        product = bc * (nc + 2 * mc) * dim * compute_itemsize + tile * (compute_itemsize + 2)
+        product = bc * (nc + 2 * mc) * unit_row + tile * (compute_itemsize + 2 + sparse_entry)
         return max(normalize, product + bc * nc * _CANDIDATE_BYTES)
-    product = bc * (nc + mc) * dim * compute_itemsize + block * compute_itemsize
+    product = bc * (nc + mc) * unit_row + block * (compute_itemsize + sparse_entry)
     if out_itemsize != compute_itemsize:
         product += block * out_itemsize
     return max(normalize, product)
+
+
+def row_bytes(dim: int, itemsize: int, nnz_per_row: float | None = None) -> int:
+    """Bytes of one stored vector: ``dim`` values, or for a sparse row (CSR) its non-zeros
+    with an int64 index each plus its row pointer.
+
+    >>> row_bytes(2**20, 8), row_bytes(2**20, 8, nnz_per_row=100)
+    (8388608, 1608)
+    """
+    if nnz_per_row is None:
+        return dim * itemsize
+    return math.ceil(min(dim, nnz_per_row) * (itemsize + 8)) + 8
 
 
 #: Largest tile of S a reduction kernel computes at once on the CPU (see ``_select``).
@@ -335,6 +359,7 @@ def plan_blocks(
     max_blocks: int | None = None,
     min_square_blocks: int = 1,
     min_square_rows: int = 256,
+    nnz_per_row: float | None = None,
 ) -> Plan:
     """Choose output block sizes and check them against the per-task memory budget.
 
@@ -372,6 +397,9 @@ def plan_blocks(
     min_square_blocks, min_square_rows
         With ``square``: at least ``min_square_blocks`` blocks per axis, as long as
         blocks keep ``min_square_rows`` rows.
+    nnz_per_row
+        Sparse inputs: mean stored values per row. Input rows are then sized by their
+        non-zeros (see :func:`task_memory`), so ``dim`` may be 2**20 or more.
 
     Examples
     --------
@@ -401,12 +429,14 @@ def plan_blocks(
     # the normalise task of an input block (raw block, float64 working copies, result: see
     # task_memory) must fit the budget; a stored block's input rows x dim should not outgrow
     # the target either, and a reduction's inputs (both blocks, a transposed copy) the budget
-    normalise_rows = budget_bytes // max(1, dim * (in_itemsize + 2 * 8 + compute_itemsize))
+    unit_row = row_bytes(dim, compute_itemsize, nnz_per_row)
+    raw_rows = row_bytes(dim, in_itemsize, nnz_per_row) + 2 * row_bytes(dim, 8, nnz_per_row) + unit_row
+    normalise_rows = budget_bytes // max(1, raw_rows)
     if reduce:
         room = max(budget_bytes // 2, budget_bytes - 2 * REDUCE_TILE_BYTES)
-        input_rows = room // max(1, 3 * dim * compute_itemsize + _CANDIDATE_BYTES)
+        input_rows = room // max(1, 3 * unit_row + _CANDIDATE_BYTES)
     else:
-        input_rows = target_bytes // max(1, dim * compute_itemsize)
+        input_rows = target_bytes // max(1, unit_row)
     max_rows = max(1, min(normalise_rows, input_rows))
 
     nc = max(n_spec) if n_spec else None
@@ -446,10 +476,12 @@ def plan_blocks(
     need = task_memory(
         bc, nc, mc, dim,
         in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize, reduce=reduce,
+        nnz_per_row=nnz_per_row,
     )  # fmt: skip
     if need > budget_bytes:
         sizes = dict(in_itemsize=in_itemsize, compute_itemsize=compute_itemsize, out_itemsize=out_itemsize)
         sizes["reduce"] = reduce
+        sizes["nnz_per_row"] = nnz_per_row
         one_row = task_memory(min(batch, 1), min(n, 1), min(m, 1), dim, **sizes)
         if chunks == ("auto", "auto", "auto") or one_row > budget_bytes:
             fits = "none: one vector per block needs " + format_bytes(one_row)

@@ -38,6 +38,8 @@ from ._backend import (
     to_numpy,
 )
 from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
+from ._sparse import is_sparse, sparse_similarity_block, strip_product, transposed
+from ._sparse import nan_rows as find_nan_rows
 
 __all__ = [
     "NAN_KEY",
@@ -361,6 +363,20 @@ def topk_block(
     array([[1],
            [0]])
     """
+    offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
+    if is_sparse(an) or is_sparse(bn):  # normalised CSR blocks: the fused NumPy path, sparse strips
+        parts = _topk_block_tiled(
+            an,
+            bn,
+            k,
+            both=both,
+            row_bound=None if row_pivot is None else to_numpy(part_bound(row_pivot, k)),
+            col_bound=None if col_pivot is None else to_numpy(part_bound(col_pivot, k)),
+            labels=None if row_labels is None else (to_numpy(row_labels), to_numpy(col_labels), label_pairs),
+            **offsets,
+        )
+        parts = tuple(_cast_part(p, out_dtype, like) for p in parts)
+        return parts if both else parts[0]
     xp, an = block_namespace(an, device)
     if array_api_compat.is_cupy_array(an):
         import cupy
@@ -368,7 +384,6 @@ def topk_block(
         bn = cupy.asarray(bn)
     else:
         _, bn = block_namespace(bn, device)
-    offsets = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
     row_bound = None if row_pivot is None else _bound_like(part_bound(row_pivot, k), an)
     col_bound = None if col_pivot is None else _bound_like(part_bound(col_pivot, k), an)
     labels = None
@@ -483,7 +498,7 @@ def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=N
             bound = running if bound is None else np.maximum(bound, running.astype(bound.dtype))
         out = _topk_block_numpy(
             an,
-            bn[..., c0:c1, :],
+            bn[c0:c1] if is_sparse(bn) else bn[..., c0:c1, :],
             k,
             both=both,
             row_offset=offsets["row_offset"],
@@ -538,6 +553,17 @@ def _topk_block_numpy(
     ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
     product into ``out`` (default: the GEMM); tests pass synthetic products through it.
     """
+    if is_sparse(an) or is_sparse(bn):  # 2-D, at least one CSR: strips by sparse products
+        if product is None:
+            bt = transposed(bn)
+
+            def product(r0, r1, out):
+                strip_product(an[r0:r1], bt, out)
+
+        dtype = np.result_type(an.dtype, bn.dtype)
+        offsets = (row_offset, col_offset, exclude_self)
+        rows, cols = _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels)
+        return (rows, cols) if both else (rows,)
     lead = np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])
     n, m = an.shape[-2], bn.shape[-2]
     a3 = np.broadcast_to(an, lead + an.shape[-2:]).reshape(-1, n, an.shape[-1])
@@ -584,7 +610,7 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
     row_offset, col_offset, exclude_self = offsets
     n, m = an.shape[0], bn.shape[0]
     kk_r, kk_c = min(k, m), min(k, n)
-    nan_rows, nan_cols = np.isnan(an).any(axis=1), np.isnan(bn).any(axis=1)
+    nan_rows, nan_cols = find_nan_rows(an), find_nan_rows(bn)
     nan_cols = nan_cols.nonzero()[0] if nan_cols.any() else None
     g_r = _group_count(m, kk_r)
     g_c = _group_count(n, kk_c)
@@ -905,6 +931,13 @@ def pairs_block(
     >>> j, score
     (array([1]), array([1.]))
     """
+    if is_sparse(an) or is_sparse(bn):  # normalised CSR blocks: dense tiles of S from sparse products
+        return _pairs_block_sparse(
+            an, bn, threshold=threshold, row_offset=row_offset, col_offset=col_offset,
+            batch_offset=batch_offset, upper=upper, exclude_self=exclude_self, out_dtype=out_dtype,
+            row_labels=None if row_labels is None else to_numpy(row_labels),
+            col_labels=None if col_labels is None else to_numpy(col_labels), label_pairs=label_pairs,
+        )  # fmt: skip
     if _is_small_numpy(an, bn, device):  # as similarity_block, without the BLAS thread limit
         if precision != "float32":
             an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
@@ -996,3 +1029,30 @@ def _pairs_block_tiled(
         order = np.lexsort((j, i, b))
         b, i, j, score = b[order], i[order], j[order], score[order]
     return b, i, j, score
+
+
+def _pairs_block_sparse(
+    an, bn, *, threshold, row_offset, col_offset, upper, row_labels, col_labels, out_dtype, **kwargs
+):
+    """:func:`pairs_block` of two 2-D normalised blocks, at least one sparse: each tile of
+    at most :data:`_PAIRS_TILE_BYTES` is one sparse product written into a dense tile (a
+    row strip of every column, so pairs come out in (i, j) order)."""
+    m = bn.shape[0]
+    item = np.result_type(an.dtype, bn.dtype).itemsize
+    rows = _even_tiles(an.shape[0], max(1, _PAIRS_TILE_BYTES // max(1, m * item)))
+    found = []
+    for r0, r1 in rows:
+        s = sparse_similarity_block(an[r0:r1], bn, out_dtype=out_dtype)
+        found.append(
+            select_above(
+                s,
+                threshold,
+                row_offset=row_offset + r0,
+                col_offset=col_offset,
+                upper=upper,
+                row_labels=None if row_labels is None else row_labels[r0:r1],
+                col_labels=col_labels,
+                **kwargs,
+            )
+        )
+    return tuple(np.concatenate([f[n] for f in found]) for n in range(4))

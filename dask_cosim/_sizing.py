@@ -95,6 +95,8 @@ class Job:
     machine's). ``on_gpu``: the products are known to run on a GPU when the graph is
     built (``device="gpu"`` or CuPy inputs); ``keep_on_gpu``: S stays there (``like="cupy"``).
     ``grains``: the inputs' storage chunk along N and M (``None``: none).
+    ``nnz_per_row``: sparse inputs' mean stored values per row (``None``: dense); memory
+    and work are then estimated from the non-zeros, never from ``N x D``.
     """
 
     op: str
@@ -112,6 +114,15 @@ class Job:
     keep_on_gpu: bool = False
     grains: tuple[int | None, int | None] = (None, None)
     cores: int = 1
+    nnz_per_row: float | None = None
+
+    @property
+    def work_dim(self) -> int:
+        """Entries per input row a task stores and multiplies: ``dim``, or for sparse
+        inputs (``nnz_per_row`` given: mean stored values per row) at most that."""
+        if self.nnz_per_row is None:
+            return max(1, self.dim)
+        return max(1, min(self.dim, math.ceil(self.nnz_per_row)))
 
     def __post_init__(self):
         if self.op not in _OPS:
@@ -141,7 +152,7 @@ def plan_job(job: Job, settings: Settings, chunks=("auto", "auto", "auto")) -> P
         target, spread = settings.gpu_block_bytes, 1
         why.append(f"blocks of S on the GPU aim at cosine.gpu-block-bytes={_fmt(target)}")
     elif job.reduced:
-        flops_per_entry = 2 * max(job.dim, 1)
+        flops_per_entry = 2 * job.work_dim
         target = int(settings.task_flops // flops_per_entry) * item
         spread = job.cores
         why.append(f"reduction tasks aim at cosine.task-flops={settings.task_flops:.3g} each")
@@ -163,7 +174,8 @@ def plan_job(job: Job, settings: Settings, chunks=("auto", "auto", "auto")) -> P
         reduce=job.reduced and not job.on_gpu,
         max_blocks=settings.max_blocks,
         min_square_blocks=MIN_TRIANGLE_BLOCKS if job.reduced and not gpu_sized else 1,
-        min_square_rows=max(256, math.isqrt(int(MIN_TASK_FLOPS // (2 * max(job.dim, 1))))),
+        min_square_rows=max(256, math.isqrt(int(MIN_TASK_FLOPS // (2 * job.work_dim)))),
+        nnz_per_row=job.nnz_per_row,
     )
     try:
         plan = None

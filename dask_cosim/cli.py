@@ -96,6 +96,12 @@ class Job:
     workers: Any = None  # the worker budget "auto" blocks were planned for
 
 
+#: Help of the A argument.
+INPUT_HELP = (
+    "zarr array path/URL, .npy file or .npz sparse matrix (scipy.sparse.save_npz), (batch, N, D) or (N, D)"
+)
+
+
 def _location(path: str | None) -> str | None:
     """Local paths become absolute (workers and resumed runs see the same path); URLs stay."""
     if path is None or "://" in path:
@@ -430,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
+    run.add_argument("a", metavar="A", help=INPUT_HELP)
     run.add_argument("b", metavar="B", nargs="?", help="second input (default: A itself)")
     run.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="zarr group (Parquet dir for --threshold)"
@@ -479,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     dedup = sub.add_parser(
         "dedup", help="near-duplicate groups (connected components of score >= T) into a Parquet dir"
     )
-    dedup.add_argument("a", metavar="A", help="zarr array path/URL or .npy file, (batch, N, D) or (N, D)")
+    dedup.add_argument("a", metavar="A", help=INPUT_HELP)
     dedup.add_argument("-o", "--output", required=True, metavar="OUT", help="Parquet directory")
     dedup.add_argument(
         "--threshold", type=float, default=0.95, metavar="T", help="link rows with score >= T (0.95)"

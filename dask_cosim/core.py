@@ -13,7 +13,7 @@ from dask.array.core import PerformanceWarning
 from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
-from . import _config, _finite, _provenance
+from . import _config, _finite, _provenance, _sparse
 from ._backend import gpu_available, is_device_array
 from ._inputs import BlockSource, open_input, storage_chunks
 from ._kernels import PRECISIONS, normalize_rows, similarity_block
@@ -161,6 +161,14 @@ def prepare(
     op_a = Operand.from_shape("a", a_in.shape, a_in.dtype)
     op_b = Operand.from_shape("b", b_in.shape, b_in.dtype)
     batch = check_pair(op_a, op_b)
+    sparse = _is_sparse_input(a_in) or _is_sparse_input(b_in)
+    if sparse and (is_device_array(a_in) or is_device_array(b_in)):
+        raise ValueError(
+            "a sparse input cannot be paired with a CuPy array (sparse products run on the host); "
+            "pass the dense input as a NumPy array"
+        )
+    if sparse:
+        _check_sparse_options(op_a, op_b, device=device, precision=precision, check_finite=check_finite)
     default = result_dtype(op_a.dtype, op_b.dtype)
     out = output_dtype(dtype, default)
     work = compute_dtype(default, out)
@@ -183,6 +191,7 @@ def prepare(
         keep_on_gpu=like == "cupy",
         grains=(storage_chunks(a_in)[-2], storage_chunks(b_in)[-2]),
         cores=threads or _cores(),
+        nnz_per_row=_nnz_per_row(a_in, b_in, op_a.dim) if sparse else None,
     )  # fmt: skip
     plan = plan_job(job, settings, spec)
     norm = {
@@ -193,7 +202,8 @@ def prepare(
     an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
     if self_similar:
         bn, b_index = an, a_index.replace("i", "j")
-        if plan.cols != plan.rows and device == "gpu":  # device blocks: no rechunk tasks off the GPU workers
+        # device blocks: no rechunk tasks off the GPU workers; sparse blocks: none to concatenate
+        if plan.cols != plan.rows and (device == "gpu" or sparse):
             bn, _ = _normalized(a_in, op_a, plan, plan.cols, batch, "a", on_device, norm)
         elif plan.cols != plan.rows:
             bn = an.rechunk({an.ndim - 2: plan.cols})
@@ -206,6 +216,51 @@ def prepare(
         an, bn, a_index, b_index, out_index, out_shape, out, work, plan, device,
         _config.blas_threads_setting(), self_similar, on_device, precision, like,
     )  # fmt: skip
+
+
+def _is_sparse_input(x) -> bool:
+    return isinstance(x, _sparse.SparseSource) or _sparse.is_sparse_dask(x)
+
+
+def _check_sparse_options(op_a: Operand, op_b: Operand, **options) -> None:
+    """What sparse inputs do not support (yet), refused at call time."""
+    for op in (op_a, op_b):
+        if op.ndim != 2:
+            raise ValueError(
+                f"{op.name}: with a sparse input both inputs must be 2-D (N, D); received {op.name} of "
+                f"shape {op.shape}"
+            )
+    if options["device"] == "gpu":
+        raise ValueError("device='gpu' is not supported with sparse inputs: sparse products run on the host")
+    if options["precision"] != "float32":
+        raise ValueError(
+            f"precision={options['precision']!r} is not supported with sparse inputs (their products are "
+            "exact in the work dtype); use precision='float32'"
+        )
+    if options["check_finite"]:
+        raise ValueError(
+            "check_finite=True is not supported with sparse inputs; a vector holding NaN or inf gives "
+            "NaN similarities"
+        )
+
+
+#: Non-zeros per row assumed for a dask array of sparse chunks (its nnz is unknown until
+#: computed); a plan is then an estimate (see README: Sparse inputs).
+ASSUMED_NNZ_PER_ROW = 1024
+
+
+def _nnz_per_row(a_in, b_in, dim: int) -> float | None:
+    """Mean non-zeros per row of the sparse inputs for the sizing policy, ``None`` (dense
+    estimate) when one input is dense: its blocks hold all ``D`` values per row."""
+    out = 0.0
+    for x in (a_in, b_in):
+        if isinstance(x, _sparse.SparseSource):
+            out = max(out, _sparse.nnz_of(x.x) / max(1, x.shape[0]))
+        elif _sparse.is_sparse_dask(x):
+            out = max(out, float(min(dim, ASSUMED_NNZ_PER_ROW)))
+        else:
+            return None
+    return min(float(dim), out)
 
 
 def _check_like(like, device: str, on_device: bool) -> str:
@@ -283,6 +338,8 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
         chunks = (plan.batch, rows, (op.dim,))
     else:
         chunks = ((1,), rows, (op.dim,)) if op.ndim == 3 else (rows, (op.dim,))
+    if _is_sparse_input(x):
+        return _normalized_sparse(x, rows, name, norm), "id"
     if isinstance(x, da.Array):
         arr = x.rechunk(chunks)
     else:
@@ -309,6 +366,36 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
             **norm,
         )
     return normed, index
+
+
+def _normalized_sparse(x, rows, name: str, norm: dict) -> da.Array:
+    """A sparse input (in memory or dask) in row blocks over all columns, each block
+    converted once to CSR and normalised by its own ``cosine-normalize`` task."""
+    chunks = (rows, (x.shape[1],))
+    if isinstance(x, da.Array):
+        arr = x.rechunk(chunks)
+    else:
+        arr = da.from_array(
+            x,
+            chunks=chunks,
+            asarray=False,
+            name=f"cosine-input-{name}-{tokenize(x.x, chunks)}",  # two chunkings of one input: two names
+            meta=_sparse.csr_meta(x.dtype),
+        )
+    return arr.map_blocks(
+        _normalize_sparse_task,
+        ArraySliceDep(arr.chunks),
+        dtype=np.dtype(norm["compute_dtype"]),
+        meta=_sparse.csr_meta(norm["compute_dtype"]),
+        token="cosine-normalize",
+        input_name=name,
+        compute_dtype=norm["compute_dtype"],
+        zero_vector=norm["zero_vector"],
+    )
+
+
+def _normalize_sparse_task(x, where: tuple[slice, ...], **kwargs):
+    return _sparse.normalize_sparse_rows(x, offset=(0, where[0].start), **kwargs)
 
 
 def _normalize_task(x, where: tuple[slice, ...], **kwargs):

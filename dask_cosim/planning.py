@@ -67,12 +67,19 @@ class JobPlan:
         return nb * len(self.plan.batch)
 
     @property
+    def work_dim(self) -> int:
+        """``D``, or for sparse inputs the non-zeros per row the plan assumed (products
+        of sparse rows are counted as dense products of that length: an estimate)."""
+        job = getattr(self.plan, "job", None)
+        return job.work_dim if job is not None else self.dim
+
+    @property
     def flops_per_task(self) -> float:
-        return 2.0 * self.dim * max(self.plan.batch) * max(self.plan.rows) * max(self.plan.cols)
+        return 2.0 * self.work_dim * max(self.plan.batch) * max(self.plan.rows) * max(self.plan.cols)
 
     @property
     def total_flops(self) -> float:
-        full = 2.0 * self.dim * sum(self.plan.batch) * sum(self.plan.rows) * sum(self.plan.cols)
+        full = 2.0 * self.work_dim * sum(self.plan.batch) * sum(self.plan.rows) * sum(self.plan.cols)
         blocks = len(self.plan.batch) * len(self.plan.rows) * len(self.plan.cols)
         return full * self.computed_blocks / max(blocks, 1)
 
@@ -83,6 +90,10 @@ class JobPlan:
         rate = FLOPS_PER_THREAD / (2 if self.dtype == "float64" else 1)
         compute_s = self.total_flops / (rate * max(self.threads, 1))
         return self.total_tasks * TASK_OVERHEAD_S / max(compute_s, 1e-9)
+
+    @property
+    def _sparse(self) -> bool:
+        return getattr(getattr(self.plan, "job", None), "nnz_per_row", None) is not None
 
     def __repr__(self) -> str:
         p = self.plan
@@ -96,6 +107,7 @@ class JobPlan:
         budget = format_bytes(p.budget_bytes) if p.budget_bytes else "?"
         lines = [
             f"dask_cosim plan: {what}, output {self.shape} {self.dtype}, D={self.dim}"
+            + (f" (sparse: ~{self.plan.job.nnz_per_row:.3g} non-zeros per row)" if self._sparse else "")
             + (" (self-similarity: upper block triangle)" if self.self_similar else ""),
             f"  blocks: {axis('batch', p.batch)}, {axis('N', p.rows)}, {axis('M', p.cols)}"
             f" -> {self.computed_blocks} product tasks",

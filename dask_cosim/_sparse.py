@@ -1,0 +1,322 @@
+"""Sparse inputs: detection, per-block conversion to CSR, normalisation and products.
+
+Sparse vectors (scipy.sparse matrices and arrays of every format, pydata ``sparse``
+arrays, dask arrays of such chunks, ``cupyx.scipy.sparse`` matrices) are never densified:
+each block is converted once to a canonical ``scipy.sparse.csr_matrix`` (duplicates
+summed, indices sorted), every stored value is scaled by its row's inverse L2 norm
+(accumulated in float64) and products are CSR x CSR\\ :sup:`T` (or CSR x dense) per
+block, written into a dense block of S.
+
+A normalised sparse block encodes the dense semantics without densifying: a row holding
+NaN or inf (or a zero row under ``zero_vector="nan"``) keeps at least one stored NaN, and
+:func:`nan_rows` finds such rows so the products make their whole row (or column) of S
+NaN; a zero row under ``zero_vector="zero"`` stores nothing (similarity 0).
+
+Like :mod:`dask_cosim._kernels`, the functions here take plain blocks and know nothing
+of dask. scipy is imported lazily (it is a dependency of the sparse inputs only).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "is_sparse",
+    "is_sparse_dask",
+    "sparse_kind",
+    "to_csr",
+    "SparseSource",
+    "normalize_sparse_rows",
+    "nan_rows",
+    "sparse_product",
+    "sparse_similarity_block",
+    "strip_product",
+]
+
+
+def _module(x) -> str:
+    return type(x).__module__ or ""
+
+
+def sparse_kind(x) -> str | None:
+    """``"scipy"``, ``"pydata"`` or ``"cupyx"`` for a sparse array or matrix, else ``None``.
+
+    Decided from the type's module, so nothing is imported for dense inputs.
+
+    >>> import scipy.sparse
+    >>> sparse_kind(scipy.sparse.eye(2, format="csr")), sparse_kind(np.eye(2))
+    ('scipy', None)
+    """
+    mod = _module(x)
+    if mod.startswith("scipy.sparse"):
+        import scipy.sparse
+
+        return "scipy" if scipy.sparse.issparse(x) else None
+    if mod.startswith("cupyx.scipy.sparse"):
+        return "cupyx"
+    if mod == "sparse" or mod.startswith("sparse."):
+        return "pydata" if hasattr(x, "nnz") and hasattr(x, "shape") else None
+    return None
+
+
+def is_sparse(x) -> bool:
+    """Whether ``x`` is a sparse array or matrix this package reads (see :func:`sparse_kind`)."""
+    return sparse_kind(x) is not None
+
+
+def is_sparse_dask(x) -> bool:
+    """Whether ``x`` is a dask array whose chunks are sparse (its ``_meta`` is)."""
+    meta = getattr(x, "_meta", None)
+    return meta is not None and is_sparse(meta) and hasattr(x, "dask")
+
+
+def nnz_of(x) -> int:
+    """Stored entries of an in-memory sparse input (duplicates of a COO counted)."""
+    return int(x.nnz)
+
+
+def to_csr(x):
+    """A canonical ``scipy.sparse.csr_matrix`` (sorted indices, no duplicates) of a sparse block.
+
+    Converts any scipy format, pydata ``sparse`` and (on the host) ``cupyx`` blocks. The
+    result never shares its index arrays with a non-canonical input, so the input is
+    never modified; a canonical CSR input is returned as a ``csr_matrix`` view of it.
+
+    >>> import scipy.sparse
+    >>> x = scipy.sparse.coo_array(([1.0, 2.0], ([0, 0], [1, 1])), shape=(1, 3))  # duplicates
+    >>> to_csr(x).toarray()
+    array([[0., 3., 0.]])
+    """
+    import scipy.sparse
+
+    kind = sparse_kind(x)
+    if kind == "cupyx":
+        x = x.get()
+    elif kind == "pydata":
+        x = x.to_scipy_sparse()
+    elif kind is None:
+        raise TypeError(f"expected a sparse block, received {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"sparse blocks must be 2-D, received shape {x.shape}")
+    if x.format == "csr" and x.has_canonical_format:
+        return x if isinstance(x, scipy.sparse.csr_matrix) else scipy.sparse.csr_matrix(x)
+    csr = scipy.sparse.csr_matrix(x, copy=True)  # copy: never sort/sum the user's arrays in place
+    csr.sum_duplicates()  # also sorts the indices
+    return csr
+
+
+class SparseSource:
+    """An in-memory sparse input as a source of row blocks for :func:`dask.array.from_array`.
+
+    A canonical CSR input is sliced per block (no copy of the whole input); any other
+    format is converted to CSR once per process, on the first block read (COO and DOK
+    have no cheap row slices), and that copy is kept until the graph is gone. Blocks are
+    always read over all columns (D is never split).
+    """
+
+    def __init__(self, x):
+        self.x = x
+        self.shape, self.dtype, self.ndim = tuple(x.shape), np.dtype(x.dtype), 2
+        self._csr = None
+        self._lock = threading.Lock()
+
+    def csr(self):
+        if self._csr is None:
+            with self._lock:
+                if self._csr is None:
+                    self._csr = to_csr(self.x)
+        return self._csr
+
+    def __getitem__(self, index):
+        rows = index[0] if isinstance(index, tuple) else index
+        return self.csr()[rows]
+
+    def __getstate__(self):
+        return {"x": self.x, "shape": self.shape, "dtype": self.dtype, "ndim": self.ndim}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _csr=None, _lock=threading.Lock())
+
+
+def csr_meta(dtype):
+    """An empty ``csr_matrix`` of ``dtype``: the ``meta`` of sparse dask blocks."""
+    import scipy.sparse
+
+    return scipy.sparse.csr_matrix((0, 0), dtype=dtype)
+
+
+def _row_ids(x) -> np.ndarray:
+    return np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+
+
+def normalize_sparse_rows(
+    x,
+    *,
+    compute_dtype: str = "float64",
+    zero_vector: str = "zero",
+    input_name: str = "a",
+    offset: tuple[int, int] | None = None,
+):
+    """Scale every row of a sparse block to unit L2 length, storing only its non-zeros.
+
+    The block is converted once to canonical CSR (:func:`to_csr`); squared norms are
+    accumulated in float64, and a block where any of them is zero, subnormal or not
+    finite scales each row by ``max|x|`` first, as the dense kernel does. Rows holding
+    NaN or inf become all-NaN stored values; a zero row stores nothing (``"zero"``),
+    one NaN (``"nan"``) or raises :class:`~dask_cosim._kernels.ZeroVectorError` (``"error"``).
+
+    Examples
+    --------
+    >>> import scipy.sparse
+    >>> x = scipy.sparse.csr_matrix(np.array([[3.0, 0.0, 4.0], [0.0, 0.0, 0.0]]))
+    >>> normalize_sparse_rows(x).toarray()
+    array([[0.6, 0. , 0.8],
+           [0. , 0. , 0. ]])
+    """
+    import scipy.sparse
+
+    x = to_csr(x)
+    n = x.shape[0]
+    data = x.data.astype(np.float64)
+    rows = _row_ids(x)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        sq = np.bincount(rows, weights=data * data, minlength=n)
+        tiny = np.finfo(np.float64).smallest_normal
+        if np.all((sq >= tiny) & (sq <= np.finfo(np.float64).max)):
+            inv = 1.0 / np.sqrt(sq)
+            bad = zero = None
+        else:  # careful path: max|x| * ||x / max|x||| per row, NaN/inf rows flagged
+            bad = np.zeros(n, dtype=bool)
+            bad[rows[~np.isfinite(data)]] = True
+            scale = np.zeros(n)
+            np.maximum.at(scale, rows, np.where(np.isfinite(data), np.abs(data), 0.0))
+            zero = (scale == 0) & ~bad
+            safe = np.where(scale > 0, scale, 1.0)
+            scaled = data / safe[rows]
+            norm = safe * np.sqrt(np.bincount(rows, weights=scaled * scaled, minlength=n))
+            inv = np.where(zero | bad, 0.0, 1.0 / np.where(norm > 0, norm, 1.0))
+        out = data * inv[rows]
+    if zero is not None and zero_vector == "error" and zero.any():
+        from ._kernels import _raise_zero_vector
+
+        _raise_zero_vector(zero[:, None], input_name=input_name, offset=offset, batched=False)
+    if bad is not None and bad.any():
+        out[bad[rows]] = np.nan
+    indptr, indices = x.indptr, x.indices
+    nan_zero = zero is not None and zero_vector == "nan" and zero.any()
+    if nan_zero:  # one stored NaN per zero row, so the products make its row of S NaN
+        out, indices, indptr = _with_nan_rows(out, indices, indptr, zero)
+    else:  # explicit stored zeros of zero rows are dropped below
+        pass
+    result = scipy.sparse.csr_matrix(
+        (out.astype(compute_dtype, copy=False), indices.copy(), indptr.copy()), shape=x.shape
+    )
+    if zero is not None and not nan_zero:
+        result.eliminate_zeros()
+    result.has_sorted_indices = True
+    return result
+
+
+def _with_nan_rows(data, indices, indptr, rows_mask):
+    """``data, indices, indptr`` with each row of ``rows_mask`` replaced by one NaN at column 0."""
+    counts = np.diff(indptr)
+    keep = ~np.repeat(rows_mask, counts)
+    new_counts = np.where(rows_mask, 1, counts)
+    new_ptr = np.zeros(len(counts) + 1, dtype=indptr.dtype)
+    np.cumsum(new_counts, out=new_ptr[1:])
+    new_data = np.empty(new_ptr[-1], dtype=data.dtype)
+    new_idx = np.empty(new_ptr[-1], dtype=indices.dtype)
+    slot_rows = np.repeat(np.arange(len(counts)), new_counts)
+    is_nan_slot = rows_mask[slot_rows]
+    new_data[is_nan_slot], new_idx[is_nan_slot] = np.nan, 0
+    new_data[~is_nan_slot], new_idx[~is_nan_slot] = data[keep], indices[keep]
+    return new_data, new_idx, new_ptr
+
+
+def nan_rows(x) -> np.ndarray:
+    """Rows of a normalised block (sparse or dense) whose row of S is NaN.
+
+    >>> import scipy.sparse
+    >>> nan_rows(scipy.sparse.csr_matrix(np.array([[np.nan, 0.0], [1.0, 0.0]])))
+    array([ True, False])
+    """
+    if is_sparse(x):
+        out = np.zeros(x.shape[0], dtype=bool)
+        out[_row_ids(x)[np.isnan(x.data)]] = True
+        return out
+    return np.isnan(x).any(axis=-1)
+
+
+def transposed(b):
+    """``b.T`` ready for :func:`strip_product`: CSR ``(D, m)`` for sparse ``b``, a view otherwise."""
+    if is_sparse(b):
+        return b.T.tocsr()
+    return b.T
+
+
+def strip_product(a_rows, bt, out: np.ndarray) -> np.ndarray:
+    """Raw ``a_rows @ bt`` (``bt`` from :func:`transposed`) written into the dense ``out``.
+
+    Either operand may be sparse (CSR) or dense; the result is never clipped here.
+    """
+    if is_sparse(a_rows) and is_sparse(bt):
+        prod = a_rows @ bt
+        out[...] = 0
+        if prod.dtype == out.dtype and out.flags.c_contiguous:
+            prod.toarray(out=out)  # scipy adds the stored entries into out
+        else:
+            prod = prod.tocoo()
+            out[prod.row, prod.col] = prod.data
+    elif is_sparse(a_rows):
+        out[...] = a_rows @ bt
+    else:  # dense rows, sparse columns (scipy computes it as (bt.T @ a.T).T, bt.T a CSC view)
+        out[...] = np.asarray(a_rows @ bt)
+    return out
+
+
+def sparse_product(an, bn, dtype) -> np.ndarray:
+    """Dense raw product ``an @ bn.T`` of two normalised blocks (either may be sparse)."""
+    out = np.empty((an.shape[0], bn.shape[0]), dtype=dtype)
+    if out.size:
+        strip_product(an, transposed(bn), out)
+    return out
+
+
+def sparse_similarity_block(an, bn, *, out_dtype: str | None = None, out: np.ndarray | None = None, **_):
+    """One dense output block of S from normalised blocks, at least one of them sparse.
+
+    The product is clipped to [-1, 1]; rows (columns) that :func:`nan_rows` flags are
+    NaN. Other keyword arguments of :func:`~dask_cosim._kernels.similarity_block`
+    (device, BLAS threads, precision) do not apply and are ignored.
+
+    Examples
+    --------
+    >>> import scipy.sparse
+    >>> an = normalize_sparse_rows(scipy.sparse.csr_matrix(np.array([[1.0, 1.0], [0.0, 2.0]])))
+    >>> sparse_similarity_block(an, an).round(4)
+    array([[1.    , 0.7071],
+           [0.7071, 1.    ]])
+    """
+    work = np.result_type(an.dtype, bn.dtype)
+    s = sparse_product(an, bn, work)
+    np.clip(s, -1.0, 1.0, out=s)
+    s[nan_rows(an)] = np.nan
+    s[:, nan_rows(bn)] = np.nan
+    want = np.dtype(out_dtype or work)
+    if out is not None:
+        if out.shape != s.shape or out.dtype != want:
+            raise ValueError(
+                f"out: expected an array of shape {s.shape} and dtype {want}, "
+                f"received shape {out.shape} and dtype {out.dtype}"
+            )
+        out[...] = s
+        return out
+    return s.astype(want, copy=False)
+
+
+def describe(x: Any) -> str:
+    """``"scipy csr_matrix"``-style name of a sparse input, for messages."""
+    return f"{sparse_kind(x)} {type(x).__name__}"
