@@ -8,12 +8,14 @@ Three parts, each printing JSON lines (``"bench": ...``):
    ``dask.optimize`` on it, and the peak RSS of a fresh process that only does that
    (the client's memory for the graph). Uses only the public API, so it also runs
    against older versions of the package (``PYTHONPATH=<old checkout>``).
-2. ``scheduler``: ``topk`` self, N = 200,000, D = 64, k = 10, written with ``to_zarr`` on
-   the embedded cluster of ``dask-cosim run`` (a ``LocalCluster``: worker processes, the
-   scheduler in this process). CPU seconds of this process (scheduler + client: an upper
-   bound of the scheduler's) against the worker processes' CPU seconds, the task count,
-   wall time, and the GFLOP/s-equivalent ``2 N^2 D / t`` next to the dense limit (NumPy
-   matmul of the pre-normalised input, all of S, one BLAS call per row block).
+2. ``scheduler``: ``topk`` self, N = 200,000, D = 64, k = 10, of a ``.npy`` file (as the
+   command reads it), written with ``to_zarr`` on the embedded cluster of ``dask-cosim
+   run`` (a ``LocalCluster``: worker processes; the scheduler runs on this process's
+   event-loop thread). The scheduler's CPU seconds (that thread and distributed's offload
+   thread) and, as an upper bound, this whole process's, against the worker processes'
+   CPU seconds; the task count, wall time, and the GFLOP/s-equivalent ``2 N^2 D / t`` next
+   to the dense limit (NumPy matmul of the pre-normalised input, all of S, one BLAS call
+   per row block).
 3. ``resume``: ``dask-cosim run A.npy -o knn.zarr --topk 10 --exclude-self`` run
    uninterrupted (time T), then again interrupted with SIGINT at T / 2 and rerun with
    ``--resume`` (time R): ``R / T``; the resumed result must equal the uninterrupted one.
@@ -151,6 +153,17 @@ def _tree_cpu(procs) -> float:
     return total
 
 
+def _scheduler_threads_cpu() -> float:
+    """CPU seconds of this process's threads that run the scheduler: the event loop that
+    ``LocalCluster`` runs it on and distributed's offload thread(s)."""
+    import threading
+
+    import psutil
+
+    ids = {t.native_id for t in threading.enumerate() if t.name.startswith(("IO loop", "Dask-Offload"))}
+    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
+
+
 def part_scheduler(args) -> None:
     import psutil
 
@@ -161,16 +174,18 @@ def part_scheduler(args) -> None:
     a = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
     limit = dense_limit(a)
     with tempfile.TemporaryDirectory() as tmp, dask_client(None, echo=None, quiet=True) as client:
+        path = os.path.join(tmp, "a.npy")
+        np.save(path, a)
         workers = [psutil.Process(p) for p in client.run(os.getpid).values()]
         me = psutil.Process()
-        result = dcs.topk(a, k=k, exclude_self=True)
+        result = dcs.topk(path, k=k, exclude_self=True)
         tasks = None
         if hasattr(dcs, "plan"):
-            tasks = dcs.plan(a, op="topk", k=k, exclude_self=True).total_tasks
-        c0, w0, t0 = _tree_cpu([me]), _tree_cpu(workers), time.perf_counter()
+            tasks = dcs.plan(path, op="topk", k=k, exclude_self=True).total_tasks
+        c0, w0, s0, t0 = _tree_cpu([me]), _tree_cpu(workers), _scheduler_threads_cpu(), time.perf_counter()
         dcs.to_zarr(result, os.path.join(tmp, "knn.zarr"))
         wall = time.perf_counter() - t0
-        c1, w1 = _tree_cpu([me]), _tree_cpu(workers)
+        c1, w1, s1 = _tree_cpu([me]), _tree_cpu(workers), _scheduler_threads_cpu()
         log(
             {
                 "bench": "scheduler",
@@ -180,9 +195,11 @@ def part_scheduler(args) -> None:
                 "k": k,
                 "job_tasks": tasks,
                 "wall_s": round(wall, 2),
-                "scheduler_and_client_cpu_s": round(c1 - c0, 2),
+                "scheduler_cpu_s": round(s1 - s0, 2),
+                "this_process_cpu_s": round(c1 - c0, 2),
                 "workers_cpu_s": round(w1 - w0, 2),
-                "scheduler_share": round((c1 - c0) / max(w1 - w0, 1e-9), 4),
+                "scheduler_share": round((s1 - s0) / max(w1 - w0, 1e-9), 4),
+                "this_process_share": round((c1 - c0) / max(w1 - w0, 1e-9), 4),
                 "gflops_equivalent": round(2 * n * n * d / wall / 1e9, 1),
                 "dense_limit_gflops": round(limit, 1),
                 "ratio_to_dense_limit": round(2 * n * n * d / wall / 1e9 / limit, 3),
@@ -235,7 +252,13 @@ def part_resume(args) -> None:
         def run(out: str, *extra: str, interrupt_after: float | None = None) -> tuple[float, int]:
             t0 = time.perf_counter()
             proc = subprocess.Popen(
-                [*cmd, "-o", str(tmp / out), *extra], env=env, stderr=subprocess.PIPE, text=True
+                [*cmd, "-o", str(tmp / out), *extra],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+                # a shell without job control starts background jobs with SIGINT ignored, and the
+                # child would inherit that: give it the default handler (Ctrl-C interrupts it)
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
             if interrupt_after is not None:
                 try:
@@ -249,6 +272,8 @@ def part_resume(args) -> None:
 
         full, _ = run("full.zarr")
         _, code = run("knn.zarr", interrupt_after=full / 2)
+        if code != 130:
+            raise RuntimeError(f"the run to interrupt at {full / 2:.1f} s ended with exit {code}, not 130")
         import zarr
 
         group = zarr.open_group(tmp / "knn.zarr")

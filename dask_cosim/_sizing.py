@@ -64,9 +64,10 @@ REDUCTION_TASKS_PER_CORE = 8
 #: Fewest rows a whole-row block of a reduction on a GPU may have.
 MIN_GPU_ROWS = 1024
 #: Self-similarity reductions: blocks per axis, as long as each task keeps
-#: :data:`MIN_TASK_FLOPS`. The triangle computes (nb + 1) / (2 nb) of the blocks: 0.53
-#: with 16 per axis.
-MIN_TRIANGLE_BLOCKS = 16
+#: :data:`MIN_TASK_FLOPS`. The triangle computes (nb + 1) / (2 nb) of the blocks (0.54 with
+#: 12); more blocks bring that closer to half but cost more per block than they save
+#: (``benchmarks/bench_topk.py --part self``; the README's performance section).
+MIN_TRIANGLE_BLOCKS = 12
 #: Floating-point operations below which a task is mostly overhead (tens of milliseconds).
 MIN_TASK_FLOPS = 1e9
 #: Parts merged by one ``cosine-merge`` task (dask's tree reduction).

@@ -234,17 +234,39 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
         level = logging.WARNING  # (lower would print the workers' start-up records before the preload)
     else:
         level = logging.ERROR if quiet else logging.WARNING
-    return LocalCluster(
-        n_workers=n,
-        threads_per_worker=t,
-        processes=processes,
-        memory_limit=memory_limit,
-        host="127.0.0.1",
-        protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
-        dashboard_address=dashboard_address(),
-        silence_logs=level,
-        **extra,
-    )
+    import dask
+
+    with dask.config.set(_calmer_polling()):
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=t,
+            processes=processes,
+            memory_limit=memory_limit,
+            host="127.0.0.1",
+            protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
+            dashboard_address=dashboard_address(),
+            silence_logs=level,
+            **extra,
+        )
+
+
+#: The embedded cluster polls less often than distributed's defaults (the event loop's
+#: health tick every 20 ms, the system monitor every 500 ms): a job runner needs neither that
+#: often, and their cost is fixed per second of wall time, whatever the job (on a 2-core
+#: host it outweighed the scheduling of a top-k job's tasks; README "Cluster scale").
+#: Settings the user changed are left as they are.
+CALMER_POLLING = {
+    "distributed.admin.tick.interval": ("20ms", "200ms"),
+    "distributed.admin.system-monitor.interval": ("500ms", "2s"),
+}
+
+
+def _calmer_polling() -> dict[str, str]:
+    import dask
+
+    return {
+        key: ours for key, (default, ours) in CALMER_POLLING.items() if dask.config.get(key, None) == default
+    }
 
 
 @contextmanager

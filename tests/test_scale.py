@@ -22,6 +22,7 @@ from dask_cosim import _topk_store, _triangle, reductions
 from dask_cosim._plan import PlanError, task_memory
 from dask_cosim._sizing import (
     MIN_TASK_FLOPS,
+    MIN_TRIANGLE_BLOCKS,
     REDUCTION_TASKS_PER_CORE,
     TASKS_PER_CORE,
     Job,
@@ -420,9 +421,17 @@ def test_tiled_kernels_slice_the_label_mask_per_tile(monkeypatch, label_pairs):
 
 def test_gpu_sized_self_similarity_blocks_are_not_split_for_the_triangle():
     """On a GPU known at graph time a reduction's blocks stay near cosine.gpu-block-bytes:
-    the host's triangle rule (16 blocks per axis) would make them per-task overhead."""
+    the host's triangle rule (MIN_TRIANGLE_BLOCKS per axis) would make them per-task overhead."""
     a = da.zeros((32_768, 1024), dtype="float32", chunks=(32_768, 1024))
     gpu = dcs.plan(a, op="topk", k=10, device="gpu")
     assert len(gpu.plan.rows) == 2 and gpu.plan.rows == gpu.plan.cols  # 16384^2 x 4 B = 1 GiB
     host = dcs.plan(a, op="topk", k=10, device="cpu")
-    assert len(host.plan.rows) >= 16
+    assert len(host.plan.rows) >= MIN_TRIANGLE_BLOCKS
+
+
+def test_embedded_cluster_polls_less_often_unless_the_user_said_otherwise():
+    from dask_cosim.cluster import CALMER_POLLING, _calmer_polling
+
+    assert _calmer_polling() == {key: ours for key, (_, ours) in CALMER_POLLING.items()}
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
+        assert "distributed.admin.tick.interval" not in _calmer_polling()
