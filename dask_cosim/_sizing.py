@@ -231,22 +231,3 @@ def _fmt(n: float) -> str:
     from ._plan import format_bytes
 
     return format_bytes(int(n))
-
-
-def upper_block_count(nb: int) -> int:
-    """Blocks with ``j >= i`` of an ``nb x nb`` grid (the self-similarity triangle)."""
-    return nb * (nb + 1) // 2
-
-
-def tree_merge_tasks(parts: int, split_every: int = SPLIT_EVERY) -> int:
-    """Tasks of dask's tree reduction of ``parts`` parts (every level, the final one included).
-
-    >>> tree_merge_tasks(100), tree_merge_tasks(1)
-    (16, 1)
-    """
-    tasks = 0
-    while True:
-        parts = math.ceil(parts / split_every)
-        tasks += parts
-        if parts <= 1:
-            return tasks

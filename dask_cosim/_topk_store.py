@@ -99,13 +99,13 @@ def priority_of(triangle: bool, nrows: int):
     return priority
 
 
-def links_of(i: int, ncols: int, triangle: bool) -> list[list[int]]:
+def links_of(ncols: int) -> list[list[int]]:
     """Column blocks whose parts each link of panel ``i`` merges, in order: one part per
     link, by column block. Blocks finish roughly in that order whether a cluster runs the
     triangle by rows or (waiting for inputs) by columns, so each finished block is saved
     by the next link, and a resumed job recomputes only blocks that were not merged.
 
-    >>> links_of(2, 4, True)
+    >>> links_of(4)
     [[0], [1], [2], [3]]
     """
     return [[x] for x in range(ncols)]
@@ -203,7 +203,7 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     for panel in np.ndindex(*grid):
         if done[panel]:
             continue
-        chain = links_of(panel[-1], ncols, source.triangle)
+        chain = links_of(ncols)
         rows = (slice(int(o[b]), int(o[b + 1])) for o, b in zip(offsets, panel, strict=True))
         regions = (*rows, slice(0, k))
         prev = None

@@ -190,7 +190,7 @@ def plan_of(result) -> JobPlan:
     tasks = count_tasks(arrays)
     triangle = bool(facts.get("self_similar")) and p.rows == p.cols and len(p.rows) > 1
     if op == "topk":
-        chains = sum(len(links_of(i, len(p.cols), triangle)) for i in range(len(p.rows)))
+        chains = len(links_of(len(p.cols))) * len(p.rows)
         writes = chains * len(p.batch)
     elif op == "pairs":
         writes = sum(v for k_, v in tasks.items() if k_ == "cosine-pairs")
