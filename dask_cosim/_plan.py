@@ -423,9 +423,12 @@ def plan_blocks(
         elems = max(min(elems, math.ceil(total / min_blocks)), min(elems, 256 * 256))
     # a held block of S (not reduce) stays within a quarter of the budget, whatever the rest wants
     max_elems = budget_bytes // (4 * item) if not reduce else total or 1
+    capped = False
     if total and max_blocks:  # a bounded graph: larger blocks rather than more of them
         computed = total // 2 if square and reduce else total  # a reduction's triangle: its products
-        elems = max(elems, min(math.ceil(computed / max_blocks), max_elems))
+        need = min(math.ceil(computed / max_blocks), max_elems)
+        capped = need > elems
+        elems = max(elems, need)
     # the normalise task of an input block (raw block, float64 working copies, result: see
     # task_memory) must fit the budget; a stored block's input rows x dim should not outgrow
     # the target either, and a reduction's inputs (both blocks, a transposed copy) the budget
@@ -437,6 +440,8 @@ def plan_blocks(
         input_rows = room // max(1, 3 * unit_row + _CANDIDATE_BYTES)
     else:
         input_rows = target_bytes // max(1, unit_row)
+        if capped:  # the task-count cap outranks the target size of input blocks (not the budget)
+            input_rows = max(input_rows, math.isqrt(elems))
     max_rows = max(1, min(normalise_rows, input_rows))
 
     nc = max(n_spec) if n_spec else None
