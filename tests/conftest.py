@@ -16,3 +16,19 @@ def _temporary_files_stay_in_the_test_folder(tmp_path_factory):
         mp.setenv("TMPDIR", folder)
         mp.setattr(tempfile, "tempdir", folder)
         yield
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """An in-process cluster reachable over TCP on 127.0.0.1, for ``--scheduler`` runs."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    ) as cluster:
+        yield cluster

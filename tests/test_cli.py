@@ -53,22 +53,6 @@ def data(tmp_path_factory):
     return {"dir": d, "a": a, "b": b, "A": str(d / "a.zarr"), "B": str(d / "b.npy")}
 
 
-@pytest.fixture(scope="module")
-def scheduler():
-    """An in-process cluster reachable over TCP on 127.0.0.1, for ``--scheduler`` runs."""
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp://",
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
-        yield cluster
-
-
 def _run(capsys, *args):
     rc = main(["run", *map(str, args)])
     out, err = capsys.readouterr()

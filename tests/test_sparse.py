@@ -295,24 +295,15 @@ def test_npz_paths_are_inputs(tmp_path):
         dcs.cosine_similarity(str(tmp_path / "bad.npz"))
 
 
-def test_cli_reads_npz_inputs(tmp_path, capsys):
+def test_cli_reads_npz_inputs(tmp_path, capsys, scheduler):
     import zarr
-    from distributed import LocalCluster
 
     from dask_cosim.cli import main
 
     sp.save_npz(tmp_path / "x.npz", X)
     out = tmp_path / "knn.zarr"
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp://",
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
-        rc = main(["run", str(tmp_path / "x.npz"), "-o", str(out), "--topk", "3", "--exclude-self",
-                   "--quiet", "--scheduler", cluster.scheduler_address])  # fmt: skip
+    rc = main(["run", str(tmp_path / "x.npz"), "-o", str(out), "--topk", "3", "--exclude-self",
+               "--quiet", "--scheduler", scheduler.scheduler_address])  # fmt: skip
     assert rc == 0, capsys.readouterr()
     group = zarr.open_group(out, mode="r")
     check_topk(group["values"][...], group["indices"][...], sk_cosine(X), 3, exclude_self=True)
