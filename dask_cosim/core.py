@@ -15,7 +15,7 @@ from dask.layers import ArraySliceDep
 
 from . import _config, _finite, _provenance, _sparse
 from ._backend import gpu_available, is_device_array
-from ._inputs import BlockSource, open_input, storage_chunks
+from ._inputs import BlockSource, input_token, open_input, storage_chunks
 from ._kernels import PRECISIONS, normalize_rows, similarity_block
 from ._plan import (
     Operand,
@@ -347,7 +347,7 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
             BlockSource(guard_input(x, name)),  # a missing/corrupt zarr chunk is an error
             chunks=chunks,
             asarray=not on_device,
-            name=f"cosine-in-{name}-{tokenize(x)}",
+            name=f"cosine-in-{name}-{input_token(x)}",
             meta=_meta(on_device, op.ndim, x.dtype),
         )
     if broadcast:
@@ -379,7 +379,7 @@ def _normalized_sparse(x, rows, name: str, norm: dict) -> da.Array:
             x,
             chunks=chunks,
             asarray=False,
-            name=f"cosine-input-{name}-{tokenize(x.x, chunks)}",  # two chunkings of one input: two names
+            name=f"cosine-input-{name}-{tokenize(input_token(x.x), chunks)}",  # one name per chunking
             meta=_sparse.csr_meta(x.dtype),
         )
     return arr.map_blocks(
