@@ -38,7 +38,7 @@ from ._backend import (
     to_numpy,
 )
 from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
-from ._sparse import is_sparse, sparse_similarity_block, strip_product, transposed
+from ._sparse import SparseProduct, is_sparse, sparse_similarity_block
 from ._sparse import nan_rows as find_nan_rows
 
 __all__ = [
@@ -555,10 +555,7 @@ def _topk_block_numpy(
     """
     if is_sparse(an) or is_sparse(bn):  # 2-D, at least one CSR: strips by sparse products
         if product is None:
-            bt = transposed(bn)
-
-            def product(r0, r1, out):
-                strip_product(an[r0:r1], bt, out)
+            product = SparseProduct(an, bn)
 
         dtype = np.result_type(an.dtype, bn.dtype)
         offsets = (row_offset, col_offset, exclude_self)

@@ -396,3 +396,74 @@ def test_array_likes_that_convert_themselves_are_still_accepted():
             return np.ones(self.shape, dtype=dtype)
 
     np.testing.assert_allclose(dcs.cosine_similarity(ConvertsItself()).compute(), np.ones((3, 3)))
+
+
+# --------------------------------------------------------------------------- products
+
+
+def zipf_docs(n, d=512, nnz=20, seed=0, dtype=np.float64):
+    """Rows whose columns follow a power law: a few columns most rows share, many rare."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, d + 1) ** 1.2
+    rows = np.repeat(np.arange(n), nnz)
+    cols = rng.choice(d, size=n * nnz, p=p / p.sum())
+    x = sp.csr_matrix((rng.random(n * nnz) + 0.1, (rows, cols)), shape=(n, d))
+    x.sum_duplicates()
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_kernel", [True, False])
+@pytest.mark.parametrize("share", [1.0, 1 / 64, 1e-9])  # no panel, some columns, every shared column
+def test_sparse_product_with_dense_panels_of_shared_columns(monkeypatch, dtype, with_kernel, share):
+    from dask_cosim import _sparse
+
+    monkeypatch.setattr(_sparse, "DENSE_COLUMN_SHARE", share)
+    if not with_kernel:
+        monkeypatch.setattr(_sparse, "_to_dense_kernel", lambda *a: None)
+    a = zipf_docs(70, dtype=dtype)
+    b = zipf_docs(50, seed=1, dtype=dtype)
+    a = a.tolil()
+    a[5] = 0  # an empty row
+    a = a.tocsr()
+    a.eliminate_zeros()
+    an, bn = (
+        normalize_sparse_rows(a, compute_dtype=dtype.__name__),
+        normalize_sparse_rows(b, compute_dtype=dtype.__name__),
+    )
+    product = _sparse.SparseProduct(an, bn)
+    assert (product.columns is not None) == (share < 1.0)
+    ref = dense_ref(a.toarray(), b.toarray())
+    out = np.full((30, 50), np.nan, dtype=dtype)
+    got = np.concatenate(
+        [product(r0, r0 + 30, out).copy() for r0 in (0, 30)] + [product(60, 70, out[:10]).copy()]
+    )
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 if dtype == np.float64 else 2e-6)
+    assert got.dtype == dtype
+
+
+def test_dense_panels_stay_within_their_byte_budget(monkeypatch):
+    from dask_cosim import _sparse
+
+    monkeypatch.setattr(_sparse, "DENSE_COLUMN_SHARE", 1e-9)
+    monkeypatch.setattr(_sparse, "DENSE_PANEL_BYTES", 50 * 8 * 7)  # 7 columns of b's 50 rows
+    a, b = zipf_docs(40), zipf_docs(50, seed=1)
+    an, bn = normalize_sparse_rows(a), normalize_sparse_rows(b)
+    product = _sparse.SparseProduct(an, bn)
+    assert product.b_panel_t.shape == (7, 50)
+    work = np.bincount(an.indices, minlength=512) * np.bincount(bn.indices, minlength=512)
+    kept = np.flatnonzero(product.columns >= 0)
+    assert work[kept].min() >= np.sort(work)[-7]  # the columns that save the most
+    out = np.empty((40, 50))
+    np.testing.assert_allclose(product(0, 40, out), dense_ref(a.toarray(), b.toarray()), rtol=0, atol=1e-12)
+
+
+def test_sparse_products_with_nan_rows_and_mixed_dtypes():
+    a = zipf_docs(30).tolil()
+    a[3, 0] = np.nan
+    a = a.tocsr()
+    b = zipf_docs(20, seed=2, dtype=np.float32)
+    S = dcs.cosine_similarity(a, b, chunks=(8, 7)).compute()
+    ref = dense_ref(np.nan_to_num(a.toarray()), b.toarray())
+    assert np.isnan(S[3]).all() and not np.isnan(np.delete(S, 3, axis=0)).any()
+    np.testing.assert_allclose(np.delete(S, 3, axis=0), np.delete(ref, 3, axis=0), rtol=0, atol=2e-7)
