@@ -621,7 +621,9 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
     full = np.empty((n, m), dtype=dtype) if group_cols else None
     buf = None if group_cols else np.empty((min(step, n), m), dtype=dtype)
     mask = np.empty((min(step, n), m), dtype=bool)
-    mask2 = np.empty_like(mask) if both and not group_cols else None
+    floor = low = None
+    if both and not group_cols:  # one scan for both bounds (see _column_floor)
+        floor, low = _column_floor(t_c)
     rows = _Candidates(n, m)
     cols = _Candidates(n, m) if both and not group_cols else None
     for r0 in range(0, n, step):
@@ -635,9 +637,12 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
         if cols is None:
             rows.add(strip, t[:, None], r0, mask)
         else:  # one scan for both bounds, then split the (few) hits
-            hit = np.greater_equal(strip, t[:, None], out=mask[: r1 - r0])
-            hit |= np.greater_equal(strip, t_c[None, :], out=mask2[: r1 - r0])
-            flat = np.flatnonzero(hit)
+            lower = np.minimum(t, floor)
+            flat = np.flatnonzero(np.greater_equal(strip, lower[:, None], out=mask[: r1 - r0]))
+            if low is not None:  # entries of the low columns under `lower`, against their own bounds
+                lv = np.take(strip, low, axis=1)
+                lr, lc = np.divmod(np.flatnonzero((lv >= t_c[low]) & (lv < lower[:, None])), low.size)
+                flat = np.concatenate([flat, lr * m + low[lc]])
             vals = strip.reshape(-1)[flat]
             r, c = np.divmod(flat, m)
             row_hit, col_hit = vals >= t[r], vals >= t_c[c]
@@ -703,6 +708,33 @@ def _mark_strip(strip, nan_rows, nan_cols, row_offset: int, col_offset: int, exc
         n, m = strip.shape
         r = np.arange(max(0, col_offset - row_offset), min(n, m + col_offset - row_offset))
         strip[r, r + row_offset - col_offset] = EXCLUDED_KEY
+
+
+#: The single scan of a block whose rows and columns both have bounds compares each row
+#: against the lower of its bound and the columns' floor: this quantile of the column
+#: bounds. The columns below the floor (this share of them) are compared on their own.
+_LOW_COLUMNS = 1 / 32
+
+
+def _column_floor(t_c):
+    """``(floor, low)``: a value at most every column bound but those of ``low`` (an index
+    array of at most :data:`_LOW_COLUMNS` of the columns, or ``None``).
+
+    An entry at or above its column's bound is at or above the floor, or in a low column:
+    comparing rows against ``min(row bound, floor)`` and the low columns against their own
+    bounds finds every entry either bound keeps, in about one pass over the strip.
+
+    >>> floor, low = _column_floor(np.array([0.5, 0.4, -np.inf, 0.6] * 16, dtype=np.float32))
+    >>> float(floor), low[:6]
+    (0.4000000059604645, array([ 2,  6, 10, 14, 18, 22]))
+    """
+    bounded = t_c[t_c > -np.inf]  # columns without a bound are low whatever the floor
+    if not bounded.size:
+        return t_c.dtype.type(np.inf), np.arange(t_c.shape[0])
+    kth = int(bounded.size * _LOW_COLUMNS)
+    floor = np.partition(bounded, kth)[kth]
+    low = np.flatnonzero(t_c < floor)
+    return floor, (low if low.size else None)
 
 
 def _group_threshold(strip, kk: int, g: int):
