@@ -2,7 +2,10 @@
 
 The limit is ``numpy.matmul`` of already-normalised inputs (one BLAS call over the
 whole batch). ``dcs.cosine_similarity(...).compute()`` runs with the default (threaded)
-scheduler and auto chunks. Each figure is the median of ``--repeat`` runs (all variants
+scheduler and auto chunks: ``t_dask_cosim_s`` computes a result built once,
+``t_call_s`` is the whole call (the graph built each time, as a script does). The
+``tiny`` row is the round trip of a ``(2, 10, 5) x (2, 12, 5)`` call next to the seed's
+scikit-learn loop. Each figure is the median of ``--repeat`` runs (all variants
 interleaved) after a warm-up; ``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
 
 On the threaded scheduler ``S.compute()`` allocates the result and each block task writes
@@ -90,11 +93,17 @@ def workload(name, a, b, repeat, with_sklearn=False):
     with dask.config.set({"cosine.blas-threads": CORES}):
         S_over = dcs.cosine_similarity(a, b)  # every dask thread with all-core BLAS
     out = np.empty(S.shape, S.dtype)  # a result buffer the caller keeps and reuses
-    fns = [lambda: np.matmul(an, bnt), S.compute, S_over.compute, lambda: S.store(out, lock=False)]
+    fns = [
+        lambda: np.matmul(an, bnt),
+        S.compute,
+        lambda: dcs.cosine_similarity(a, b).compute(),  # the whole call: graph built each time
+        S_over.compute,
+        lambda: S.store(out, lock=False),
+    ]
     if with_sklearn:
         fns.append(lambda: sklearn_loop(a, b))
     times = paired_times(fns, repeat)
-    t_limit, t_ours, t_over, t_store, *t_sk = (statistics.median(ts) for ts in times)
+    t_limit, t_ours, t_call, t_over, t_store, *t_sk = (statistics.median(ts) for ts in times)
     got = S.compute()
     ref = np.matmul(an, bnt)
     err = float(max(np.max(np.abs(got - ref)), np.max(np.abs(out - ref))))
@@ -107,6 +116,8 @@ def workload(name, a, b, repeat, with_sklearn=False):
         "t_limit_s": round(t_limit, 4),
         "t_dask_cosim_s": round(t_ours, 4),
         **ratio_figures(times[0], times[1]),
+        "t_call_s": round(t_call, 4),
+        "ratio_call_to_limit": round(t_limit / t_call, 3),
         "gflops_dask_cosim": round(flops / t_ours / 1e9, 1),
         "ratio_oversubscribed_blas": round(t_limit / t_over, 3),
         "ratio_store_into_out": round(t_limit / t_store, 3),
@@ -115,8 +126,46 @@ def workload(name, a, b, repeat, with_sklearn=False):
     if with_sklearn:
         row["t_sklearn_loop_s"] = round(t_sk[0], 4)
         row["speedup_vs_sklearn_loop"] = round(t_sk[0] / t_ours, 2)
+        row["call_speedup_vs_sklearn_loop"] = round(t_sk[0] / t_call, 2)
     print(json.dumps(row), flush=True)
     return row
+
+
+def tiny_call(repeat: int, calls: int = 200) -> dict:
+    """The round trip of one tiny call, ``(2, 10, 5) x (2, 12, 5)``, against the seed's loop."""
+    gen = np.random.default_rng(3)
+    a, b = gen.random((2, 10, 5)), gen.random((2, 12, 5))
+    fns = [lambda: dcs.cosine_similarity(a, b).compute(), lambda: sklearn_loop(a, b)]
+    for fn in fns:
+        fn()
+    runs = [[], []]
+    for _ in range(repeat):  # each figure: the median of `calls` calls, interleaved in rounds
+        for fn, ts in zip(fns, runs, strict=True):
+            one = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                one.append(time.perf_counter() - t0)
+            ts.append(statistics.median(one))
+    t_ours, t_sk = statistics.median(runs[0]), statistics.median(runs[1])
+    np.testing.assert_allclose(fns[0](), fns[1](), rtol=0, atol=1e-12)
+    row = {
+        "workload": "tiny",
+        "shape": [list(a.shape), list(b.shape)],
+        "t_call_ms": round(t_ours * 1e3, 3),
+        "t_sklearn_loop_ms": round(t_sk * 1e3, 3),
+        "call_over_sklearn_loop": round(t_ours / t_sk, 2),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def hash_function() -> str:
+    """The hash dask's tokenize uses on this machine (the first of its fast hashers installed)."""
+    from dask import hashing
+
+    hasher = hashing.hashers[0] if hashing.hashers else None
+    return getattr(hasher, "__name__", str(hasher)).removeprefix("_hash_")
 
 
 def main(argv=None):
@@ -130,7 +179,8 @@ def main(argv=None):
     madvise = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "default")
     print(
         f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}, cores {CORES}, "
-        f"THP defrag {thp}, NUMPY_MADVISE_HUGEPAGE={madvise}",
+        f"THP defrag {thp}, NUMPY_MADVISE_HUGEPAGE={madvise}, dask tokenize hash {hash_function()}, "
+        f"load {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     gen = np.random.default_rng(0)
@@ -144,6 +194,7 @@ def main(argv=None):
     a = np.random.default_rng(1).random((n_batch, 400 // scale, 200 // scale))
     b = np.random.default_rng(2).random((n_batch, 500 // scale, 200 // scale))
     rows.append(workload("W1", a, b, args.repeat, with_sklearn=True))
+    rows.append(tiny_call(args.repeat, calls=10 if args.quick else 200))
     return rows
 
 
