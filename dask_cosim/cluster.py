@@ -250,14 +250,17 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
         )
 
 
-#: The embedded cluster polls less often than distributed's defaults (the event loop's
-#: health tick every 20 ms, the system monitor every 500 ms): a job runner needs neither that
-#: often, and their cost is fixed per second of wall time, whatever the job (on a 2-core
-#: host it outweighed the scheduling of a top-k job's tasks; README "Cluster scale").
-#: Settings the user changed are left as they are.
+#: The embedded cluster polls less often than distributed's defaults: the event loop's
+#: health tick (20 ms), the system monitor (500 ms) and the memory monitor of each worker
+#: and of its nanny (100 ms; the nannies share this process's event loop with the
+#: scheduler). A job runner needs none of them that often, and their cost is fixed per
+#: second of wall time, whatever the job: on a small host it outweighs the scheduling of a
+#: top-k job's tasks (README "Cluster scale"). Memory limits still hold: a worker checks its
+#: memory twice a second. Settings the user changed are left as they are.
 CALMER_POLLING = {
-    "distributed.admin.tick.interval": ("20ms", "200ms"),
+    "distributed.admin.tick.interval": ("20ms", "1s"),
     "distributed.admin.system-monitor.interval": ("500ms", "2s"),
+    "distributed.worker.memory.monitor-interval": ("100ms", "500ms"),
 }
 
 

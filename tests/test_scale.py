@@ -435,3 +435,15 @@ def test_embedded_cluster_polls_less_often_unless_the_user_said_otherwise():
     assert _calmer_polling() == {key: ours for key, (_, ours) in CALMER_POLLING.items()}
     with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
         assert "distributed.admin.tick.interval" not in _calmer_polling()
+
+
+def test_the_embedded_clusters_workers_and_scheduler_poll_at_the_calmer_intervals():
+    from dask_cosim.cluster import dask_client
+
+    with dask_client(None, echo=None, quiet=True) as client:
+        seen = client.run(lambda: dask.config.get("distributed.worker.memory.monitor-interval"))
+        assert set(seen.values()) == {"500ms"}
+        tick = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.periodic_callbacks["tick"].callback_time
+        )
+        assert tick == 1000
