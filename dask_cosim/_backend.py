@@ -287,15 +287,6 @@ def limit_blas(threads: int) -> Iterator[None]:
                 _blas_saved = None
 
 
-def array_module_name(x: Any) -> str:
-    """'numpy', 'cupy' or the array-API namespace's name, for messages and tests."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if is_device_array(x):
-        return "cupy"
-    return array_api_compat.array_namespace(x).__name__
-
-
 # --------------------------------------------------------------------------- CuPy products
 
 #: cuBLAS / CUDA enum values (ABI-stable; cublas_api.h, library_types.h).

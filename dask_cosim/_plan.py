@@ -1,8 +1,8 @@
 """Pure planning: validate shapes and dtypes, choose block sizes, estimate task memory.
 
-Nothing here imports dask or touches data: every function is integer arithmetic on
-shapes, itemsizes and byte budgets, so it can be tested exhaustively (hypothesis) and
-runs before any graph exists.
+Nothing here builds graphs or touches data: every function is integer arithmetic on
+shapes, itemsizes and byte budgets (dask's own chunk normalisation included), so it
+can be tested exhaustively (hypothesis) and runs before any graph exists.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from dask.array.core import normalize_chunks
+from dask.utils import format_bytes
 
 Chunks = tuple[tuple[int, ...], ...]
 
@@ -170,25 +172,21 @@ def normalize_axis_chunks(spec, size: int, *, axis: str) -> tuple[int, ...] | No
         raise ValueError(
             f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
         )
-    if spec is None or (_is_int(spec) and int(spec) == -1):
-        return (size,)
     if _is_int(spec):
-        step = int(spec)
-        if step <= 0:
+        spec = int(spec)
+        if spec <= 0 and spec != -1:
             raise ValueError(f"chunks: {axis} chunk must be a positive int, received {spec}")
-        if size == 0:
-            return (0,)
-        return (step,) * (size // step) + ((size % step,) if size % step else ())
-    if isinstance(spec, (tuple, list)) and all(_is_int(c) for c in spec):
-        blocks = tuple(int(c) for c in spec)
-        if any(c < 0 for c in blocks) or sum(blocks) != size:
+    elif isinstance(spec, (tuple, list)) and all(_is_int(c) for c in spec):
+        spec = tuple(int(c) for c in spec)
+        if any(c < 0 for c in spec) or sum(spec) != size:
             raise ValueError(
-                f"chunks: {axis} block sizes {blocks} must be non-negative and sum to the axis length {size}"
+                f"chunks: {axis} block sizes {spec} must be non-negative and sum to the axis length {size}"
             )
-        return blocks
-    raise ValueError(
-        f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
-    )
+    elif spec is not None:
+        raise ValueError(
+            f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
+        )
+    return normalize_chunks((spec,), (size,))[0]  # dask's rules: -1/None one block, int regular blocks
 
 
 def _is_int(x) -> bool:
@@ -269,10 +267,6 @@ class Plan:
     @property
     def chunks(self) -> Chunks:
         return (self.batch, self.rows, self.cols)
-
-    @property
-    def nblocks(self) -> int:
-        return len(self.batch) * len(self.rows) * len(self.cols)
 
 
 def task_memory(
@@ -504,12 +498,3 @@ def plan_blocks(
             "raise the budget with dask.config.set({'cosine.max-task-memory': ...})"
         )
     return Plan(b_spec, rows, cols, need)
-
-
-def format_bytes(n: int) -> str:
-    """Human-readable bytes (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = [
     "SchedulerUnreachable",
     "dask_client",
-    "dashboard_address",
     "machine_layout",
     "embedded_blas_threads",
     "cluster_logs",
@@ -26,21 +25,6 @@ CLUSTER_LOGGERS = ("distributed", "bokeh", "tornado", "asyncio")
 
 class SchedulerUnreachable(ConnectionError):
     """No scheduler answered at the given address within the timeout."""
-
-
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def dashboard_address(preferred: int = DEFAULT_DASHBOARD_PORT) -> str:
-    """``127.0.0.1:8787``, or ``127.0.0.1:0`` (any free port) when 8787 is taken."""
-    port = preferred if _port_free(preferred) else 0
-    return f"127.0.0.1:{port}"
 
 
 def machine_layout(workers: int | None = None, threads_per_worker: int | None = None) -> tuple[int, int]:
@@ -236,7 +220,10 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
         level = logging.ERROR if quiet else logging.WARNING
     import dask
 
-    with dask.config.set(_calmer_polling()):
+    with dask.config.set(_calmer_polling()), warnings.catch_warnings():
+        # distributed moves the dashboard to a free port when 8787 is taken, and warns on stderr
+        # (the link printed says where it is)
+        warnings.filterwarnings("ignore", message=f"Port {DEFAULT_DASHBOARD_PORT} is already in use")
         return LocalCluster(
             n_workers=n,
             threads_per_worker=t,
@@ -244,7 +231,7 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
             memory_limit=memory_limit,
             host="127.0.0.1",
             protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
-            dashboard_address=dashboard_address(),
+            dashboard_address=f"127.0.0.1:{DEFAULT_DASHBOARD_PORT}",
             silence_logs=level,
             **extra,
         )

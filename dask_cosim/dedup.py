@@ -20,6 +20,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 from dask.base import tokenize
+from dask.core import flatten
 from dask.delayed import Delayed, delayed
 
 from ._components import components, finish_forest, group_rows, merge_forests
@@ -28,7 +29,7 @@ from ._resources import routed
 from ._select import pairs_block
 from ._triangle import pairs_triangle_graph, use_triangle
 from .core import Device, Prepared, record_result
-from .reductions import _check_threshold, _flatten, _prepare, _row_and_col_indices
+from .reductions import _check_threshold, _prepare, _row_and_col_indices
 
 __all__ = ["duplicate_groups", "SPLIT_EVERY"]
 
@@ -188,7 +189,7 @@ def _forests(
             name=name, dtype=object, meta=np.empty((0,) * len(prep.out_index), dtype=object),
             upper=True, labelled=labels is not None, **kwargs,
         )  # fmt: skip
-        graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
+        graph, keys = parts.__dask_graph__(), list(flatten(parts.__dask_keys__()))
     return [Delayed(key, graph, layer=key[0]) for key in keys]
 
 

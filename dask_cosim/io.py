@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from dask.base import tokenize
 
 from . import _config, _provenance, _topk_store
 from ._backend import to_numpy
+from ._sizing import regular_chunks
 
 __all__ = [
     "to_zarr",
@@ -167,23 +168,6 @@ def _parquet_rows(fs, root: str, nparts: int) -> int | None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def regular_chunks(chunks: Sequence[Sequence[int]]) -> bool:
-    """True when every axis has equal blocks except possibly a smaller last one.
-
-    Only then can zarr chunks (a regular grid) equal the dask blocks.
-
-    >>> regular_chunks(((4, 4, 2), (3,)))
-    True
-    >>> regular_chunks(((4, 3, 3),))
-    False
-    """
-    for axis in chunks:
-        axis = tuple(axis)
-        if len(axis) > 1 and (len(set(axis[:-1])) != 1 or axis[-1] > axis[0]):
-            return False
-    return True
 
 
 def _regularize(arr: da.Array, what: str) -> da.Array:

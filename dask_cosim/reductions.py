@@ -23,6 +23,7 @@ import pandas as pd
 # reduction's chunk step.
 from dask.array.reductions import _tree_reduce
 from dask.base import tokenize
+from dask.core import flatten
 
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._resources import annotate_for, routed
@@ -416,7 +417,7 @@ def pairs_above(
             graph, keys = pairs_triangle_graph(prep, name, task_for, extras)
         else:
             parts = _pairs_parts(prep, name, exclude_self, kwargs, labels)
-            graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
+            graph, keys = parts.__dask_graph__(), list(flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
         result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-frame")
     record_result(
@@ -435,14 +436,6 @@ def _pairs_meta(dtype) -> pd.DataFrame:
             "score": np.empty(0, dtype=dtype),
         }
     )
-
-
-def _flatten(keys):
-    if isinstance(keys, list):
-        for k in keys:
-            yield from _flatten(k)
-    else:
-        yield keys
 
 
 def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:

@@ -101,7 +101,7 @@ def test_plan_over_budget_is_refused_before_running():
         with pytest.raises(
             dcs.PlanError,
             match=r"need about .* per task, above the budget "
-            r"cosine.max-task-memory=64.0 MiB; chunks that fit: \(1, \d+, \d+\)",
+            r"cosine.max-task-memory=64.00 MiB; chunks that fit: \(1, \d+, \d+\)",
         ):
             dcs.cosine_similarity(big, big, chunks=(1, 20000, 20000))
         S = dcs.cosine_similarity(big[:, :5000], big[:, :5000])  # auto always fits

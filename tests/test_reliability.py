@@ -103,7 +103,7 @@ def test_oversized_blocks_are_refused_naming_the_memory_limit(tight_cluster):
     a = rng(5).standard_normal((7000, 16))
     with tight_cluster.client():
         with pytest.raises(
-            dcs.PlanError, match=r"worker tcp://127\.0\.0\.1:\d+ has memory_limit=300\.0 MiB for 1 thread"
+            dcs.PlanError, match=r"worker tcp://127\.0\.0\.1:\d+ has memory_limit=300\.00 MiB for 1 thread"
         ):
             dcs.cosine_similarity(a, a, chunks=(7000, 7000))
 
@@ -116,7 +116,7 @@ def test_cli_refuses_blocks_too_big_for_the_workers(tight_cluster, tmp_path):
            "--scheduler", tight_cluster.address, "--quiet"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "has memory_limit=300.0 MiB for 1 thread(s)" in r.stderr and "Traceback" not in r.stderr
+    assert "has memory_limit=300.00 MiB for 1 thread(s)" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
 
@@ -133,7 +133,7 @@ def test_worker_out_of_memory_is_restarted_and_the_job_fails_not_hangs(tight_clu
             future.result(timeout=RESULT_TIMEOUT)
         # what the CLI prints for it: the memory limit, the usual reason
         msg = killed_worker_message(info.value, budget)
-        assert "has memory_limit=300.0 MiB for 1 thread(s)" in msg and "--memory-limit" in msg
+        assert "has memory_limit=300.00 MiB for 1 thread(s)" in msg and "--memory-limit" in msg
         # the worker is back and usable: a job that fits completes on the same cluster
         (pid_after,) = tight_cluster.wait_for_workers().values()
         assert pid_after != pid_before
