@@ -70,7 +70,7 @@ MIN_GPU_ROWS = 1024
 #: 12); more blocks bring that closer to half but cost more per block than they save
 #: (``benchmarks/bench_topk.py --part self``; the README's performance section).
 MIN_TRIANGLE_BLOCKS = 12
-#: Floating-point operations below which a task is mostly overhead (tens of milliseconds).
+#: Floating-point operations below which a task is mostly per-task overhead.
 MIN_TASK_FLOPS = 1e9
 #: Parts merged by one ``cosine-merge`` task (dask's tree reduction).
 SPLIT_EVERY = 8

@@ -49,7 +49,7 @@ def embedded_blas_threads(
 
     ``cosine.blas-threads: auto`` gives each task ``cores // threads of its worker`` BLAS
     threads, which oversubscribes the cores when several worker processes share a machine
-    (measured: 2 workers x 1 thread on 2 cores ran products 2x slower). For the embedded
+    (README: "No oversubscription"). For the embedded
     cluster the layout is known, so each task gets ``cores // (workers x threads)``. An
     explicit setting, or an external ``--scheduler``, is left alone.
     """
@@ -239,8 +239,8 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
 
 #: The embedded cluster polls less often than distributed's defaults (the event loop's
 #: health tick every 20 ms, the system monitor every 500 ms): a job runner needs neither that
-#: often, and their cost is fixed per second of wall time, whatever the job (on a 2-core
-#: host it outweighed the scheduling of a top-k job's tasks; README "Cluster scale").
+#: often, and their cost is fixed per second of wall time, whatever the job (on few cores it
+#: can outweigh the scheduling of a job's tasks; figures: README "Cluster scale").
 #: Settings the user changed are left as they are.
 CALMER_POLLING = {
     "distributed.admin.tick.interval": ("20ms", "200ms"),

@@ -114,7 +114,7 @@ def _on_whole_vectors(func, an_blocks: list, bn_blocks: list, *extra, **kwargs):
     Blockwise hands a task the blocks along the contracted vector axis as a list; D is
     never split, so each list holds one block. (``concatenate=True`` would unwrap it too,
     but through ``concatenate3``, which copies even a single block into fresh memory:
-    both inputs once more per product task, a quarter of the product's time on W1.)
+    both inputs once more per product task; README: Performance.)
     """
     (an,), (bn,) = an_blocks, bn_blocks
     return func(an, bn, *extra, **kwargs)

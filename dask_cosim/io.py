@@ -672,7 +672,7 @@ def to_zarr(
     codec : {"auto", "none", "zstd", "blosc-lz4"}
         Compression. ``"auto"`` stores similarities uncompressed (cosine scores barely
         compress; see the README's codec section) and top-k arrays with blosc-lz4 +
-        bitshuffle (indices shrink ~5x).
+        bitshuffle (their int64 indices compress well).
     storage_options : dict, optional
         Passed to fsspec for URLs.
     progress : bool
