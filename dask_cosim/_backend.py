@@ -116,9 +116,9 @@ def choose_backend(x, device: str, available: bool | None = None) -> str:
         _warn_fallback_once()
         return "numpy"
     raise NoGPUError(
-        "device='gpu' but this worker has no usable CUDA GPU (cupy missing, no device "
-        "visible, or CUDA failed to initialise); use device='auto' or 'cpu', route the "
-        "tasks to GPU workers (dask worker --resources GPU=1; README: GPU workers), or "
+        "device='gpu' but this worker has no usable CUDA GPU (cupy missing: pip install "
+        "'dask-cosim[gpu]'; no device visible; or CUDA failed to initialise); use device='auto' "
+        "or 'cpu', route the tasks to GPU workers (dask worker --resources GPU=1; README: GPU workers), or "
         "set the dask config cosine.gpu-fallback=True to run such blocks on NumPy"
     )
 

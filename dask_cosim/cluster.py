@@ -195,12 +195,22 @@ def _dask_client(
         client = Client(cluster, set_as_default=True)
         try:
             if echo:
-                echo(f"Dask dashboard: {client.dashboard_link} ({n} workers x {t} threads)")
+                echo(f"Dask dashboard: {_dashboard_link(client)} ({n} workers x {t} threads)")
             yield client
         finally:
             client.close()
     finally:
         cluster.close()
+
+
+def _dashboard_link(client) -> str:
+    """The embedded cluster's dashboard link, or why there is none (distributed serves only
+    a page asking for bokeh without it)."""
+    from ._extras import available, install_hint
+
+    if available("bokeh"):
+        return client.dashboard_link
+    return f"not served (it needs bokeh: {install_hint('bokeh')})"
 
 
 def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, log_file: str | None = None):

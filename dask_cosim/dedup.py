@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from typing import TYPE_CHECKING
 
 import dask.array as da
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 from dask.base import tokenize
 from dask.core import flatten
 from dask.delayed import Delayed, delayed
@@ -30,6 +29,10 @@ from ._select import pairs_block
 from ._triangle import pairs_triangle_graph, use_triangle
 from .core import Device, Prepared, record_result
 from .reductions import _check_threshold, _prepare, _row_and_col_indices
+
+if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light
+    import dask.dataframe as dd
+    import pandas as pd
 
 __all__ = ["duplicate_groups", "SPLIT_EVERY"]
 
@@ -109,6 +112,8 @@ def _duplicate_groups(
     """:func:`duplicate_groups`; ``checkpoint=(fs, folder)`` (fsspec) keeps each block's forest
     there, and a rerun loads the forests it finds instead of computing their blocks again
     (``dask-cosim dedup --resume``)."""
+    import dask.dataframe as dd
+
     threshold = _check_unit_threshold(threshold)
     label_pairs = check_label_pairs(label_pairs)
     prep = _prepare(a, None, op="pairs", chunks=chunks, device=device)
@@ -146,11 +151,15 @@ def _spans(sizes) -> list[tuple[int, int]]:
 
 
 def _groups_meta(batched: bool) -> pd.DataFrame:
+    import pandas as pd
+
     cols = ("batch", "i", "group", "size") if batched else ("i", "group", "size")
     return pd.DataFrame({c: np.empty(0, dtype=np.int64) for c in cols})
 
 
 def _groups_frame(final, b0: int, b1: int, r0: int, r1: int, n: int, batched: bool) -> pd.DataFrame:
+    import pandas as pd
+
     cols = group_rows(final, range(b0, b1), range(r0, r1), n, batched)
     b = cols["batch"] if batched else 0
     return pd.DataFrame(cols, index=pd.Index(b * n + cols["i"]))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import numbers
 from functools import partial
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 
 # dask's tree reduction (the machinery behind ``da.reduction``) used directly, so the
 # per-block product+selection layer keeps its own name instead of being fused into the
@@ -33,6 +32,10 @@ from ._topk_store import INPUT_PRIORITY, TopkSource, priority_of
 from ._topk_store import register as register_topk
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
 from .core import Device, Like, Precision, Prepared, prepare, record_result
+
+if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light
+    import dask.dataframe as dd
+    import pandas as pd
 
 __all__ = ["topk", "pairs_above"]
 
@@ -390,6 +393,8 @@ def pairs_above(
     0      0  0  1    0.8
     1      0  1  2    0.6
     """
+    import dask.dataframe as dd
+
     threshold = _check_threshold(threshold)
     prep = _prepare(
         a, b, op="pairs", chunks=chunks, device=device, precision=precision, check_finite=check_finite
@@ -428,6 +433,8 @@ def pairs_above(
 
 
 def _pairs_meta(dtype) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(
         {
             "batch": np.empty(0, dtype=np.int64),
@@ -479,6 +486,8 @@ def _labelled_pairs_task(an, bn, rows, cols, row_labels, col_labels, batches=Non
 
 
 def _pairs_frame(an, bn, row_labels=None, col_labels=None, **kwargs) -> pd.DataFrame:
+    import pandas as pd
+
     if row_labels is not None:
         kwargs.update(row_labels=row_labels, col_labels=col_labels)
     batch, i, j, score = pairs_block(an, bn, **kwargs)
