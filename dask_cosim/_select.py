@@ -38,6 +38,7 @@ from ._backend import (
     to_numpy,
 )
 from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
+from ._options import CHOICES
 from ._sparse import is_sparse, sparse_similarity_block, strip_product, transposed
 from ._sparse import nan_rows as find_nan_rows
 
@@ -64,7 +65,7 @@ EXCLUDED_KEY = -3.0
 #: Key of padding (index -1) where a pruned block has fewer than k candidates in a row.
 PAD_KEY = -4.0
 #: Label masks: ``"different"`` keeps pairs whose labels differ, ``"same"`` pairs that share one.
-LABEL_PAIRS = ("different", "same")
+LABEL_PAIRS = CHOICES["label_pairs"]
 #: Number of column groups whose maxima bound the k-th best value of a row.
 _GROUPS = 128
 #: Row strips of the NumPy fast path hold about this many bytes of similarities.

@@ -24,11 +24,12 @@ from dask.delayed import Delayed, delayed
 
 from ._components import components, finish_forest, group_rows, merge_forests
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
+from ._options import check_threshold
 from ._resources import routed
 from ._select import pairs_block
 from ._triangle import pairs_triangle_graph, use_triangle
 from .core import Device, Prepared, record_result
-from .reductions import _check_threshold, _prepare, _row_and_col_indices
+from .reductions import _prepare, _row_and_col_indices
 
 if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light
     import dask.dataframe as dd
@@ -38,10 +39,6 @@ __all__ = ["duplicate_groups", "SPLIT_EVERY"]
 
 #: Forests merged by one ``cosine-union`` task.
 SPLIT_EVERY = 8
-
-
-def _check_unit_threshold(threshold) -> float:
-    return _check_threshold(threshold)  # a real number in [-1, 1], as for pairs_above
 
 
 def duplicate_groups(
@@ -114,7 +111,7 @@ def _duplicate_groups(
     (``dask-cosim dedup --resume``)."""
     import dask.dataframe as dd
 
-    threshold = _check_unit_threshold(threshold)
+    threshold = check_threshold(threshold)  # a real number in [-1, 1], as for pairs_above
     label_pairs = check_label_pairs(label_pairs)
     prep = _prepare(a, None, op="pairs", chunks=chunks, device=device)
     labels = check_labels(labels, prep)

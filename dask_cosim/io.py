@@ -757,13 +757,10 @@ def _result_name(result) -> str:
     return result.name if isinstance(result, da.Array) else result[0].name
 
 
-_CODECS = ("auto", "none", "zstd", "blosc-lz4")
-
-
 def _codec_spec(codec: str, array: str) -> str:
-    if codec not in _CODECS:
-        raise ValueError(f"codec: expected one of {', '.join(map(repr, _CODECS))}, received {codec!r}")
-    if codec == "auto":
+    from ._options import check_choice
+
+    if check_choice("codec", codec) == "auto":
         return "none" if array == "similarity" else "blosc-lz4"
     return codec
 

@@ -211,6 +211,88 @@ def test_topk_deterministic_across_chunkings(n, m, k, cn, cm, self_sim, exclude_
         np.testing.assert_array_equal(vals, ref_vals)
 
 
+#: Tolerance of an output dtype against the float64 reference (float16: half an ulp near 1).
+OUT_ATOL = {"float16": 5e-4, "float32": 1e-6, "float64": 1e-12}
+
+
+#: Where :func:`_zero_vector_inputs` put zero vectors (whichever block fails first is named).
+ZERO_AT = r"^(a: zero vector at batch (0, row 3|1, row 17)|b: zero vector at batch 1, row 9) "
+
+
+def _zero_vector_inputs(self_similar: bool):
+    a = rng(40).standard_normal((2, 30, 8)).astype(np.float32)
+    a[0, 3] = 0.0
+    a[1, 17] = 0.0
+    if self_similar:
+        return a, None
+    b = rng(41).standard_normal((2, 45, 8)).astype(np.float32)
+    b[1, 9] = 0.0
+    return a, b
+
+
+def _reference_with_policy(a, b, zero_vector):
+    """float64 S under a zero-vector policy: "zero" gives 0 (scikit-learn), "nan" NaN."""
+    s = reference_similarity(a, b)
+    if zero_vector == "nan":
+        b = a if b is None else b
+        zero_a = ~np.asarray(a, dtype=np.float64).any(-1)[..., :, None]
+        zero_b = ~np.asarray(b, dtype=np.float64).any(-1)[..., None, :]
+        s = np.where(zero_a | zero_b, np.nan, s)
+    return s
+
+
+@pytest.mark.parametrize("self_similar", [False, True], ids=["a-b", "self"])
+@pytest.mark.parametrize("dtype", [None, "float16", "float32", "float64"])
+@pytest.mark.parametrize("zero_vector", ["zero", "nan", "error"])
+def test_topk_takes_zero_vector_and_dtype_like_cosine_similarity(zero_vector, dtype, self_similar):
+    a, b = _zero_vector_inputs(self_similar)
+    vals, idx = dcs.topk(a, b, k=4, chunks=(1, 8, 8), dtype=dtype, zero_vector=zero_vector)
+    want = np.dtype(dtype or "float32")  # float32 inputs: float32 unless asked
+    assert vals.dtype == want and idx.dtype == np.int64
+    if zero_vector == "error":
+        with pytest.raises(dcs.ZeroVectorError, match=ZERO_AT):
+            dask.compute(vals, idx)
+        return
+    vals, idx = dask.compute(vals, idx)
+    assert vals.dtype == want
+    s = _reference_with_policy(a, b, zero_vector)
+    assert_topk(vals.astype(np.float64), idx, s, 4, atol=OUT_ATOL[want.name])
+    zero_row = vals[0, 3]
+    assert (np.isnan(zero_row) if zero_vector == "nan" else zero_row == 0).all()
+
+
+@pytest.mark.parametrize("self_similar", [False, True], ids=["a-b", "self"])
+@pytest.mark.parametrize("dtype", [None, "float16", "float32", "float64"])
+@pytest.mark.parametrize("zero_vector", ["zero", "nan", "error"])
+def test_pairs_above_takes_zero_vector_and_dtype_like_cosine_similarity(zero_vector, dtype, self_similar):
+    a, b = _zero_vector_inputs(self_similar)
+    threshold = -0.05  # below 0: the zero vectors' pairs pass under "zero", never under "nan"
+    df = dcs.pairs_above(a, b, threshold=threshold, chunks=(1, 8, 8), dtype=dtype, zero_vector=zero_vector)
+    want = np.dtype(dtype or "float32")
+    assert df.dtypes["score"] == want
+    if zero_vector == "error":
+        with pytest.raises(dcs.ZeroVectorError, match=ZERO_AT):
+            df.compute()
+        return
+    got = df.compute().sort_values(["batch", "i", "j"]).reset_index(drop=True)
+    assert got["score"].dtype == want
+    s = _reference_with_policy(a, b, zero_vector)
+    ref = reference_pairs(s, threshold, upper=self_similar)
+    atol = OUT_ATOL[want.name]
+    s3 = s if s.ndim == 3 else s[None]
+    clear = ~(np.abs(s3 - threshold) <= atol)  # pairs this close to the threshold may go either way
+
+    def pairs(frame):
+        return {(b, i, j) for b, i, j in zip(frame.batch, frame.i, frame.j, strict=True) if clear[b, i, j]}
+
+    assert pairs(got) == pairs(ref)
+    np.testing.assert_allclose(
+        got["score"].astype(np.float64), s3[got.batch, got.i, got.j], atol=atol, rtol=0
+    )
+    zero_pairs = (got.batch == 0) & ((got.i == 3) | (got.j == 3) if self_similar else (got.i == 3))
+    assert zero_pairs.sum() == (0 if zero_vector == "nan" else (30 if self_similar else 45))
+
+
 def test_topk_same_result_with_every_scheduler():
     a, b = rng(10).standard_normal((40, 8)), rng(11).standard_normal((50, 8))
     results = [dask.compute(*dcs.topk(a, b, k=7, chunks=(9, 11)), scheduler=s) for s in ("sync", "threads")]
