@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dask
 import dask.array as da
+import distributed
+import ml_dtypes
 import numpy as np
 import pytest
+import zarr
 from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
 import dask_cosim as dcs
@@ -104,7 +107,6 @@ def test_dtypes_follow_sklearn(dtype_a, dtype_b, expected):
 
 
 def test_bfloat16_inputs_compute_in_float32():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     a = rng(4).standard_normal((10, 8)).astype(ml_dtypes.bfloat16)
     b = rng(5).standard_normal((6, 8)).astype(ml_dtypes.bfloat16)
     S = dcs.cosine_similarity(a, b)
@@ -197,7 +199,6 @@ def test_empty_rows_give_empty_result(shape_a, shape_b, expected):
 
 
 def test_accepts_lists_dask_zarr_paths_and_npy(tmp_path):
-    zarr = pytest.importorskip("zarr")
     a = rng(14).standard_normal((2, 12, 6)).astype("float32")
     b = rng(15).standard_normal((2, 10, 6)).astype("float32")
     ref = reference_cosine(a, b)
@@ -216,7 +217,6 @@ def test_accepts_lists_dask_zarr_paths_and_npy(tmp_path):
 
 
 def test_zarr_input_blocks_align_with_storage_chunks(tmp_path):
-    zarr = pytest.importorskip("zarr")
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(1000, 8), chunks=(100, 8), dtype="float64")
     z[:] = rng(16).standard_normal((1000, 8))
     with dask.config.set({"array.chunk-size": "300KiB"}):
@@ -338,12 +338,15 @@ def test_local_schedulers(scheduler):
 
 
 def test_distributed_local_cluster_two_processes():
-    distributed = pytest.importorskip("distributed")
     a = rng(23).standard_normal((3, 40, 6))
     b = rng(24).standard_normal((3, 30, 6))
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

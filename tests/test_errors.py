@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 import dask_cosim as dcs
 
@@ -86,7 +87,6 @@ def test_missing_paths_are_file_not_found(tmp_path):
 
 
 def test_zarr_group_is_not_an_array(tmp_path):
-    zarr = pytest.importorskip("zarr")
     g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     g.create_array("emb", shape=(4, 3), dtype="f4")
     with pytest.raises(ValueError, match=r"is a zarr group, not an array; .*g.zarr/emb"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import numpy as np
+import psutil
 import pytest
 import zarr
 from distributed.scheduler import KilledWorker
@@ -230,7 +231,6 @@ def test_guard_checks_each_shard_and_nan_fill(tmp_path):
 
 
 def test_real_cluster_fixture_listens_on_localhost_only(real_cluster):
-    psutil = pytest.importorskip("psutil")
     pids = [real_cluster.scheduler_pid, *real_cluster.nanny_pids, *real_cluster.worker_pids().values()]
     addrs = _listening(psutil, pids)
     assert addrs and all(ip == "127.0.0.1" for ip, _ in addrs), addrs
@@ -239,7 +239,6 @@ def test_real_cluster_fixture_listens_on_localhost_only(real_cluster):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_cluster_processes_die_with_a_killed_test_process():
     """A test run killed with SIGKILL (no atexit, no fixture teardown) leaves no cluster behind."""
-    psutil = pytest.importorskip("psutil")
     code = (
         "import json, os, signal, sys\n"
         "from tests._real_cluster import start_real_cluster\n"
@@ -447,7 +446,6 @@ def test_cli_client_sigkill_then_resume(real_cluster, tmp_path):
 
 def test_embedded_cluster_binds_localhost_only():
     """The CLI's embedded LocalCluster: scheduler, nannies, workers and dashboard on 127.0.0.1."""
-    psutil = pytest.importorskip("psutil")
     from urllib.parse import urlparse
 
     from dask_cosim.cluster import dask_client

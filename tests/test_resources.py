@@ -20,6 +20,7 @@ from pathlib import Path
 
 import dask
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pytest
 from dask.base import tokenize
@@ -38,8 +39,6 @@ from dask_cosim._resources import (
 )
 from dask_cosim.reductions import pairs_above, topk
 from dask_cosim.testing import reference_cosine
-
-distributed = pytest.importorskip("distributed")
 
 GPU_PREFIXES = ("cosine-block", "cosine-normalize")
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +177,7 @@ def _in_process_cluster(n_workers=2, resources=None):
             processes=False,
             protocol="tcp",
             host="127.0.0.1",
-            dashboard_address=":0",
+            dashboard_address="127.0.0.1:0",
             resources=resources,
         ) as cluster,
         distributed.Client(cluster) as client,
@@ -259,7 +258,7 @@ def _mixed_real_cluster(tmp_path):
     procs = []
     with (
         distributed.LocalCluster(
-            n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address=":0", processes=True
+            n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0", processes=True
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
