@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -407,28 +408,55 @@ def test_output_larger_than_worker_memory_completes(tmp_path):
 
 def test_parquet_write_error_raises_after_the_running_writes_end(tmp_path, monkeypatch):
     """A failed partition write: to_parquet raises only after the writes running on other
-    threads have ended, so no partition or marker lands after the error."""
-    import time
+    threads have ended, so no partition or marker lands after the error.
+
+    Partition 1 fails once another write is running; that write (the first to start)
+    stays in flight until the call has raised or 2 s have passed, so a call that raised
+    without waiting for it is caught with a write started and not ended.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
 
     real_write = pq.write_table
+    lock, started, ended = threading.Lock(), [], []
+    holder, failed, raised = threading.Event(), threading.Event(), threading.Event()
 
-    def slow_or_failing(table, where, *args, **kwargs):
-        if ".part-000001." in str(getattr(where, "path", where)):
+    def recording_or_failing(table, where, *args, **kwargs):
+        name = str(getattr(where, "path", where))
+        if ".part-000001." in name:
+            holder.wait(60)
+            failed.set()
             raise OSError(28, "No space left on device")
-        time.sleep(0.5)
-        return real_write(table, where, *args, **kwargs)
+        with lock:
+            started.append(name)
+            hold = not holder.is_set()
+            holder.set()
+        try:
+            if hold:
+                failed.wait(60)
+                raised.wait(2)
+            return real_write(table, where, *args, **kwargs)
+        finally:
+            with lock:
+                ended.append(name)
 
-    monkeypatch.setattr(pq, "write_table", slow_or_failing)
+    monkeypatch.setattr(pq, "write_table", recording_or_failing)
     a = _data((1, 40, 3), "float32")
     pairs = dcs.pairs_above(a, a.copy(), threshold=-1.0, chunks=(1, 20, 20))  # 4 partitions
     out = tmp_path / "pairs"
-    with dask.config.set(scheduler="threads", num_workers=2), pytest.raises(OSError, match="No space"):
+    pool = ThreadPoolExecutor(2)
+    with dask.config.set(scheduler="threads", pool=pool), pytest.raises(OSError, match="No space"):
         dcs.to_parquet(pairs, out)
+    with lock:
+        at_raise = sorted(started), sorted(ended)
     done = out / "_dask_cosim" / "done"
     before = sorted(p.name for p in done.iterdir())
-    time.sleep(1.0)  # two slow writes' worth: anything still running would land now
+    raised.set()
+    assert holder.is_set()  # a write was running when partition 1 failed ...
+    assert at_raise[0] == at_raise[1]  # ... and had ended when to_parquet raised
+    pool.shutdown(wait=True)  # every task dask handed the pool has ended: a late write would be here
+    assert sorted(started) == at_raise[0]  # no write began after the raise
     assert sorted(p.name for p in done.iterdir()) == before
     assert "000001" not in before
 
