@@ -206,14 +206,16 @@ def test_accepts_lists_dask_zarr_paths_and_npy(tmp_path):
     z[:] = a
     np.save(tmp_path / "b.npy", b)
     dask_b_split_over_d = da.from_array(b, chunks=(1, 3, 2))
-    for left, right in [
-        (a.tolist(), b.tolist()),
-        (z, b),
-        (str(tmp_path / "a.zarr"), str(tmp_path / "b.npy")),
-        (tmp_path / "a.zarr", dask_b_split_over_d),
+    for left, right, dtype in [
+        (a.tolist(), b.tolist(), "float64"),  # Python floats: float64, the same values as a and b
+        (z, b, "float32"),
+        (str(tmp_path / "a.zarr"), str(tmp_path / "b.npy"), "float32"),
+        (tmp_path / "a.zarr", dask_b_split_over_d, "float32"),
     ]:
         S = dcs.cosine_similarity(left, right)
-        np.testing.assert_allclose(S.compute(), ref, atol=1e-5 if isinstance(left, list) else 2e-6)
+        got = S.compute()
+        assert S.dtype == got.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 if dtype == "float64" else 2e-6)
 
 
 def test_zarr_input_blocks_align_with_storage_chunks(tmp_path):
