@@ -21,7 +21,9 @@ import zarr
 import dask_cosim as dcs
 from dask_cosim.cli import build_parser, main
 from dask_cosim.io import MARKERS, regular_chunks
-from dask_cosim.testing import reference_cosine
+from dask_cosim.testing import assert_topk_indices, reference_cosine
+
+from .test_io import blosc_lz4_bitshuffle
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
@@ -84,8 +86,9 @@ def test_similarity_job_end_to_end(data, scheduler, capsys, tmp_path):
     m = _summary(stdout)
     assert m["path"] == str(out) and m["kind"] == "similarity" and m["shape"] == "2, 300, 200"
     assert m["blocks"] == m["written"] == str(2 * 3 * 2) and "GFLOP/s" in m[0]
-    got = zarr.open_group(out, mode="r")["similarity"][...]
-    np.testing.assert_allclose(got, reference_cosine(data["a"], data["b"]), atol=2e-6)
+    got = zarr.open_group(out, mode="r")["similarity"]
+    assert got.compressors == ()  # --codec auto (the default): similarities uncompressed
+    np.testing.assert_allclose(got[...], reference_cosine(data["a"], data["b"]), atol=2e-6)
     params = zarr.open_group(out, mode="r").attrs["dask_cosim"]["params"]
     assert params["a"]["path"] == data["A"] and params["b"]["path"] == data["B"]
     assert scheduler.workers  # an existing cluster is never shut down by the CLI
@@ -126,11 +129,13 @@ def test_topk_job_end_to_end(data, scheduler, capsys, tmp_path):
     upper = (300**2 + 4 * 64**2 + 44**2) // 2  # blocks of 64, 64, 64, 64, 44 rows: one triangle + diagonal
     assert f"self-similarity: {2 * upper:.3g} of {2 * 300**2:.3g} products computed" in m["counts"]
     s = reference_cosine(data["a"])
-    s[:, np.arange(300), np.arange(300)] = -np.inf
-    order = np.argsort(-s, axis=-1, kind="stable")[..., :7]
     g = zarr.open_group(out, mode="r")
-    np.testing.assert_array_equal(g["indices"][...], order)
+    assert_topk_indices(g["indices"][...], s, atol=2e-6, exclude_self=True)
+    np.testing.assert_allclose(g["values"][...], np.take_along_axis(s, g["indices"][...], -1), atol=2e-6)
+    order = np.argsort(-np.where(np.eye(300, dtype=bool), -np.inf, s), axis=-1, kind="stable")[..., :7]
     np.testing.assert_allclose(g["values"][...], np.take_along_axis(s, order, -1), atol=2e-6)
+    # --codec auto (the default): top-k arrays with blosc-lz4 + bitshuffle
+    assert blosc_lz4_bitshuffle(g["values"]) and blosc_lz4_bitshuffle(g["indices"])
     assert g.attrs["dask_cosim"]["params"]["k"] == 7
 
 

@@ -146,3 +146,21 @@ def test_every_config_key_is_documented_in_the_readme():
     keys = yaml.safe_load((root / "dask_cosim" / "cosine.yaml").read_text())["cosine"]
     readme = (root / "README.md").read_text()
     assert [k for k in keys if f"| `cosine.{k}` |" not in readme] == []
+
+
+def test_config_defaults_are_cosine_yaml_and_the_code_reads_them():
+    from pathlib import Path
+
+    import dask
+    import yaml
+    from dask.utils import parse_timedelta
+
+    from dask_cosim._backend import gpu_fallback_allowed
+    from dask_cosim._resources import gpu_worker_timeout
+
+    keys = yaml.safe_load((Path(dcs.__file__).parent / "cosine.yaml").read_text())["cosine"]
+    assert {"gpu-worker-timeout", "gpu-fallback", "blas-threads"} <= set(keys)
+    with dask.config.set({}):  # (nothing overridden)
+        assert {k: dask.config.get(f"cosine.{k}") for k in keys} == keys
+        assert gpu_worker_timeout() == parse_timedelta(keys["gpu-worker-timeout"]) == 60
+        assert gpu_fallback_allowed() is keys["gpu-fallback"] is False

@@ -212,6 +212,28 @@ def test_resume_checks_parameters_before_computing(tmp_path):
         dcs.to_zarr(dcs.cosine_similarity(a, b, chunks=(1, 10, 10)), out, resume=True, codec="zstd")
 
 
+def blosc_lz4_bitshuffle(arr) -> bool:
+    """The array is stored with blosc-lz4 and bitshuffle over its own item size (and nothing else)."""
+    (codec,) = arr.compressors
+    got = (type(codec).__name__, codec.cname.value, codec.shuffle.value, codec.typesize)
+    return got == ("BloscCodec", "lz4", "bitshuffle", arr.dtype.itemsize)
+
+
+def test_codec_auto_stores_similarity_uncompressed_and_topk_as_blosc_lz4_bitshuffle(tmp_path):
+    a = _data((40, 6), "float32")
+    dcs.to_zarr(dcs.cosine_similarity(a, chunks=(20, 20)), tmp_path / "s.zarr")  # codec="auto": the default
+    dcs.to_zarr(dcs.topk(a, k=3, chunks=(20, 20)), tmp_path / "t.zarr")
+    assert zarr.open_group(tmp_path / "s.zarr")["similarity"].compressors == ()
+    t = zarr.open_group(tmp_path / "t.zarr")
+    assert blosc_lz4_bitshuffle(t["values"]) and blosc_lz4_bitshuffle(t["indices"])
+    assert t["indices"].dtype == np.int64
+    # an explicit "auto" is the same choice: resuming with it finds nothing different
+    report = dcs.to_zarr(dcs.topk(a, k=3, chunks=(20, 20)), tmp_path / "t.zarr", resume=True, codec="auto")
+    assert report.blocks_written == 0
+    with pytest.raises(ResumeMismatchError, match="codec"):
+        dcs.to_zarr(dcs.topk(a, k=3, chunks=(20, 20)), tmp_path / "t.zarr", resume=True, codec="none")
+
+
 @pytest.mark.parametrize("codec", ["none", "zstd", "blosc-lz4"])
 def test_codecs_round_trip(tmp_path, codec):
     a = _data((40, 6), "float32")
