@@ -365,8 +365,8 @@ def test_worker_sigkill_during_topk_tree_reduction(real_cluster, gate_file):
         got_vals, got_idx = client.gather(futures)
     assert lost >= 1
     ref_vals, ref_idx = brute_topk(a, b, 7)
-    np.testing.assert_array_equal(got_idx, ref_idx)
-    np.testing.assert_allclose(got_vals, ref_vals, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(got_idx, ref_idx)  # float64: no near-ties in random data
+    np.testing.assert_allclose(got_vals, ref_vals, rtol=0, atol=TOL64)
     assert pid not in real_cluster.wait_for_workers().values()
 
 
