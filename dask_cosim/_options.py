@@ -9,7 +9,6 @@ takes; the command refuses a flag whose option the job's function does not take.
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 from collections.abc import Callable
@@ -186,6 +185,8 @@ def cli_type(name: str, parse: Callable[[str], Any] = str, check: Callable[[Any]
     """An argparse ``type=`` for option ``name``: ``parse`` the text, then run the API's check
     (``check``, default :func:`check_choice` of ``name``); its message, less the ``name: ``
     prefix that argparse's ``argument --flag:`` replaces, is the usage error."""
+    import argparse
+
     check = check if check is not None else (lambda value: check_choice(name, value))
 
     def convert(text: str):
