@@ -11,7 +11,7 @@ from ._backend import NoGPUError
 from ._finite import NonFiniteError
 from ._kernels import ZeroVectorError
 from ._plan import PlanError
-from ._resources import GPURouting, NoGPUWorkerError, ensure_gpu_routing
+from ._resources import NoGPUWorkerError, ensure_gpu_routing
 from ._version import __version__
 from ._zarr_guard import InputChunkError
 from .core import cosine_similarity
@@ -39,3 +39,13 @@ __all__ = [
     "GPURouting",
     "ensure_gpu_routing",
 ]
+
+
+def __getattr__(name: str):
+    # GPURouting is a distributed SchedulerPlugin: made when first asked for, so that
+    # ``import dask_cosim`` does not import distributed
+    if name == "GPURouting":
+        from ._resources import plugin_class
+
+        return plugin_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -116,9 +116,9 @@ def choose_backend(x, device: str, available: bool | None = None) -> str:
         _warn_fallback_once()
         return "numpy"
     raise NoGPUError(
-        "device='gpu' but this worker has no usable CUDA GPU (cupy missing, no device "
-        "visible, or CUDA failed to initialise); use device='auto' or 'cpu', route the "
-        "tasks to GPU workers (dask worker --resources GPU=1; README: GPU workers), or "
+        "device='gpu' but this worker has no usable CUDA GPU (cupy missing: pip install "
+        "'dask-cosim[gpu]'; no device visible; or CUDA failed to initialise); use device='auto' "
+        "or 'cpu', route the tasks to GPU workers (dask worker --resources GPU=1; README: GPU workers), or "
         "set the dask config cosine.gpu-fallback=True to run such blocks on NumPy"
     )
 
@@ -285,15 +285,6 @@ def limit_blas(threads: int) -> Iterator[None]:
                 for lib, previous in _blas_saved:
                     _set_threads(lib, previous)
                 _blas_saved = None
-
-
-def array_module_name(x: Any) -> str:
-    """'numpy', 'cupy' or the array-API namespace's name, for messages and tests."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if is_device_array(x):
-        return "cupy"
-    return array_api_compat.array_namespace(x).__name__
 
 
 # --------------------------------------------------------------------------- CuPy products

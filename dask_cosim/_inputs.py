@@ -128,10 +128,12 @@ def _open_path(path: str, name: str):
 def _open_npz(path: str, name: str):
     """A sparse matrix saved by :func:`scipy.sparse.save_npz`, read whole into memory (the
     format is a zip of arrays, which cannot be memory-mapped) and sliced per block."""
-    import scipy.sparse
+    from ._extras import require
+
+    scipy_sparse = require("scipy.sparse", f"{name}: reading the sparse matrix {path!r}")
 
     try:
-        x = scipy.sparse.load_npz(path)
+        x = scipy_sparse.load_npz(path)
     except Exception as err:  # noqa: BLE001 - a zip, pickle or key error: not a sparse .npz
         raise ValueError(
             f"{name}: {path!r} is not a sparse matrix written by scipy.sparse.save_npz "

@@ -11,6 +11,7 @@ import array_api_compat
 import numpy as np
 
 from ._backend import blas_threads_for_task, block_namespace, device_matmul, limit_blas, to_numpy
+from ._options import CHOICES
 from ._sparse import is_sparse, sparse_similarity_block
 
 __all__ = [
@@ -116,7 +117,7 @@ def _raise_zero_vector(zero, *, input_name, offset, batched):
 
 
 #: Product precisions: "float32" is the blocks' own dtype; the others round the operands.
-PRECISIONS = ("float32", "tf32", "bfloat16", "float16")
+PRECISIONS = CHOICES["precision"]
 #: explicit mantissa bits and smallest normal exponent of each reduced format
 _FORMATS = {"tf32": (10, -126), "bfloat16": (7, -126), "float16": (10, -14)}
 

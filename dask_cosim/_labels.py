@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from ._select import LABEL_PAIRS
+from ._options import check_choice
 
 if TYPE_CHECKING:
     from .core import Prepared
@@ -30,9 +30,7 @@ def check_label_pairs(label_pairs) -> str:
     >>> check_label_pairs("same")
     'same'
     """
-    if not isinstance(label_pairs, str) or label_pairs not in LABEL_PAIRS:
-        raise ValueError(f"label_pairs: expected 'different' or 'same', received {label_pairs!r}")
-    return label_pairs
+    return check_choice("label_pairs", label_pairs)
 
 
 def _one(labels, name: str, length: int):

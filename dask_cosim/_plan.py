@@ -1,8 +1,8 @@
 """Pure planning: validate shapes and dtypes, choose block sizes, estimate task memory.
 
-Nothing here imports dask or touches data: every function is integer arithmetic on
-shapes, itemsizes and byte budgets, so it can be tested exhaustively (hypothesis) and
-runs before any graph exists.
+Nothing here builds graphs or touches data: every function is integer arithmetic on
+shapes, itemsizes and byte budgets (dask's own chunk normalisation included), so it
+can be tested exhaustively (hypothesis) and runs before any graph exists.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from dask.array.core import normalize_chunks
+from dask.utils import format_bytes
+
+from ._options import check_axis_chunk, check_dtype
 
 Chunks = tuple[tuple[int, ...], ...]
 
@@ -26,8 +30,6 @@ _REJECTED_KINDS = {
     "m": "timedelta",
     "V": "structured/void",
 }
-_ZERO_VECTOR_MODES = ("zero", "nan", "error")
-_DEVICES = ("auto", "cpu", "gpu")
 
 
 class PlanError(ValueError):
@@ -105,16 +107,9 @@ def result_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
 
 
 def output_dtype(requested, default: np.dtype) -> np.dtype:
-    """Validate the user's ``dtype=``: a real floating dtype, or ``None`` for ``default``."""
-    if requested is None:
-        return default
-    try:
-        dtype = np.dtype(requested)
-    except TypeError as err:
-        raise TypeError(f"dtype: cannot interpret {requested!r} as a dtype") from err
-    if dtype.kind != "f" or dtype.itemsize > 8:
-        raise TypeError(f"dtype: expected float16, float32 or float64, received {dtype}")
-    return dtype
+    """The user's ``dtype=`` (checked: :func:`~dask_cosim._options.check_dtype`), or ``default``."""
+    dtype = check_dtype(requested)
+    return default if dtype is None else dtype
 
 
 def compute_dtype(default: np.dtype, out: np.dtype) -> np.dtype:
@@ -141,20 +136,6 @@ def check_pair(a: Operand, b: Operand) -> int:
     return a.batch if a.ndim == 3 else b.batch
 
 
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, received {value!r}")
-    return value
-
-
-def check_device(device) -> str:
-    return check_choice("device", device, _DEVICES)
-
-
-def check_zero_vector(mode) -> str:
-    return check_choice("zero_vector", mode, _ZERO_VECTOR_MODES)
-
-
 # --------------------------------------------------------------------------- chunks
 
 
@@ -164,35 +145,14 @@ def normalize_axis_chunks(spec, size: int, *, axis: str) -> tuple[int, ...] | No
     Accepts a positive int (regular blocks), ``-1`` or ``None`` (one block),
     ``"auto"``, or an explicit tuple of block sizes that sum to ``size``.
     """
-    if isinstance(spec, str):
-        if spec == "auto":
-            return None
+    spec = check_axis_chunk(spec, axis)
+    if spec == "auto":
+        return None
+    if isinstance(spec, tuple) and (any(c < 0 for c in spec) or sum(spec) != size):
         raise ValueError(
-            f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
+            f"chunks: {axis} block sizes {spec} must be non-negative and sum to the axis length {size}"
         )
-    if spec is None or (_is_int(spec) and int(spec) == -1):
-        return (size,)
-    if _is_int(spec):
-        step = int(spec)
-        if step <= 0:
-            raise ValueError(f"chunks: {axis} chunk must be a positive int, received {spec}")
-        if size == 0:
-            return (0,)
-        return (step,) * (size // step) + ((size % step,) if size % step else ())
-    if isinstance(spec, (tuple, list)) and all(_is_int(c) for c in spec):
-        blocks = tuple(int(c) for c in spec)
-        if any(c < 0 for c in blocks) or sum(blocks) != size:
-            raise ValueError(
-                f"chunks: {axis} block sizes {blocks} must be non-negative and sum to the axis length {size}"
-            )
-        return blocks
-    raise ValueError(
-        f"chunks: {axis} chunk {spec!r} is not understood; expected an int, -1, 'auto' or a tuple"
-    )
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    return normalize_chunks((spec,), (size,))[0]  # dask's rules: -1/None one block, int regular blocks
 
 
 def _balanced(size: int, block: int) -> tuple[int, ...]:
@@ -269,10 +229,6 @@ class Plan:
     @property
     def chunks(self) -> Chunks:
         return (self.batch, self.rows, self.cols)
-
-    @property
-    def nblocks(self) -> int:
-        return len(self.batch) * len(self.rows) * len(self.cols)
 
 
 def task_memory(
@@ -504,12 +460,3 @@ def plan_blocks(
             "raise the budget with dask.config.set({'cosine.max-task-memory': ...})"
         )
     return Plan(b_spec, rows, cols, need)
-
-
-def format_bytes(n: int) -> str:
-    """Human-readable bytes (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -39,7 +39,7 @@ import dask
 __all__ = [
     "GPU_RESOURCES",
     "GPUTask",
-    "GPURouting",
+    "GPURouting",  # noqa: F822 - made on first use (module __getattr__)
     "NoGPUWorkerError",
     "annotate_for",
     "ensure_gpu_routing",
@@ -167,18 +167,16 @@ def find_gpu_task(node: Any, _depth: int = 0) -> GPUTask | None:
 
 # --------------------------------------------------------------------------- scheduler plugin
 
-try:
-    from distributed.diagnostics.plugin import SchedulerPlugin
-except ImportError:  # pragma: no cover - distributed is a dependency
-    SchedulerPlugin = object  # type: ignore[misc,assignment]
 
-
-class GPURouting(SchedulerPlugin):
+class _GPURouting:
     """Scheduler plugin: ``{"GPU": 1}`` restrictions for :class:`GPUTask` tasks; fail when unroutable.
 
     A marked task that waits in ``no-worker`` for longer than its :class:`GPUTask`'s
     ``timeout`` while no worker declares a ``GPU`` resource is failed with
     :class:`NoGPUWorkerError`. Checked every ``interval`` seconds.
+
+    The class is ``GPURouting``, a ``distributed`` ``SchedulerPlugin`` made on first use
+    (:func:`plugin_class`) so that importing this module does not import ``distributed``.
 
     Examples
     --------
@@ -290,6 +288,22 @@ class GPURouting(SchedulerPlugin):
         scheduler.transitions(recommendations, stimulus_id)
 
 
+@functools.cache
+def plugin_class() -> type:
+    """``GPURouting``: :class:`_GPURouting` as a ``distributed`` ``SchedulerPlugin``
+    (``Client.register_plugin`` dispatches on that base class)."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    namespace = {"__module__": __name__, "__qualname__": "GPURouting", "__doc__": _GPURouting.__doc__}
+    return type("GPURouting", (_GPURouting, SchedulerPlugin), namespace)
+
+
+def __getattr__(name: str):
+    if name == "GPURouting":  # pickled plugins are found by this name
+        return plugin_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --------------------------------------------------------------------------- installing the plugin
 
 _installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -344,7 +358,7 @@ def ensure_gpu_routing(client=None) -> bool:
                 "dask_cosim: cannot install the GPU routing plugin from an asynchronous client; "
                 "run `await client.register_plugin(dask_cosim.GPURouting())` first"
             )
-        client.register_plugin(GPURouting(), name=PLUGIN_NAME)
+        client.register_plugin(plugin_class()(), name=PLUGIN_NAME)
         _installed[client] = marker
     return True
 

@@ -38,6 +38,7 @@ from ._backend import (
     to_numpy,
 )
 from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
+from ._options import CHOICES
 from ._sparse import SparseProduct, is_sparse, sparse_similarity_block
 from ._sparse import nan_rows as find_nan_rows
 
@@ -64,7 +65,7 @@ EXCLUDED_KEY = -3.0
 #: Key of padding (index -1) where a pruned block has fewer than k candidates in a row.
 PAD_KEY = -4.0
 #: Label masks: ``"different"`` keeps pairs whose labels differ, ``"same"`` pairs that share one.
-LABEL_PAIRS = ("different", "same")
+LABEL_PAIRS = CHOICES["label_pairs"]
 #: Number of column groups whose maxima bound the k-th best value of a row.
 _GROUPS = 128
 #: Row strips of the NumPy fast path hold about this many bytes of similarities.
@@ -149,9 +150,9 @@ def similarity_keys(
 def _similarity_keys_numpy(s, row_offset: int, col_offset: int, exclude_self: bool):
     """:func:`similarity_keys` with NumPy's own ``clip`` and masked ``copyto``, one pass per step.
 
-    The array-API ``clip`` of ``array_api_compat`` assigns through boolean masks: for a
-    1 GiB block on an H200 it took 19 ms, these steps with CuPy 3.8 ms (6.5 ms with
-    ``exclude_self``), and CuPy's fused :func:`_cupy_keys_kernel` 1.3 ms.
+    The array-API ``clip`` of ``array_api_compat`` assigns through boolean masks, several
+    times slower than these steps; on CuPy the fused :func:`_cupy_keys_kernel` is faster
+    still (figures: README, "Checking a GPU machine").
     """
     key = np.clip(s, -1.0, 1.0).astype(s.dtype, copy=False)
     np.copyto(key, NAN_KEY, where=np.isnan(key))

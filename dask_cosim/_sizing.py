@@ -5,7 +5,7 @@ run, the threads that will run them, the inputs' storage chunks) and :class:`Set
 (the dask config values and the workers' memory budget) and returns one
 :class:`~dask_cosim._plan.Plan`: the block sizes, the per-task memory estimate, the task
 count by stage and the reasons for the choice. Like :mod:`dask_cosim._plan` it is pure
-integer arithmetic: no dask, no data, no cluster (the caller asks the cluster once).
+integer arithmetic: no graphs, no data, no cluster (the caller asks the cluster once).
 
 The rules, in the order they apply to ``chunks="auto"`` axes:
 
@@ -40,6 +40,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from dask.utils import format_bytes
+
 from ._plan import Plan, PlanError, plan_blocks
 
 __all__ = [
@@ -68,7 +70,7 @@ MIN_GPU_ROWS = 1024
 #: 12); more blocks bring that closer to half but cost more per block than they save
 #: (``benchmarks/bench_topk.py --part self``; the README's performance section).
 MIN_TRIANGLE_BLOCKS = 12
-#: Floating-point operations below which a task is mostly overhead (tens of milliseconds).
+#: Floating-point operations below which a task is mostly per-task overhead.
 MIN_TASK_FLOPS = 1e9
 #: Parts merged by one ``cosine-merge`` task (dask's tree reduction).
 SPLIT_EVERY = 8
@@ -151,7 +153,7 @@ def plan_job(job: Job, settings: Settings, chunks=("auto", "auto", "auto")) -> P
     why: list[str] = []
     if gpu_sized:
         target, spread = settings.gpu_block_bytes, 1
-        why.append(f"blocks of S on the GPU aim at cosine.gpu-block-bytes={_fmt(target)}")
+        why.append(f"blocks of S on the GPU aim at cosine.gpu-block-bytes={format_bytes(int(target))}")
     elif job.reduced:
         flops_per_entry = 2 * job.work_dim
         target = int(settings.task_flops // flops_per_entry) * item
@@ -159,7 +161,7 @@ def plan_job(job: Job, settings: Settings, chunks=("auto", "auto", "auto")) -> P
         why.append(f"reduction tasks aim at cosine.task-flops={settings.task_flops:.3g} each")
     else:
         target, spread = settings.chunk_bytes, job.cores
-        why.append(f"stored blocks of S aim at array.chunk-size={_fmt(target)}")
+        why.append(f"stored blocks of S aim at array.chunk-size={format_bytes(int(target))}")
     per_core = REDUCTION_TASKS_PER_CORE if job.reduced else TASKS_PER_CORE
     kwargs = dict(
         target_bytes=target if (job.reduced and not gpu_sized) else min(target, budget // 4),
@@ -218,16 +220,23 @@ def regular_sizes(plan: Plan, batched: bool) -> tuple[int, ...] | None:
     (4, 5)
     """
     axes = plan.chunks if batched else plan.chunks[1:]
-    if all(_regular(c) for c in axes):
+    if regular_chunks(axes):
         return None
     return tuple(max(max(c), 1) for c in axes)
 
 
-def _regular(axis: tuple[int, ...]) -> bool:
-    return len(axis) <= 1 or (len(set(axis[:-1])) == 1 and axis[-1] <= axis[0])
+def regular_chunks(chunks) -> bool:
+    """True when every axis has equal blocks except possibly a smaller last one.
 
+    Only then can zarr chunks (a regular grid) equal the dask blocks.
 
-def _fmt(n: float) -> str:
-    from ._plan import format_bytes
-
-    return format_bytes(int(n))
+    >>> regular_chunks(((4, 4, 2), (3,)))
+    True
+    >>> regular_chunks(((4, 3, 3),))
+    False
+    """
+    for axis in chunks:
+        axis = tuple(axis)
+        if len(axis) > 1 and (len(set(axis[:-1])) != 1 or axis[-1] > axis[0]):
+            return False
+    return True

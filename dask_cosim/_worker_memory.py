@@ -41,7 +41,7 @@ class WorkerBudget:
     budget: int
 
     def explain(self) -> str:
-        from ._plan import format_bytes
+        from dask.utils import format_bytes
 
         return (
             f"{self.address} has memory_limit={format_bytes(self.memory_limit)} for "
@@ -124,7 +124,7 @@ def killed_worker_message(err: BaseException, budget: WorkerBudget | None = None
     ``budget``: the workers as known before the run (while a worker restarts, the
     scheduler may list none); else asked from ``client`` (default: the active client).
     """
-    from ._plan import format_bytes
+    from dask.utils import format_bytes
 
     text = " ".join(str(err).split())
     tight = budget if budget is not None else worker_budget(client)

@@ -7,7 +7,6 @@ other failure (one line; ``--traceback`` shows the details), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -19,6 +18,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ._options import check_dtype, check_k, check_threshold, cli_type, metavar
 
 __all__ = ["main", "JobSpec", "run_job", "build_job", "prepare_job", "execute_job"]
 
@@ -109,45 +110,54 @@ def _location(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _call(func: Callable, a, b, spec: JobSpec, **kwargs):
-    """Call a dask_cosim entry point with the options it accepts; refuse the ones it does not."""
-    accepted = inspect.signature(func).parameters
-    check = spec.check_finite or None
-    options = (("dtype", spec.dtype), ("zero_vector", spec.zero_vector), ("check_finite", check))
-    for opt, value in options:
-        if value is None:
-            continue
-        if opt not in accepted:
-            raise BadInput(f"--{opt.replace('_', '-')} does not apply to --{spec.kind} jobs")
-        kwargs[opt] = value
-    return func(a, b, **kwargs)
+#: How the command names each kind of job (dask_cosim._options.JOB_OPTIONS).
+JOB_WORDS = {"similarity": "similarity", "topk": "--topk", "pairs": "--threshold", "groups": "dedup"}
+
+
+def _given_options(spec: JobSpec) -> dict[str, Any]:
+    """The optional settings the user gave, each refused where the job's function (or its
+    writer) does not take it, as the option table says."""
+    from ._options import JOB_OPTIONS, WRITER_OPTIONS
+
+    given = {
+        "dtype": spec.dtype,
+        "zero_vector": spec.zero_vector,
+        "check_finite": spec.check_finite or None,
+        "exclude_self": spec.exclude_self or None,
+        "codec": None if spec.codec == "auto" else spec.codec,
+    }
+    given = {opt: value for opt, value in given.items() if value is not None}
+    if spec.b is not None and spec.kind == "groups":
+        raise BadInput("dedup jobs take one input (self-similarity), received B")
+    for opt in given:
+        if opt not in JOB_OPTIONS[spec.kind] | WRITER_OPTIONS[spec.kind]:
+            takers = [JOB_WORDS[k] for k in JOB_WORDS if opt in JOB_OPTIONS[k] | WRITER_OPTIONS[k]]
+            raise BadInput(
+                f"--{opt.replace('_', '-')} does not apply to {JOB_WORDS[spec.kind]} jobs "
+                f"(only to {' and '.join(takers)} jobs)"
+            )
+    given.pop("codec", None)  # the writer's (execute_job)
+    return given
 
 
 def _build(spec: JobSpec, chunks) -> Any:
     import dask_cosim as dcs
 
     a, b = _location(spec.a), _location(spec.b)
-    common = {"chunks": chunks, "device": spec.device}
+    options = {"chunks": chunks, "device": spec.device, **_given_options(spec)}
     if spec.kind == "groups":
-        return _build_groups(spec, a, common)
+        return _build_groups(spec, a, options)
     if spec.kind == "topk":
-        return _call(dcs.topk, a, b, spec, k=spec.topk, exclude_self=spec.exclude_self, **common)
+        return dcs.topk(a, b, spec.topk, **options)
     if spec.kind == "pairs":
-        return _call(
-            dcs.pairs_above, a, b, spec, threshold=spec.threshold, exclude_self=spec.exclude_self, **common
-        )
-    if spec.exclude_self:
-        raise BadInput("--exclude-self applies to --topk and --threshold jobs only")
-    return _call(dcs.cosine_similarity, a, b, spec, **common)
+        return dcs.pairs_above(a, b, spec.threshold, **options)
+    return dcs.cosine_similarity(a, b, **options)
 
 
 def _build_groups(spec: JobSpec, a, common: dict):
     """``dask-cosim dedup``: :func:`~dask_cosim.duplicate_groups` of A with the labels file."""
     import numpy as np
 
-    for opt, value in (("dtype", spec.dtype), ("zero_vector", spec.zero_vector), ("b", spec.b)):
-        if value is not None:
-            raise BadInput(f"--{opt.replace('_', '-')} does not apply to dedup jobs")
     labels = None
     if spec.labels is not None:
         try:
@@ -297,26 +307,27 @@ def _planned_workers(spec: JobSpec):
 
 
 def _chunks_arg(text: str):
+    """``auto`` or ``b,n,m`` / ``n,m`` (ints, -1 or auto), each checked as the API checks it."""
+    from ._options import check_axis_chunk
+
     if text.strip() == "auto":
         return "auto"
     parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected 2 (n,m) or 3 (b,n,m) block sizes, received {text!r}")
     out: list[Any] = []
-    for p in parts:
-        if p == "auto":
-            out.append("auto")
-            continue
+    for axis, p in zip(("batch", "N", "M")[3 - len(parts) :], parts, strict=True):
         try:
-            value = int(p)
+            value = p if p == "auto" else int(p)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected 'auto' or comma-separated block sizes like 1,4096,4096 (ints, -1 or auto), "
                 f"received {text!r}"
             ) from None
-        if value == 0 or value < -1:
-            raise argparse.ArgumentTypeError(f"block sizes must be positive or -1, received {text!r}")
-        out.append(value)
-    if len(out) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"expected 2 (n,m) or 3 (b,n,m) block sizes, received {text!r}")
+        try:
+            out.append(check_axis_chunk(value, axis))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("chunks: ")) from None
     return tuple(out)
 
 
@@ -344,18 +355,6 @@ def _seconds(text: str) -> float:
     value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, received {text!r}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    value = _finite_float(text)
-    if not -1.0 <= value <= 1.0:
-        hint = f" (a percentage? use {value / 100:g})" if 5 <= value <= 100 else ""
-        raise argparse.ArgumentTypeError(
-            f"expected a similarity in [-1, 1], received {text!r}{hint}; no pair could reach it"
-            if value > 1
-            else f"expected a similarity in [-1, 1], received {text!r}"
-        )
     return value
 
 
@@ -420,6 +419,12 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: The API's own checks of k, threshold and dtype, as argparse types.
+_K = cli_type("k", int, check_k)
+_THRESHOLD = cli_type("threshold", float, check_threshold)
+_DTYPE = cli_type("dtype", str, lambda d: check_dtype(d).name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -442,26 +447,28 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, metavar="OUT", help="zarr group (Parquet dir for --threshold)"
     )
     what = run.add_mutually_exclusive_group()
-    what.add_argument("--topk", type=_positive_int, metavar="K", help="k nearest columns of each row")
+    what.add_argument("--topk", type=_K, metavar="K", help="k nearest columns of each row")
     what.add_argument(
-        "--threshold", type=_threshold, metavar="T", help="every pair with score >= T, -1 <= T <= 1 (Parquet)"
+        "--threshold", type=_THRESHOLD, metavar="T", help="every pair with score >= T, -1 <= T <= 1 (Parquet)"
     )
     run.add_argument("--exclude-self", action="store_true", help="drop i == j (self-similarity)")
     run.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="output blocks")
-    run.add_argument("--dtype", choices=("float16", "float32", "float64"), help="similarity output dtype")
+    run.add_argument("--dtype", type=_DTYPE, metavar=metavar("dtype"), help="similarity output dtype")
     run.add_argument(
-        "--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto: a GPU where a worker has one"
-    )
-    run.add_argument("--zero-vector", choices=("zero", "nan", "error"), help="similarity of zero vectors")
+        "--device", type=cli_type("device"), default="auto", metavar=metavar("device"),
+        help="auto: a GPU where a worker has one",
+    )  # fmt: skip
+    run.add_argument(
+        "--zero-vector", type=cli_type("zero_vector"), metavar=metavar("zero_vector"),
+        help="similarity of zero vectors",
+    )  # fmt: skip
     run.add_argument(
         "--check-finite", action="store_true", help="refuse inputs with NaN/inf (reads them once first)"
     )
     run.add_argument(
-        "--codec",
-        choices=("auto", "none", "zstd", "blosc-lz4"),
-        default="auto",
+        "--codec", type=cli_type("codec"), default="auto", metavar=metavar("codec"),
         help="output compression (auto: none for similarity, blosc-lz4 for top-k)",
-    )
+    )  # fmt: skip
     run.add_argument("--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options")
     run.add_argument(
         "--plan", action="store_true", help="print the plan (blocks, tasks, memory per task) and exit"
@@ -488,17 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("a", metavar="A", help=INPUT_HELP)
     dedup.add_argument("-o", "--output", required=True, metavar="OUT", help="Parquet directory")
     dedup.add_argument(
-        "--threshold", type=float, default=0.95, metavar="T", help="link rows with score >= T (0.95)"
+        "--threshold", type=_THRESHOLD, default=0.95, metavar="T", help="link rows with score >= T (0.95)"
     )
     dedup.add_argument("--labels", metavar="L.npy", help="integer label per row: a label mask")
     dedup.add_argument(
-        "--label-pairs",
-        choices=("different", "same"),
-        default="different",
+        "--label-pairs", type=cli_type("label_pairs"), default="different", metavar=metavar("label_pairs"),
         help="with --labels: link only rows whose labels differ (default) or are the same",
-    )
+    )  # fmt: skip
     dedup.add_argument("--chunks", type=_chunks_arg, default="auto", metavar="b,n,m", help="blocks of S")
-    dedup.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    dedup.add_argument("--device", type=cli_type("device"), default="auto", metavar=metavar("device"))
     dedup.add_argument(
         "--storage-options", type=_json_dict, default={}, metavar="JSON", help="fsspec options"
     )

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = [
     "SchedulerUnreachable",
     "dask_client",
-    "dashboard_address",
     "machine_layout",
     "embedded_blas_threads",
     "cluster_logs",
@@ -26,21 +25,6 @@ CLUSTER_LOGGERS = ("distributed", "bokeh", "tornado", "asyncio")
 
 class SchedulerUnreachable(ConnectionError):
     """No scheduler answered at the given address within the timeout."""
-
-
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def dashboard_address(preferred: int = DEFAULT_DASHBOARD_PORT) -> str:
-    """``127.0.0.1:8787``, or ``127.0.0.1:0`` (any free port) when 8787 is taken."""
-    port = preferred if _port_free(preferred) else 0
-    return f"127.0.0.1:{port}"
 
 
 def machine_layout(workers: int | None = None, threads_per_worker: int | None = None) -> tuple[int, int]:
@@ -65,7 +49,7 @@ def embedded_blas_threads(
 
     ``cosine.blas-threads: auto`` gives each task ``cores // threads of its worker`` BLAS
     threads, which oversubscribes the cores when several worker processes share a machine
-    (measured: 2 workers x 1 thread on 2 cores ran products 2x slower). For the embedded
+    (README: "No oversubscription"). For the embedded
     cluster the layout is known, so each task gets ``cores // (workers x threads)``. An
     explicit setting, or an external ``--scheduler``, is left alone.
     """
@@ -211,12 +195,22 @@ def _dask_client(
         client = Client(cluster, set_as_default=True)
         try:
             if echo:
-                echo(f"Dask dashboard: {client.dashboard_link} ({n} workers x {t} threads)")
+                echo(f"Dask dashboard: {_dashboard_link(client)} ({n} workers x {t} threads)")
             yield client
         finally:
             client.close()
     finally:
         cluster.close()
+
+
+def _dashboard_link(client) -> str:
+    """The embedded cluster's dashboard link, or why there is none (distributed serves only
+    a page asking for bokeh without it)."""
+    from ._extras import available, install_hint
+
+    if available("bokeh"):
+        return client.dashboard_link
+    return f"not served (it needs bokeh: {install_hint('bokeh')})"
 
 
 def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, log_file: str | None = None):
@@ -236,7 +230,10 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
         level = logging.ERROR if quiet else logging.WARNING
     import dask
 
-    with dask.config.set(_calmer_polling()):
+    with dask.config.set(_calmer_polling()), warnings.catch_warnings():
+        # distributed moves the dashboard to a free port when 8787 is taken, and warns on stderr
+        # (the link printed says where it is)
+        warnings.filterwarnings("ignore", message=f"Port {DEFAULT_DASHBOARD_PORT} is already in use")
         return LocalCluster(
             n_workers=n,
             threads_per_worker=t,
@@ -244,7 +241,7 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
             memory_limit=memory_limit,
             host="127.0.0.1",
             protocol="tcp://",  # also for processes=False, so the address is reachable and bound to 127.0.0.1
-            dashboard_address=dashboard_address(),
+            dashboard_address=f"127.0.0.1:{DEFAULT_DASHBOARD_PORT}",
             silence_logs=level,
             **extra,
         )
@@ -254,8 +251,8 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
 #: health tick (20 ms), the system monitor (500 ms) and the memory monitor of each worker
 #: and of its nanny (100 ms; the nannies share this process's event loop with the
 #: scheduler). A job runner needs none of them that often, and their cost is fixed per
-#: second of wall time, whatever the job: on a small host it outweighs the scheduling of a
-#: top-k job's tasks (README "Cluster scale"). Memory limits still hold: a worker checks its
+#: second of wall time, whatever the job: on few cores it can outweigh the scheduling of a
+#: job's tasks (figures: README "Cluster scale"). Memory limits still hold: a worker checks its
 #: memory twice a second. Settings the user changed are left as they are.
 CALMER_POLLING = {
     "distributed.admin.tick.interval": ("20ms", "1s"),

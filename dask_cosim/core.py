@@ -16,18 +16,9 @@ from dask.layers import ArraySliceDep
 from . import _config, _finite, _provenance, _sparse
 from ._backend import gpu_available, is_device_array
 from ._inputs import BlockSource, input_token, open_input, storage_chunks
-from ._kernels import PRECISIONS, normalize_rows, similarity_block
-from ._plan import (
-    Operand,
-    Plan,
-    check_choice,
-    check_device,
-    check_pair,
-    check_zero_vector,
-    compute_dtype,
-    output_dtype,
-    result_dtype,
-)
+from ._kernels import normalize_rows, similarity_block
+from ._options import check_choice, check_flag
+from ._plan import Operand, Plan, check_pair, compute_dtype, output_dtype, result_dtype
 from ._resources import annotate_for, routed
 from ._result import SimilarityArray
 from ._sizing import Job, Settings, plan_job
@@ -114,7 +105,7 @@ def _on_whole_vectors(func, an_blocks: list, bn_blocks: list, *extra, **kwargs):
     Blockwise hands a task the blocks along the contracted vector axis as a list; D is
     never split, so each list holds one block. (``concatenate=True`` would unwrap it too,
     but through ``concatenate3``, which copies even a single block into fresh memory:
-    both inputs once more per product task, a quarter of the product's time on W1.)
+    both inputs once more per product task; README: Performance.)
     """
     (an,), (bn,) = an_blocks, bn_blocks
     return func(an, bn, *extra, **kwargs)
@@ -151,9 +142,10 @@ def prepare(
     (:mod:`dask_cosim._sizing`) what the blocks are for; it is asked once, with the
     active cluster's layout (one call to its scheduler) or this machine's.
     """
-    device = check_device(device)
-    zero_vector = check_zero_vector(zero_vector)
-    precision = check_choice("precision", precision, PRECISIONS)
+    device = check_choice("device", device)
+    zero_vector = check_choice("zero_vector", zero_vector)
+    precision = check_choice("precision", precision)
+    check_finite = check_flag("check_finite", check_finite)
     self_similar = b is None or b is a
     a_in = open_input(a, "a")
     b_in = a_in if self_similar else open_input(b, "b")
@@ -267,7 +259,7 @@ def _check_like(like, device: str, on_device: bool) -> str:
     """Where output blocks live: ``"numpy"`` (host) or ``"cupy"`` (left on the GPU)."""
     if like is None:
         return "cupy" if on_device and device != "cpu" else "numpy"
-    like = check_choice("like", like, ("numpy", "cupy"))
+    like = check_choice("like", like)
     if like == "cupy" and not (device == "gpu" or (on_device and device == "auto")):
         raise ValueError(
             f"like='cupy' keeps output blocks on the GPU, so it needs device='gpu' (or CuPy inputs "

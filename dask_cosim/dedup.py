@@ -14,30 +14,31 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from typing import TYPE_CHECKING
 
 import dask.array as da
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 from dask.base import tokenize
+from dask.core import flatten
 from dask.delayed import Delayed, delayed
 
 from ._components import components, finish_forest, group_rows, merge_forests
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
+from ._options import check_threshold
 from ._resources import routed
 from ._select import pairs_block
 from ._triangle import pairs_triangle_graph, use_triangle
 from .core import Device, Prepared, record_result
-from .reductions import _check_threshold, _flatten, _prepare, _row_and_col_indices
+from .reductions import _prepare, _row_and_col_indices
+
+if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light
+    import dask.dataframe as dd
+    import pandas as pd
 
 __all__ = ["duplicate_groups", "SPLIT_EVERY"]
 
 #: Forests merged by one ``cosine-union`` task.
 SPLIT_EVERY = 8
-
-
-def _check_unit_threshold(threshold) -> float:
-    return _check_threshold(threshold)  # a real number in [-1, 1], as for pairs_above
 
 
 def duplicate_groups(
@@ -108,7 +109,9 @@ def _duplicate_groups(
     """:func:`duplicate_groups`; ``checkpoint=(fs, folder)`` (fsspec) keeps each block's forest
     there, and a rerun loads the forests it finds instead of computing their blocks again
     (``dask-cosim dedup --resume``)."""
-    threshold = _check_unit_threshold(threshold)
+    import dask.dataframe as dd
+
+    threshold = check_threshold(threshold)  # a real number in [-1, 1], as for pairs_above
     label_pairs = check_label_pairs(label_pairs)
     prep = _prepare(a, None, op="pairs", chunks=chunks, device=device)
     labels = check_labels(labels, prep)
@@ -145,11 +148,15 @@ def _spans(sizes) -> list[tuple[int, int]]:
 
 
 def _groups_meta(batched: bool) -> pd.DataFrame:
+    import pandas as pd
+
     cols = ("batch", "i", "group", "size") if batched else ("i", "group", "size")
     return pd.DataFrame({c: np.empty(0, dtype=np.int64) for c in cols})
 
 
 def _groups_frame(final, b0: int, b1: int, r0: int, r1: int, n: int, batched: bool) -> pd.DataFrame:
+    import pandas as pd
+
     cols = group_rows(final, range(b0, b1), range(r0, r1), n, batched)
     b = cols["batch"] if batched else 0
     return pd.DataFrame(cols, index=pd.Index(b * n + cols["i"]))
@@ -188,7 +195,7 @@ def _forests(
             name=name, dtype=object, meta=np.empty((0,) * len(prep.out_index), dtype=object),
             upper=True, labelled=labels is not None, **kwargs,
         )  # fmt: skip
-        graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
+        graph, keys = parts.__dask_graph__(), list(flatten(parts.__dask_keys__()))
     return [Delayed(key, graph, layer=key[0]) for key in keys]
 
 

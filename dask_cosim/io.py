@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from dask.base import tokenize
 
 from . import _config, _provenance, _topk_store
 from ._backend import to_numpy
+from ._sizing import regular_chunks
 
 __all__ = [
     "to_zarr",
@@ -167,23 +168,6 @@ def _parquet_rows(fs, root: str, nparts: int) -> int | None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def regular_chunks(chunks: Sequence[Sequence[int]]) -> bool:
-    """True when every axis has equal blocks except possibly a smaller last one.
-
-    Only then can zarr chunks (a regular grid) equal the dask blocks.
-
-    >>> regular_chunks(((4, 4, 2), (3,)))
-    True
-    >>> regular_chunks(((4, 3, 3),))
-    False
-    """
-    for axis in chunks:
-        axis = tuple(axis)
-        if len(axis) > 1 and (len(set(axis[:-1])) != 1 or axis[-1] > axis[0]):
-            return False
-    return True
 
 
 def _regularize(arr: da.Array, what: str) -> da.Array:
@@ -688,7 +672,7 @@ def to_zarr(
     codec : {"auto", "none", "zstd", "blosc-lz4"}
         Compression. ``"auto"`` stores similarities uncompressed (cosine scores barely
         compress; see the README's codec section) and top-k arrays with blosc-lz4 +
-        bitshuffle (indices shrink ~5x).
+        bitshuffle (their int64 indices compress well).
     storage_options : dict, optional
         Passed to fsspec for URLs.
     progress : bool
@@ -773,13 +757,10 @@ def _result_name(result) -> str:
     return result.name if isinstance(result, da.Array) else result[0].name
 
 
-_CODECS = ("auto", "none", "zstd", "blosc-lz4")
-
-
 def _codec_spec(codec: str, array: str) -> str:
-    if codec not in _CODECS:
-        raise ValueError(f"codec: expected one of {', '.join(map(repr, _CODECS))}, received {codec!r}")
-    if codec == "auto":
+    from ._options import check_choice
+
+    if check_choice("codec", codec) == "auto":
         return "none" if array == "similarity" else "blosc-lz4"
     return codec
 

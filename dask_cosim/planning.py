@@ -11,7 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._plan import Plan, format_bytes
+from dask.utils import format_bytes
+
+from ._plan import Plan
 
 __all__ = ["plan", "JobPlan"]
 

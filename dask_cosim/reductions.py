@@ -9,42 +9,38 @@ uses only the upper block triangle (:mod:`dask_cosim._triangle`).
 
 from __future__ import annotations
 
-import numbers
 from functools import partial
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 
 # dask's tree reduction (the machinery behind ``da.reduction``) used directly, so the
 # per-block product+selection layer keeps its own name instead of being fused into the
 # reduction's chunk step.
 from dask.array.reductions import _tree_reduce
 from dask.base import tokenize
+from dask.core import flatten
 
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
+from ._options import check_flag, check_k, check_threshold
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._sizing import SPLIT_EVERY
 from ._topk_store import INPUT_PRIORITY, TopkSource, priority_of
 from ._topk_store import register as register_topk
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
-from .core import Device, Like, Precision, Prepared, prepare, record_result
+from .core import Device, Like, Precision, Prepared, ZeroVector, prepare, record_result
+
+if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light
+    import dask.dataframe as dd
+    import pandas as pd
 
 __all__ = ["topk", "pairs_above"]
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"k: expected a positive integer, received {k!r} ({type(k).__name__})")
-    if k < 1:
-        raise ValueError(f"k: expected a positive integer (k >= 1), received {k}")
-    return int(k)
 
 
 def _check_k_fits(k: int, prep: Prepared, exclude_self: bool) -> None:
@@ -59,8 +55,7 @@ def _check_k_fits(k: int, prep: Prepared, exclude_self: bool) -> None:
 
 
 def _check_exclude_self(exclude_self, prep: Prepared) -> bool:
-    if not isinstance(exclude_self, (bool, np.bool_)):
-        raise TypeError(f"exclude_self: expected True or False, received {exclude_self!r}")
+    exclude_self = check_flag("exclude_self", exclude_self)
     n, m = prep.out_shape[-2:]
     if exclude_self and not prep.self_similar and n != m:
         raise ValueError(
@@ -68,19 +63,6 @@ def _check_exclude_self(exclude_self, prep: Prepared) -> bool:
             f"with as many vectors as a; received a with N={n} and b with M={m}"
         )
     return bool(exclude_self)
-
-
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold: expected a real number, received {threshold!r}")
-    if np.isnan(threshold):
-        raise ValueError("threshold: received NaN; expected a real number (similarities lie in [-1, 1])")
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"threshold: expected a similarity in [-1, 1], received {threshold!r}"
-            + ("; no pair could reach it" if threshold > 1 else "; pass -1 to keep every pair")
-        )
-    return float(threshold)
 
 
 def _prepare(a, b, op: str = "topk", **kwargs) -> Prepared:
@@ -99,7 +81,9 @@ def topk(
     *,
     exclude_self: bool = False,
     chunks="auto",
+    dtype=None,
     device: Device = "auto",
+    zero_vector: ZeroVector = "zero",
     precision: Precision = "float32",
     like: Like | None = None,
     check_finite: bool = False,
@@ -133,6 +117,15 @@ def topk(
         inputs). See :mod:`dask_cosim._sizing` and :func:`dask_cosim.plan`. Selection runs
         where the product ran (on the GPU for CuPy blocks); only the ``k`` best per row
         leave the device.
+    dtype : float dtype, optional
+        The values' dtype, as the output dtype of :func:`dask_cosim.cosine_similarity`
+        (default float32 when both inputs are float32 or narrower floats, float64
+        otherwise; a wider dtype also runs the products in it). Parts of a row are merged
+        in this dtype, so neighbours closer than its rounding (about 5e-4 for float16) may
+        come in either order.
+    zero_vector : {"zero", "nan", "error"}
+        As :func:`dask_cosim.cosine_similarity`: a zero vector's similarities are 0, NaN
+        (ranked last, like any NaN) or a :class:`~dask_cosim.ZeroVectorError` at compute time.
     like : {"numpy", "cupy"}, optional
         Where the results live, as in :func:`dask_cosim.cosine_similarity`.
     check_finite : bool
@@ -174,11 +167,12 @@ def topk(
            [0.8, 0.6],
            [0.6, 0. ]])
     """
-    k = _check_k(k)
+    k = check_k(k)
     with dask.annotate(priority=INPUT_PRIORITY):  # read and normalise the inputs first (see _topk_store)
         prep = _prepare(
-            a, b, chunks=chunks, device=device, precision=precision, like=like, check_finite=check_finite, k=k
-        )
+            a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, precision=precision,
+            like=like, check_finite=check_finite, k=k,
+        )  # fmt: skip
     exclude_self = _check_exclude_self(exclude_self, prep)
     _check_k_fits(k, prep, exclude_self)
     labels, label_pairs = check_labels(labels, prep), check_label_pairs(label_pairs)
@@ -227,8 +221,8 @@ def topk(
         register_topk(vals.name, TopkSource(parts, k, triangle, where, next(iter(upper), None)))
     for result in (vals, idx):
         record_result(
-            result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, precision=precision,
-            **_label_facts(labels, label_pairs),
+            result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, zero_vector=zero_vector,
+            precision=precision, **_label_facts(labels, label_pairs),
         )  # fmt: skip
     return vals, idx
 
@@ -344,7 +338,9 @@ def pairs_above(
     *,
     exclude_self: bool = False,
     chunks="auto",
+    dtype=None,
     device: Device = "auto",
+    zero_vector: ZeroVector = "zero",
     precision: Precision = "float32",
     check_finite: bool = False,
     labels=None,
@@ -367,6 +363,13 @@ def pairs_above(
         product ran (on the GPU for CuPy blocks); only the pairs leave the device.
     threshold : float
         Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).
+    dtype : float dtype, optional
+        The ``score`` column's dtype, as the output dtype of
+        :func:`dask_cosim.cosine_similarity` (a wider dtype also runs the products in it).
+    zero_vector : {"zero", "nan", "error"}
+        As :func:`dask_cosim.cosine_similarity`: a zero vector scores 0 with every vector
+        (so it passes thresholds <= 0), NaN (never passes) or raises
+        :class:`~dask_cosim.ZeroVectorError` at compute time.
     exclude_self : bool
         Drop pairs with ``i == j`` (``b`` must have as many vectors as ``a``).
     check_finite : bool
@@ -389,10 +392,13 @@ def pairs_above(
     0      0  0  1    0.8
     1      0  1  2    0.6
     """
-    threshold = _check_threshold(threshold)
+    import dask.dataframe as dd
+
+    threshold = check_threshold(threshold)
     prep = _prepare(
-        a, b, op="pairs", chunks=chunks, device=device, precision=precision, check_finite=check_finite
-    )
+        a, b, op="pairs", chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector,
+        precision=precision, check_finite=check_finite,
+    )  # fmt: skip
     exclude_self = _check_exclude_self(exclude_self, prep)
     labels, label_pairs = check_labels(labels, prep), check_label_pairs(label_pairs)
     meta = _pairs_meta(prep.out_dtype)
@@ -416,17 +422,19 @@ def pairs_above(
             graph, keys = pairs_triangle_graph(prep, name, task_for, extras)
         else:
             parts = _pairs_parts(prep, name, exclude_self, kwargs, labels)
-            graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
+            graph, keys = parts.__dask_graph__(), list(flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
         result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-frame")
     record_result(
         result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
-        precision=precision, **_label_facts(labels, label_pairs),
+        zero_vector=zero_vector, precision=precision, **_label_facts(labels, label_pairs),
     )  # fmt: skip
     return result
 
 
 def _pairs_meta(dtype) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(
         {
             "batch": np.empty(0, dtype=np.int64),
@@ -435,14 +443,6 @@ def _pairs_meta(dtype) -> pd.DataFrame:
             "score": np.empty(0, dtype=dtype),
         }
     )
-
-
-def _flatten(keys):
-    if isinstance(keys, list):
-        for k in keys:
-            yield from _flatten(k)
-    else:
-        yield keys
 
 
 def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:
@@ -486,6 +486,8 @@ def _labelled_pairs_task(an, bn, rows, cols, row_labels, col_labels, batches=Non
 
 
 def _pairs_frame(an, bn, row_labels=None, col_labels=None, **kwargs) -> pd.DataFrame:
+    import pandas as pd
+
     if row_labels is not None:
         kwargs.update(row_labels=row_labels, col_labels=col_labels)
     batch, i, j, score = pairs_block(an, bn, **kwargs)

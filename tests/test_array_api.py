@@ -12,9 +12,8 @@ import array_api_strict as xps
 import numpy as np
 import pytest
 
+from dask_cosim import _select as select
 from dask_cosim._kernels import cosine_block, normalize_rows, reduce_precision, similarity_block
-
-select = pytest.importorskip("dask_cosim._select")
 
 PRECISIONS = ["float32", "tf32", "bfloat16", "float16"]
 

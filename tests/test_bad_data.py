@@ -217,48 +217,98 @@ def test_write_error_is_clear_and_markers_claim_only_written_blocks(real_cluster
     np.testing.assert_allclose(zarr.open_group(str(path))["similarity"][...], ref, atol=TOL64)
 
 
-def _slow_failing_store(path, fail_key: str, delay_s: float):
-    """A local zarr store whose chunk writes take ``delay_s``, and whose ``fail_key`` fails."""
+def _recording_failing_store(path, events: Path, fail_key: str):
+    """A local zarr store whose block writes leave ``start-``/``end-`` files in ``events``.
+
+    ``fail_key`` fails, but only once another block write is running: the first write to
+    start (the "holder") then stays in flight until the caller has raised (the ``raised``
+    file) or 2 s have passed. So a write is running when the block fails, whatever the
+    load: a caller that raises without waiting for it is caught in the act (a start
+    without an end), and a correct one waits those 2 s at most.
+    """
     import asyncio
 
     from zarr.storage import LocalStore, WrapperStore
 
-    class SlowFailingStore(WrapperStore):
-        async def set(self, key, value, *args, **kwargs):
-            if key == fail_key:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
-            if key.startswith("similarity/c/"):
-                await asyncio.sleep(delay_s)
-            return await self._store.set(key, value, *args, **kwargs)
+    async def until(flag: Path, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not flag.exists():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
-    return SlowFailingStore(LocalStore(str(path)))
+    def claim(flag: Path) -> bool:
+        try:
+            os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
+
+    class RecordingFailingStore(WrapperStore):
+        async def set(self, key, value, *args, **kwargs):
+            if not key.startswith("similarity/c/"):
+                return await self._store.set(key, value, *args, **kwargs)
+            if key == fail_key:
+                await until(events / "holder", 60)
+                (events / "failed").touch()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+            name = key.replace("/", "_")
+            (events / f"start-{name}").touch()
+            try:
+                if claim(events / "holder"):
+                    await until(events / "failed", 60)
+                    await until(events / "raised", 2)
+                return await self._store.set(key, value, *args, **kwargs)
+            finally:
+                (events / f"end-{name}").touch()
+
+    return RecordingFailingStore(LocalStore(str(path)))
+
+
+def _events(events: Path, kind: str) -> set[str]:
+    return {p.name.removeprefix(kind) for p in events.glob(f"{kind}*")}
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "distributed"])
 def test_write_error_raises_after_the_running_writes_end(real_cluster, tmp_path, scheduler):
     """When to_zarr raises, no block is written any more: the writes that were running
     on other threads (or workers) when one failed have finished first."""
-    import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import dask
 
+    from ._real_cluster import wait_until
+
     a = rng(9).standard_normal((300, 8))
-    path = tmp_path / "out.zarr"
-    store = _slow_failing_store(path, "similarity/c/0/1", delay_s=0.5)
+    path, events = tmp_path / "out.zarr", tmp_path / "events"
+    events.mkdir()
+    store = _recording_failing_store(path, events, "similarity/c/0/1")
+    pool = ThreadPoolExecutor(2)
     ctx = (
         real_cluster.client()
         if scheduler == "distributed"
-        else dask.config.set(scheduler="threads", num_workers=2)
+        else dask.config.set(scheduler="threads", pool=pool)
     )
-    with ctx:
+    with ctx as client:
         S = dcs.cosine_similarity(a, a.copy(), chunks=(100, 100))
         with pytest.raises(OSError, match=r"cannot write block \(0, 1\)"):
             dcs.to_zarr(S, store)
-    markers = zarr.open_group(str(path), mode="r")["_blocks_done"]
-    before = markers[...]
-    time.sleep(1.0)  # two slow writes' worth: anything still running would land now
-    np.testing.assert_array_equal(markers[...], before)
-    assert before[0, 1] == 0
+        started, ended = _events(events, "start-"), _events(events, "end-")
+        markers = zarr.open_group(str(path), mode="r")["_blocks_done"]
+        at_raise = markers[...]
+        (events / "raised").touch()
+        assert (events / "holder").exists()  # a write was running when the block failed ...
+        assert started == ended, f"raised while writing {started - ended}"  # ... and had ended
+        # everything dask or the cluster was given has finished: a late write would be there now
+        if scheduler == "distributed":
+            wait_until(lambda: not any(client.processing().values()), 60, "idle workers", client=client)
+        else:
+            pool.shutdown(wait=True)
+    assert _events(events, "start-") == started  # no block write began after the raise
+    np.testing.assert_array_equal(markers[...], at_raise)
+    assert at_raise[0, 1] == 0
 
 
 def _make_read_only(directory: Path) -> bool:

@@ -10,9 +10,10 @@ import threading
 
 import dask
 import numpy as np
+import pytest
 
 import dask_cosim as dcs
-from dask_cosim import _backend, _kernels
+from dask_cosim import _backend, _kernels, _select
 from dask_cosim._backend import blas_threads_for_task, limit_blas
 
 CORES = len(os.sched_getaffinity(0))
@@ -139,6 +140,30 @@ def test_product_tasks_run_under_the_limit(monkeypatch):
     with dask.config.set(num_workers=2):
         dcs.cosine_similarity(a, a, chunks=(1, 25, 25)).compute(scheduler="threads")
     assert seen and set(seen) == {max(1, CORES // 2)}
+
+
+@pytest.mark.parametrize("setting", [1, 3, "2"])
+def test_the_blas_threads_config_reaches_every_product_task(monkeypatch, setting):
+    """``cosine.blas-threads`` set through dask's config when the graph is built is the
+    limit of the similarity, top-k and pairs products (whatever dask's threads would give)."""
+    seen = []
+
+    def spying(module):
+        real = module.limit_blas
+        monkeypatch.setattr(module, "limit_blas", lambda n: seen.append((module.__name__, n)) or real(n))
+
+    spying(_kernels)
+    spying(_select)
+    a = np.random.default_rng(0).standard_normal((2, 200, 40))  # blocks above _select's small-GEMM cut
+    with dask.config.set({"cosine.blas-threads": setting}):
+        S = dcs.cosine_similarity(a, a.copy(), chunks=(1, 100, 100))
+        vals, idx = dcs.topk(a, a.copy(), k=3, chunks=(1, 100, 100))
+        pairs = dcs.pairs_above(a, a.copy(), threshold=0.5, chunks=(1, 100, 100))
+    with dask.config.set(num_workers=2):  # computed outside: the setting travels with the graph
+        dask.compute(S, vals, idx, scheduler="threads")
+        pairs.compute(scheduler="threads")
+    assert {m for m, _ in seen} == {"dask_cosim._kernels", "dask_cosim._select"}, seen
+    assert {n for _, n in seen} == {int(setting)}, seen
 
 
 def test_environment_caps_blas_threads(monkeypatch):

@@ -21,7 +21,9 @@ import zarr
 import dask_cosim as dcs
 from dask_cosim.cli import build_parser, main
 from dask_cosim.io import MARKERS, regular_chunks
-from dask_cosim.testing import reference_cosine
+from dask_cosim.testing import assert_topk_indices, reference_cosine
+
+from .test_io import blosc_lz4_bitshuffle
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
@@ -84,8 +86,9 @@ def test_similarity_job_end_to_end(data, scheduler, capsys, tmp_path):
     m = _summary(stdout)
     assert m["path"] == str(out) and m["kind"] == "similarity" and m["shape"] == "2, 300, 200"
     assert m["blocks"] == m["written"] == str(2 * 3 * 2) and "GFLOP/s" in m[0]
-    got = zarr.open_group(out, mode="r")["similarity"][...]
-    np.testing.assert_allclose(got, reference_cosine(data["a"], data["b"]), atol=2e-6)
+    got = zarr.open_group(out, mode="r")["similarity"]
+    assert got.compressors == ()  # --codec auto (the default): similarities uncompressed
+    np.testing.assert_allclose(got[...], reference_cosine(data["a"], data["b"]), atol=2e-6)
     params = zarr.open_group(out, mode="r").attrs["dask_cosim"]["params"]
     assert params["a"]["path"] == data["A"] and params["b"]["path"] == data["B"]
     assert scheduler.workers  # an existing cluster is never shut down by the CLI
@@ -126,11 +129,13 @@ def test_topk_job_end_to_end(data, scheduler, capsys, tmp_path):
     upper = (300**2 + 4 * 64**2 + 44**2) // 2  # blocks of 64, 64, 64, 64, 44 rows: one triangle + diagonal
     assert f"self-similarity: {2 * upper:.3g} of {2 * 300**2:.3g} products computed" in m["counts"]
     s = reference_cosine(data["a"])
-    s[:, np.arange(300), np.arange(300)] = -np.inf
-    order = np.argsort(-s, axis=-1, kind="stable")[..., :7]
     g = zarr.open_group(out, mode="r")
-    np.testing.assert_array_equal(g["indices"][...], order)
+    assert_topk_indices(g["indices"][...], s, atol=2e-6, exclude_self=True)
+    np.testing.assert_allclose(g["values"][...], np.take_along_axis(s, g["indices"][...], -1), atol=2e-6)
+    order = np.argsort(-np.where(np.eye(300, dtype=bool), -np.inf, s), axis=-1, kind="stable")[..., :7]
     np.testing.assert_allclose(g["values"][...], np.take_along_axis(s, order, -1), atol=2e-6)
+    # --codec auto (the default): top-k arrays with blosc-lz4 + bitshuffle
+    assert blosc_lz4_bitshuffle(g["values"]) and blosc_lz4_bitshuffle(g["indices"])
     assert g.attrs["dask_cosim"]["params"]["k"] == 7
 
 
@@ -175,9 +180,9 @@ BAD = {
     "D mismatch": (["run", "{A}", "{dir}/d8.npy", "-o", "{out}"], r"same vector length D.*D=16.*D=8"),
     "k > M": (["run", "{A}", "{B}", "-o", "{out}", "--topk", "201"], r"k.*201.*200"),
     "exclude-self without a reduction": (["run", "{A}", "-o", "{out}", "--exclude-self"], r"--exclude-self"),
-    "dtype with topk": (
-        ["run", "{A}", "-o", "{out}", "--topk", "3", "--dtype", "float64"],
-        r"--dtype does not",
+    "codec with threshold": (
+        ["run", "{A}", "-o", "{out}", "--threshold", "0.5", "--codec", "zstd"],
+        r"--codec does not apply to --threshold jobs \(only to similarity and --topk jobs\)",
     ),
     "bad memory limit": (["run", "{A}", "-o", "{out}", "--memory-limit", "lots"], r"--memory-limit"),
     "output exists": (
@@ -203,12 +208,12 @@ USAGE = {  # every bad option: exit 2, one line naming the option (no argparse u
         r"--threshold",
     ),
     "resume and overwrite": (["run", "{A}", "-o", "{out}", "--resume", "--overwrite"], r"--overwrite"),
-    "k = 0": (["run", "{A}", "-o", "{out}", "--topk", "0"], r"--topk: expected a positive integer.*'0'"),
+    "k = 0": (["run", "{A}", "-o", "{out}", "--topk", "0"], r"--topk: expected a positive.*received 0"),
     "k = 2.5": (["run", "{A}", "-o", "{out}", "--topk", "2.5"], r"--topk: .*'2\.5'"),
     "bad chunks": (["run", "{A}", "-o", "{out}", "--chunks", "1,x,3"], r"--chunks"),
     "zero chunk": (
         ["run", "{A}", "-o", "{out}", "--chunks", "1,0,100"],
-        r"--chunks: block sizes must be positive",
+        r"--chunks: N chunk must be a positive int, received 0",
     ),
     "negative timeout": (["run", "{A}", "-o", "{out}", "--timeout", "-1"], r"--timeout: expected a positive"),
     "nan timeout": (["run", "{A}", "-o", "{out}", "--timeout", "nan"], r"--timeout: expected a finite"),
@@ -225,11 +230,11 @@ USAGE = {  # every bad option: exit 2, one line naming the option (no argparse u
         ["run", "{A}", "-o", "{out}", "--threshold", "90"],
         r"percentage\? use 0\.9",
     ),
-    "threshold inf": (["run", "{A}", "-o", "{out}", "--threshold", "inf"], r"--threshold: expected a finite"),
-    "threshold nan": (["run", "{A}", "-o", "{out}", "--threshold", "nan"], r"--threshold: expected a finite"),
+    "threshold inf": (["run", "{A}", "-o", "{out}", "--threshold", "inf"], r"--threshold: .*received inf"),
+    "threshold nan": (["run", "{A}", "-o", "{out}", "--threshold", "nan"], r"--threshold: received NaN"),
     "bad workers": (["run", "{A}", "-o", "{out}", "--workers", "0"], r"--workers"),
     "bad storage options": (["run", "{A}", "-o", "{out}", "--storage-options", "[1]"], r"--storage-options"),
-    "bad codec": (["run", "{A}", "-o", "{out}", "--codec", "lzma"], r"--codec: invalid choice"),
+    "bad codec": (["run", "{A}", "-o", "{out}", "--codec", "lzma"], r"--codec: expected one of .*'lzma'"),
     "unknown option": (
         ["run", "{A}", "-o", "{out}", "--frobnicate"],
         r"unrecognized arguments: --frobnicate \(see dask-cosim run --help\)",
@@ -290,6 +295,62 @@ def test_version_and_run_help_examples(capsys):
     assert (
         "examples:" in out and "dask-cosim run A.zarr -o knn.zarr --topk 10" in out and "exit codes:" in out
     )
+
+
+#: A bad value through the API and through the command: (option, API call, command line).
+SAME_ERROR = {
+    "zero_vector": ("zero_vector", lambda a, o: dcs.topk(a, k=2, zero_vector="skip"),
+                    ["run", "{A}", "-o", "{out}", "--topk", "2", "--zero-vector", "skip"]),
+    "device": ("device", lambda a, o: dcs.cosine_similarity(a, device="tpu"),
+               ["run", "{A}", "-o", "{out}", "--device", "tpu"]),
+    "dtype": ("dtype", lambda a, o: dcs.pairs_above(a, dtype="int32"),
+              ["run", "{A}", "-o", "{out}", "--threshold", "0.5", "--dtype", "int32"]),
+    "dtype name": ("dtype", lambda a, o: dcs.topk(a, dtype="f4x"),
+                   ["run", "{A}", "-o", "{out}", "--topk", "2", "--dtype", "f4x"]),
+    "k": ("k", lambda a, o: dcs.topk(a, k=0), ["run", "{A}", "-o", "{out}", "--topk", "0"]),
+    "threshold": ("threshold", lambda a, o: dcs.pairs_above(a, threshold=1.5),
+                  ["run", "{A}", "-o", "{out}", "--threshold", "1.5"]),
+    "threshold nan": ("threshold", lambda a, o: dcs.pairs_above(a, threshold=float("nan")),
+                      ["run", "{A}", "-o", "{out}", "--threshold", "nan"]),
+    "dedup threshold": ("threshold", lambda a, o: dcs.duplicate_groups(a, threshold=-2.0),
+                        ["dedup", "{A}", "-o", "{out}", "--threshold", "-2"]),
+    "label_pairs": ("label_pairs", lambda a, o: dcs.duplicate_groups(a, label_pairs="other"),
+                    ["dedup", "{A}", "-o", "{out}", "--label-pairs", "other"]),
+    "chunks": ("chunks", lambda a, o: dcs.cosine_similarity(a, chunks=(1, 0, 5)),
+               ["run", "{A}", "-o", "{out}", "--chunks", "1,0,5"]),
+    "codec": ("codec", lambda a, o: dcs.to_zarr(dcs.cosine_similarity(a), o, codec="lzma"),
+              ["run", "{A}", "-o", "{out}", "--codec", "lzma"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SAME_ERROR))
+def test_a_bad_value_gets_the_same_message_from_the_api_and_the_command(case, data, capsys, tmp_path):
+    option, call, args = SAME_ERROR[case]
+    with pytest.raises((ValueError, TypeError)) as api:
+        call(data["A"], tmp_path / "api.zarr")
+    prefix = f"{option}: "
+    assert str(api.value).startswith(prefix), str(api.value)
+    rc = main(_fill(args, data, None, tmp_path))
+    err = capsys.readouterr().err.strip()
+    flag = "--" + {"k": "topk"}.get(option, option).replace("_", "-")
+    assert rc == 2 and err.startswith(f"dask-cosim: error: argument {flag}: "), err
+    cli_text = err.removeprefix(f"dask-cosim: error: argument {flag}: ").rsplit(" (see dask-cosim ", 1)[0]
+    assert cli_text == str(api.value).removeprefix(prefix)
+
+
+def test_option_table_matches_the_signatures():
+    """The option table the command reads is the API's: every keyword of each entry point."""
+    import inspect
+
+    from dask_cosim._options import JOB_OPTIONS
+
+    funcs = {"similarity": dcs.cosine_similarity, "topk": dcs.topk, "pairs": dcs.pairs_above,
+             "groups": dcs.duplicate_groups}  # fmt: skip
+    for kind, func in funcs.items():
+        params = inspect.signature(func).parameters
+        keywords = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        positional = set(list(params)[1:]) - keywords - {"b"}  # k, threshold
+        assert JOB_OPTIONS[kind] == keywords | positional, kind
 
 
 def test_messages_speak_cli_not_api(data, existing, capsys, tmp_path):

@@ -122,7 +122,9 @@ def test_distributed_client_uses_dask_compute(in_place_calls):
 
     a, b = rng(10).standard_normal((2, 9, 4)), rng(11).standard_normal((2, 7, 4))
     with (
-        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
         Client(cluster),
     ):
         got = dcs.cosine_similarity(a, b, chunks=(1, 4, 3)).compute()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dask
 import dask.array as da
+import distributed
+import ml_dtypes
 import numpy as np
 import pytest
+import zarr
 from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
 import dask_cosim as dcs
@@ -104,7 +107,6 @@ def test_dtypes_follow_sklearn(dtype_a, dtype_b, expected):
 
 
 def test_bfloat16_inputs_compute_in_float32():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     a = rng(4).standard_normal((10, 8)).astype(ml_dtypes.bfloat16)
     b = rng(5).standard_normal((6, 8)).astype(ml_dtypes.bfloat16)
     S = dcs.cosine_similarity(a, b)
@@ -197,7 +199,6 @@ def test_empty_rows_give_empty_result(shape_a, shape_b, expected):
 
 
 def test_accepts_lists_dask_zarr_paths_and_npy(tmp_path):
-    zarr = pytest.importorskip("zarr")
     a = rng(14).standard_normal((2, 12, 6)).astype("float32")
     b = rng(15).standard_normal((2, 10, 6)).astype("float32")
     ref = reference_cosine(a, b)
@@ -205,18 +206,19 @@ def test_accepts_lists_dask_zarr_paths_and_npy(tmp_path):
     z[:] = a
     np.save(tmp_path / "b.npy", b)
     dask_b_split_over_d = da.from_array(b, chunks=(1, 3, 2))
-    for left, right in [
-        (a.tolist(), b.tolist()),
-        (z, b),
-        (str(tmp_path / "a.zarr"), str(tmp_path / "b.npy")),
-        (tmp_path / "a.zarr", dask_b_split_over_d),
+    for left, right, dtype in [
+        (a.tolist(), b.tolist(), "float64"),  # Python floats: float64, the same values as a and b
+        (z, b, "float32"),
+        (str(tmp_path / "a.zarr"), str(tmp_path / "b.npy"), "float32"),
+        (tmp_path / "a.zarr", dask_b_split_over_d, "float32"),
     ]:
         S = dcs.cosine_similarity(left, right)
-        np.testing.assert_allclose(S.compute(), ref, atol=1e-5 if isinstance(left, list) else 2e-6)
+        got = S.compute()
+        assert S.dtype == got.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 if dtype == "float64" else 2e-6)
 
 
 def test_zarr_input_blocks_align_with_storage_chunks(tmp_path):
-    zarr = pytest.importorskip("zarr")
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(1000, 8), chunks=(100, 8), dtype="float64")
     z[:] = rng(16).standard_normal((1000, 8))
     with dask.config.set({"array.chunk-size": "300KiB"}):
@@ -338,12 +340,15 @@ def test_local_schedulers(scheduler):
 
 
 def test_distributed_local_cluster_two_processes():
-    distributed = pytest.importorskip("distributed")
     a = rng(23).standard_normal((3, 40, 6))
     b = rng(24).standard_normal((3, 30, 6))
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -260,7 +260,7 @@ def test_result_does_not_depend_on_chunking():
         ({"threshold": -1.01}, ValueError, r"threshold: expected a similarity in \[-1, 1\]"),
         ({"threshold": float("nan")}, ValueError, r"threshold: received NaN"),
         ({"threshold": "0.9"}, TypeError, r"threshold: expected a real number, received '0.9'"),
-        ({"label_pairs": "all"}, ValueError, r"label_pairs: expected 'different' or 'same'"),
+        ({"label_pairs": "all"}, ValueError, r"label_pairs: expected one of 'different', 'same'.*'all'"),
         ({"labels": np.arange(3)}, ValueError, r"labels: expected 10 labels"),
         ({"labels": np.full(10, np.nan)}, ValueError, r"labels: received NaN labels"),
         ({"labels": np.zeros(10, dtype=np.float32)}, ValueError, r"labels: expected integer labels"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 import dask_cosim as dcs
 
@@ -86,7 +87,6 @@ def test_missing_paths_are_file_not_found(tmp_path):
 
 
 def test_zarr_group_is_not_an_array(tmp_path):
-    zarr = pytest.importorskip("zarr")
     g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     g.create_array("emb", shape=(4, 3), dtype="f4")
     with pytest.raises(ValueError, match=r"is a zarr group, not an array; .*g.zarr/emb"):
@@ -101,7 +101,7 @@ def test_plan_over_budget_is_refused_before_running():
         with pytest.raises(
             dcs.PlanError,
             match=r"need about .* per task, above the budget "
-            r"cosine.max-task-memory=64.0 MiB; chunks that fit: \(1, \d+, \d+\)",
+            r"cosine.max-task-memory=64.00 MiB; chunks that fit: \(1, \d+, \d+\)",
         ):
             dcs.cosine_similarity(big, big, chunks=(1, 20000, 20000))
         S = dcs.cosine_similarity(big[:, :5000], big[:, :5000])  # auto always fits
@@ -146,3 +146,21 @@ def test_every_config_key_is_documented_in_the_readme():
     keys = yaml.safe_load((root / "dask_cosim" / "cosine.yaml").read_text())["cosine"]
     readme = (root / "README.md").read_text()
     assert [k for k in keys if f"| `cosine.{k}` |" not in readme] == []
+
+
+def test_config_defaults_are_cosine_yaml_and_the_code_reads_them():
+    from pathlib import Path
+
+    import dask
+    import yaml
+    from dask.utils import parse_timedelta
+
+    from dask_cosim._backend import gpu_fallback_allowed
+    from dask_cosim._resources import gpu_worker_timeout
+
+    keys = yaml.safe_load((Path(dcs.__file__).parent / "cosine.yaml").read_text())["cosine"]
+    assert {"gpu-worker-timeout", "gpu-fallback", "blas-threads"} <= set(keys)
+    with dask.config.set({}):  # (nothing overridden)
+        assert {k: dask.config.get(f"cosine.{k}") for k in keys} == keys
+        assert gpu_worker_timeout() == parse_timedelta(keys["gpu-worker-timeout"]) == 60
+        assert gpu_fallback_allowed() is keys["gpu-fallback"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from dask_cosim.io import (
     check_output,
     regular_chunks,
 )
-from dask_cosim.testing import count_task_prefixes, reference_cosine
+from dask_cosim.testing import assert_topk_indices, count_task_prefixes, reference_cosine
 
 RTOL = {np.dtype("float32"): 2e-6, np.dtype("float64"): 1e-12}
 
@@ -211,6 +212,28 @@ def test_resume_checks_parameters_before_computing(tmp_path):
         dcs.to_zarr(dcs.cosine_similarity(a, b, chunks=(1, 10, 10)), out, resume=True, codec="zstd")
 
 
+def blosc_lz4_bitshuffle(arr) -> bool:
+    """The array is stored with blosc-lz4 and bitshuffle over its own item size (and nothing else)."""
+    (codec,) = arr.compressors
+    got = (type(codec).__name__, codec.cname.value, codec.shuffle.value, codec.typesize)
+    return got == ("BloscCodec", "lz4", "bitshuffle", arr.dtype.itemsize)
+
+
+def test_codec_auto_stores_similarity_uncompressed_and_topk_as_blosc_lz4_bitshuffle(tmp_path):
+    a = _data((40, 6), "float32")
+    dcs.to_zarr(dcs.cosine_similarity(a, chunks=(20, 20)), tmp_path / "s.zarr")  # codec="auto": the default
+    dcs.to_zarr(dcs.topk(a, k=3, chunks=(20, 20)), tmp_path / "t.zarr")
+    assert zarr.open_group(tmp_path / "s.zarr")["similarity"].compressors == ()
+    t = zarr.open_group(tmp_path / "t.zarr")
+    assert blosc_lz4_bitshuffle(t["values"]) and blosc_lz4_bitshuffle(t["indices"])
+    assert t["indices"].dtype == np.int64
+    # an explicit "auto" is the same choice: resuming with it finds nothing different
+    report = dcs.to_zarr(dcs.topk(a, k=3, chunks=(20, 20)), tmp_path / "t.zarr", resume=True, codec="auto")
+    assert report.blocks_written == 0
+    with pytest.raises(ResumeMismatchError, match="codec"):
+        dcs.to_zarr(dcs.topk(a, k=3, chunks=(20, 20)), tmp_path / "t.zarr", resume=True, codec="none")
+
+
 @pytest.mark.parametrize("codec", ["none", "zstd", "blosc-lz4"])
 def test_codecs_round_trip(tmp_path, codec):
     a = _data((40, 6), "float32")
@@ -285,7 +308,7 @@ def test_topk_written_as_values_and_indices(tmp_path):
     g = zarr.open_group(out, mode="r")
     ref_v, ref_i = _ref_topk(a, b, 5)
     np.testing.assert_allclose(g["values"][...], ref_v, atol=2e-6)
-    np.testing.assert_array_equal(g["indices"][...], ref_i)
+    assert_topk_indices(g["indices"][...], reference_cosine(a, b), atol=2e-6)  # float32: up to near-ties
     assert g["indices"].dtype == np.int64
     assert g["values"].chunks[:2] == (1, 20) and g["values"].chunks == g["indices"].chunks
     assert report.kind == "topk" and report.blocks == 2 * 3 == _markers(out).size
@@ -407,28 +430,55 @@ def test_output_larger_than_worker_memory_completes(tmp_path):
 
 def test_parquet_write_error_raises_after_the_running_writes_end(tmp_path, monkeypatch):
     """A failed partition write: to_parquet raises only after the writes running on other
-    threads have ended, so no partition or marker lands after the error."""
-    import time
+    threads have ended, so no partition or marker lands after the error.
+
+    Partition 1 fails once another write is running; that write (the first to start)
+    stays in flight until the call has raised or 2 s have passed, so a call that raised
+    without waiting for it is caught with a write started and not ended.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
 
     real_write = pq.write_table
+    lock, started, ended = threading.Lock(), [], []
+    holder, failed, raised = threading.Event(), threading.Event(), threading.Event()
 
-    def slow_or_failing(table, where, *args, **kwargs):
-        if ".part-000001." in str(getattr(where, "path", where)):
+    def recording_or_failing(table, where, *args, **kwargs):
+        name = str(getattr(where, "path", where))
+        if ".part-000001." in name:
+            holder.wait(60)
+            failed.set()
             raise OSError(28, "No space left on device")
-        time.sleep(0.5)
-        return real_write(table, where, *args, **kwargs)
+        with lock:
+            started.append(name)
+            hold = not holder.is_set()
+            holder.set()
+        try:
+            if hold:
+                failed.wait(60)
+                raised.wait(2)
+            return real_write(table, where, *args, **kwargs)
+        finally:
+            with lock:
+                ended.append(name)
 
-    monkeypatch.setattr(pq, "write_table", slow_or_failing)
+    monkeypatch.setattr(pq, "write_table", recording_or_failing)
     a = _data((1, 40, 3), "float32")
     pairs = dcs.pairs_above(a, a.copy(), threshold=-1.0, chunks=(1, 20, 20))  # 4 partitions
     out = tmp_path / "pairs"
-    with dask.config.set(scheduler="threads", num_workers=2), pytest.raises(OSError, match="No space"):
+    pool = ThreadPoolExecutor(2)
+    with dask.config.set(scheduler="threads", pool=pool), pytest.raises(OSError, match="No space"):
         dcs.to_parquet(pairs, out)
+    with lock:
+        at_raise = sorted(started), sorted(ended)
     done = out / "_dask_cosim" / "done"
     before = sorted(p.name for p in done.iterdir())
-    time.sleep(1.0)  # two slow writes' worth: anything still running would land now
+    raised.set()
+    assert holder.is_set()  # a write was running when partition 1 failed ...
+    assert at_raise[0] == at_raise[1]  # ... and had ended when to_parquet raised
+    pool.shutdown(wait=True)  # every task dask handed the pool has ended: a late write would be here
+    assert sorted(started) == at_raise[0]  # no write began after the raise
     assert sorted(p.name for p in done.iterdir()) == before
     assert "000001" not in before
 

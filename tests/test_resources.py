@@ -15,11 +15,11 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dask
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pytest
 from dask.base import tokenize
@@ -39,7 +39,7 @@ from dask_cosim._resources import (
 from dask_cosim.reductions import pairs_above, topk
 from dask_cosim.testing import reference_cosine
 
-distributed = pytest.importorskip("distributed")
+from ._real_cluster import wait_until
 
 GPU_PREFIXES = ("cosine-block", "cosine-normalize")
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def _in_process_cluster(n_workers=2, resources=None):
             processes=False,
             protocol="tcp",
             host="127.0.0.1",
-            dashboard_address=":0",
+            dashboard_address="127.0.0.1:0",
             resources=resources,
         ) as cluster,
         distributed.Client(cluster) as client,
@@ -191,11 +191,10 @@ def test_no_gpu_worker_fails_clearly_instead_of_hanging():
     with _in_process_cluster() as (_, client):
         with dask.config.set({"cosine.gpu-worker-timeout": "0.5s"}):
             S = dcs.cosine_similarity(a, b, chunks=(20, 25), device="gpu")
-        start = time.monotonic()
         with pytest.raises(NoGPUWorkerError, match=r"resources \{'GPU': 1\}.*none of the cluster's 2") as err:
-            S.compute()
+            client.compute(S).result(timeout=120)  # a hang fails here instead of at the test timeout
         assert "--resources GPU=1" in str(err.value) and "cosine.gpu-worker-timeout" in str(err.value)
-        assert time.monotonic() - start < 30
+        assert "waited 0.5s" in str(err.value)  # failed by the configured timeout, not the default
         # the cluster is fine afterwards: a CPU computation still runs
         np.testing.assert_allclose(
             dcs.cosine_similarity(a, b, device="cpu").compute(), reference_cosine(a, b)
@@ -210,8 +209,13 @@ def test_gpu_worker_joining_within_the_timeout_picks_the_tasks_up():
     ):
         S = dcs.cosine_similarity(a, b, chunks=(20, 25), device="gpu")
         future = client.compute(S)
-        time.sleep(0.5)
-        assert future.status == "pending"  # waiting for a GPU worker, not failed
+        # the scheduler holds the routed tasks for a GPU worker ("no-worker"); none ran elsewhere
+        states = wait_until(
+            lambda: (s := client.run_on_scheduler(_routed_states)).get("no-worker") and s,
+            60, "routed tasks waiting for a GPU worker", client=client,
+        )  # fmt: skip
+        assert not set(states) & {"processing", "memory", "erred"}, states
+        assert future.status == "pending"
 
         async def add_gpu_worker():
             return await distributed.Worker(
@@ -238,6 +242,14 @@ def test_all_gpu_workers_cluster_runs_on_numpy_without_a_device():
         assert restrictions == {"installed": True}
 
 
+def _routed_states(dask_scheduler=None) -> dict[str, int]:
+    """How many normalise and product tasks the scheduler has in each state."""
+    from collections import Counter
+
+    routed = ("cosine-normalize", "cosine-block")
+    return dict(Counter(ts.state for ts in dask_scheduler.tasks.values() if key_split(ts.key) in routed))
+
+
 def _gpu_plugin_state(dask_scheduler=None):
     return {"installed": isinstance(dask_scheduler.plugins.get("dask-cosim-gpu-routing"), GPURouting)}
 
@@ -259,7 +271,7 @@ def _mixed_real_cluster(tmp_path):
     procs = []
     with (
         distributed.LocalCluster(
-            n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address=":0", processes=True
+            n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0", processes=True
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -249,7 +249,9 @@ def test_interrupted_topk_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
     _LINK_LIMIT[0] = 30
     monkeypatch.setattr(_topk_store, "run_link", _failing_link)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
         Client(cluster),
         pytest.raises(Interrupt),
     ):

@@ -46,8 +46,32 @@ def test_similarity_triangle_equals_the_copy_path_with_half_the_products(shape, 
     got, want = S_self.compute(), S_copy.compute()
     np.testing.assert_allclose(got, want, atol=1e-12, rtol=0)
     np.testing.assert_allclose(got, reference_cosine(a), atol=1e-12)
-    np.testing.assert_array_equal(got, np.swapaxes(got, -1, -2))  # exactly symmetric
+    # symmetric: within rounding (a diagonal block's product need not be), exactly off the diagonal
+    np.testing.assert_allclose(got, np.swapaxes(got, -1, -2), atol=1e-14, rtol=0)
+    _assert_lower_blocks_are_transposes(got, S_self.chunks[-1])
     assert got.flags.c_contiguous
+
+
+def _assert_lower_blocks_are_transposes(s, blocks) -> None:
+    """Each block below the diagonal is bit for bit the transpose of its mirror (one product)."""
+    edges = np.cumsum((0, *blocks))
+    for i in range(len(blocks)):
+        for j in range(i):
+            rows, cols = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
+            np.testing.assert_array_equal(s[..., rows, cols], np.swapaxes(s[..., cols, rows], -1, -2))
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("float64", 1e-13), ("float32", 2e-6)])
+def test_large_diagonal_blocks_are_symmetric_within_rounding(dtype, atol):
+    """1500 x 1500 blocks: BLAS multiplies a diagonal block in panels, so S and S.T may differ
+    in the last bits there (not off the diagonal: those blocks are transposes)."""
+    a = rng(5).standard_normal((3000, 64)).astype(dtype)
+    S = dcs.cosine_similarity(a, chunks=(1500, 1500))
+    got = S.compute()
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(got, reference_cosine(a), atol=atol, rtol=0)
+    np.testing.assert_allclose(got, got.T, atol=atol, rtol=0)
+    _assert_lower_blocks_are_transposes(got, S.chunks[-1])
 
 
 def test_similarity_triangle_blocks_below_the_diagonal_are_transposes():

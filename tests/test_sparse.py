@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import sparse
 from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
 
 import dask_cosim as dcs
@@ -70,7 +71,6 @@ def test_every_scipy_format_matches_sklearn(fmt, kind):
 
 @pytest.mark.parametrize("cls", ["COO", "GCXS"])
 def test_pydata_sparse_matches_sklearn(cls):
-    sparse = pytest.importorskip("sparse")
     a = getattr(sparse, cls).from_scipy_sparse(X)
     S = dcs.cosine_similarity(a, sparse.COO.from_scipy_sparse(Y), chunks=(16, 16)).compute()
     np.testing.assert_allclose(S, sk_cosine(X, Y), rtol=0, atol=1e-12)
@@ -94,7 +94,6 @@ def test_dask_arrays_of_sparse_chunks_over_several_chunkings():
         np.testing.assert_allclose(S.compute(), ref, rtol=0, atol=1e-12, err_msg=str(chunks))
         vals, idx = dcs.topk(a, k=3, exclude_self=True)
         check_topk(vals.compute(), idx.compute(), ref, 3, exclude_self=True)
-    sparse = pytest.importorskip("sparse")
     a = da.from_array(sparse.COO.from_scipy_sparse(X), chunks=(11, -1), asarray=False)
     np.testing.assert_allclose(dcs.cosine_similarity(a).compute(), ref, rtol=0, atol=1e-12)
 
@@ -341,7 +340,6 @@ def test_refused_inputs_are_type_errors_at_call_time(bad, match):
 
 
 def test_sparse_options_that_do_not_apply_are_refused():
-    sparse = pytest.importorskip("sparse")
     with pytest.raises(ValueError, match="sparse inputs must be 2-D"):
         dcs.cosine_similarity(sparse.COO.from_numpy(np.ones((2, 3, 4))))
     with pytest.raises(ValueError, match="both inputs must be 2-D"):

@@ -3,16 +3,15 @@ certificates (API and ``dask-cosim run --scheduler tls://...``) and refuse the o
 
 from __future__ import annotations
 
+import cryptography  # noqa: F401 - distributed's Security.temporary needs it (the test extra has it)
 import dask
 import numpy as np
 import pytest
 import zarr
 
-pytest.importorskip("cryptography")
-
-import dask_cosim as dcs  # noqa: E402
-from dask_cosim.cli import main  # noqa: E402
-from dask_cosim.testing import reference_cosine  # noqa: E402
+import dask_cosim as dcs
+from dask_cosim.cli import main
+from dask_cosim.testing import reference_cosine
 
 
 @pytest.fixture(scope="module")
