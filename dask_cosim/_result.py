@@ -18,12 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
-import dask.local
-import dask.threaded
 import numpy as np
-from dask.base import get_scheduler
-from dask.layers import ArraySliceDep
 
+from ._compat import block_slices, local_scheduler, meta_of, rewrap
 from ._kernels import similarity_block
 from ._triangle import use_triangle
 
@@ -50,7 +47,7 @@ class SimilarityArray(da.Array):
     @classmethod
     def wrap(cls, x: da.Array, prep: Prepared) -> SimilarityArray:
         """``x`` (the product graph built from ``prep``) as a :class:`SimilarityArray`."""
-        out = cls(x.dask, x.name, x.chunks, meta=x._meta)
+        out = rewrap(cls, x)
         out._prepared = prep
         return out
 
@@ -66,30 +63,37 @@ class SimilarityArray(da.Array):
         if not self._writes_in_place(kwargs.get("scheduler")):
             return super().compute(**kwargs)
         result = np.empty(self.shape, dtype=self.dtype)
-        dask.compute(self._written_into(result), **kwargs)
+        dask.compute(self._written_into(result), **kwargs)  # each task returns a one-element marker
         return result
 
     def _writes_in_place(self, scheduler) -> bool:
         """Whether this compute can write into one result buffer of this process."""
         prep = getattr(self, "_prepared", None)
-        if prep is None or type(self._meta) is not np.ndarray or 0 in self.shape:
+        if prep is None or type(meta_of(self)) is not np.ndarray or 0 in self.shape:
             return False
-        schedule = get_scheduler(scheduler=scheduler, collections=[self])
-        return schedule in (dask.threaded.get, dask.local.get_sync)
+        return local_scheduler(self, scheduler)
 
     def _written_into(self, result: np.ndarray) -> da.Array:
-        """A graph whose tasks write this array's blocks into ``result`` (blocks: ``None``)."""
+        """A graph whose tasks write this array's blocks into ``result``; its own blocks are
+        one-element markers (one per block of this array), so computing it copies nothing."""
         prep: Prepared = self._prepared
         target = _Target(result)
-        if use_triangle(prep):  # blocks below the diagonal are transposes: dask's store copies them
-            return da.store(self, target, lock=False, compute=False)
+        index = prep.out_index
+        markers = {axis: 1 for axis in index}
+        meta = np.empty((0,) * self.ndim, dtype=bool)
+        if use_triangle(prep):  # blocks below the diagonal are transposes: copied as they come
+            return da.blockwise(
+                _store_into, index, self, index, block_slices(self.chunks), index,
+                name=f"store-map-{target.token}", align_arrays=False, adjust_chunks=markers, dtype=bool, meta=meta, target=target,
+            )  # fmt: skip
         return prep.pair_blockwise(
             _product_into,
-            ArraySliceDep(self.chunks),
-            prep.out_index,
+            block_slices(self.chunks),
+            index,
             name=f"cosine-block-{target.token}",  # the dashboard shows it as cosine-block
-            dtype=prep.out_dtype,
-            meta=np.empty((0,) * self.ndim, dtype=prep.out_dtype),
+            adjust_chunks=markers,
+            dtype=bool,
+            meta=meta,
             align_arrays=False,  # the plan aligned an and bn already
             target=target,
             **prep.product_kwargs(),
@@ -107,10 +111,21 @@ class _Target:
     def __dask_tokenize__(self) -> str:
         return self.token
 
-    def __setitem__(self, region, block) -> None:  # all da.store asks of a target
+    def __setitem__(self, region, block) -> None:
         self.array[region] = block
 
 
-def _product_into(an, bn, region, *, target: _Target, **kwargs) -> None:
+def _marker(ndim: int) -> np.ndarray:
+    return np.ones((1,) * ndim, dtype=bool)
+
+
+def _product_into(an, bn, region, *, target: _Target, **kwargs) -> np.ndarray:
     """One product task writing its block into ``target`` at ``region``."""
     similarity_block(an, bn, out=target.array[region], **kwargs)
+    return _marker(len(region))
+
+
+def _store_into(block, region, *, target: _Target) -> np.ndarray:
+    """Copy one computed block into ``target`` at ``region``."""
+    target[region] = block
+    return _marker(len(region))

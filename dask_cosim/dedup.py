@@ -22,6 +22,7 @@ import pandas as pd
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
+from ._compat import delayed_from_graph
 from ._components import components, finish_forest, group_rows, merge_forests
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._resources import routed
@@ -189,7 +190,7 @@ def _forests(
             upper=True, labelled=labels is not None, **kwargs,
         )  # fmt: skip
         graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
-    return [Delayed(key, graph, layer=key[0]) for key in keys]
+    return [delayed_from_graph(key, graph, layer=key[0]) for key in keys]
 
 
 def _merge_tree(forests: list[Delayed], token: str) -> Delayed:

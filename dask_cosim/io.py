@@ -27,6 +27,7 @@ from dask.base import tokenize
 
 from . import _config, _provenance, _topk_store
 from ._backend import to_numpy
+from ._compat import block_delayeds
 
 __all__ = [
     "to_zarr",
@@ -318,8 +319,9 @@ class _WriteGate:
 
 def _keys_known(keys, dask_worker=None) -> int:
     """How many of ``keys`` a worker still knows (running, queued, or held in memory)."""
-    tasks = dask_worker.state.tasks
-    return sum(1 for key in keys if key in tasks)
+    from ._compat import worker_knows
+
+    return worker_knows(dask_worker, keys)
 
 
 def _wait_until_forgotten(client, keys: list, timeout: float = 600.0) -> None:
@@ -880,7 +882,7 @@ def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray, gate: _WriteGate
     names = list(payload.arrays)
     targets = [group[name] for name in names]
     marker = group[MARKERS]
-    blocks = {name: arr.to_delayed(optimize_graph=False) for name, arr in payload.arrays.items()}
+    blocks = {name: block_delayeds(arr) for name, arr in payload.arrays.items()}
     offsets = {
         name: [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks]
         for name, arr in payload.arrays.items()
