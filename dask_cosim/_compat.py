@@ -20,7 +20,12 @@ imported (:data:`QUERY_PLANNING`). Under query planning:
   key name in the legacy mode: :func:`map_blocks`), and ``.blocks``, ``store`` and
   ``to_delayed`` do not exist (:func:`column_blocks`; the package does not use the others);
 - a hand-built graph becomes an array through :func:`array_from_graph` (a leaf expression
-  that owns the tasks, keeping the key names the dashboard shows).
+  that owns the tasks, keeping the key names the dashboard shows);
+- a ``blockwise`` given an explicit ``name=`` is never lowered below itself (``Expr.lower_once``
+  detects a lowered child by its changed name, and an explicit name does not change), so an
+  input that still needs lowering (a ``rechunk``) fails at compute time with "'Rechunk' object
+  has no attribute 'npartitions'" (dask 2026.8). The package therefore names blockwise
+  layers by ``token=`` (a key prefix) in both modes, never by ``name=``.
 """
 
 from __future__ import annotations

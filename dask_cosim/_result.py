@@ -84,14 +84,14 @@ class SimilarityArray(da.Array):
         if use_triangle(prep):  # blocks below the diagonal are transposes: copied as they come
             return da.blockwise(
                 _store_into, index, self, index, block_slices(self.chunks), index,
-                name=f"store-map-{target.token}", align_arrays=False, adjust_chunks=markers,
+                token="store-map", align_arrays=False, adjust_chunks=markers,
                 dtype=bool, meta=meta, target=target,
             )  # fmt: skip
         return prep.pair_blockwise(
             _product_into,
             block_slices(self.chunks),
             index,
-            name=f"cosine-block-{target.token}",  # the dashboard shows it as cosine-block
+            token="cosine-block",  # ``target`` (tokenised by identity) makes the name unique
             adjust_chunks=markers,
             dtype=bool,
             meta=meta,

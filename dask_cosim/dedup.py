@@ -186,7 +186,7 @@ def _forests(
             extra += [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
         parts = prep.pair_blockwise(
             _forest_task, rows, "i", cols, "j", *extra,
-            name=name, dtype=object, meta=np.empty((0,) * len(prep.out_index), dtype=object),
+            token="cosine-forest", dtype=object, meta=np.empty((0,) * len(prep.out_index), dtype=object),
             upper=True, labelled=labels is not None, **kwargs,
         )  # fmt: skip
         graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))

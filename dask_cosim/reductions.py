@@ -409,7 +409,7 @@ def pairs_above(
             extras = () if labels is None else (block_labels(labels, prep)[0],)
             graph, keys = pairs_triangle_graph(prep, name, task_for, extras)
         else:
-            parts = _pairs_parts(prep, name, exclude_self, kwargs, labels)
+            parts = _pairs_parts(prep, exclude_self, kwargs, labels)
             graph, keys = parts.__dask_graph__(), list(_flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
         result = frame_from_graph(graph, meta, divisions, keys, "cosine-frame")
@@ -439,7 +439,7 @@ def _flatten(keys):
         yield keys
 
 
-def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:
+def _pairs_parts(prep: Prepared, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:
     """Object array of per-block DataFrames (rectangular blocks)."""
     rows, cols = _row_and_col_indices(prep)
     extra = []
@@ -455,7 +455,7 @@ def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, la
         cols,
         "j",
         *extra,
-        name=name,
+        token="cosine-pairs",  # a token, not a name: see dask_cosim._compat.map_blocks
         dtype=object,
         meta=np.empty((0,) * len(prep.out_index), dtype=object),
         upper=prep.self_similar,
