@@ -116,7 +116,39 @@ def from_array_named(x, *, chunks, name: str, meta, asarray: bool | None = None)
     return new_collection(_named_from_array()(x, chunks, meta=meta, asarray=asarray, name=name))
 
 
-@functools.cache
+# The expression classes below subclass private classes of dask's query-planning module,
+# imported only when first used; they are module attributes (found by pickle through the
+# module's ``__getattr__``) because a distributed scheduler unpickles the expressions it
+# is sent and lowers them itself.
+
+
+def _expr_class(name: str) -> Callable[[Callable[[], type]], Callable[[], type]]:
+    """Cache the decorated factory's class and make it picklable as ``dask_cosim._compat.<name>``
+    (``name`` must not be a real attribute of the module: its ``__getattr__`` builds it)."""
+
+    def register(func: Callable[[], type]) -> Callable[[], type]:
+        @functools.cache
+        def make() -> type:
+            cls = func()
+            cls.__module__, cls.__name__, cls.__qualname__ = __name__, name, name
+            return cls
+
+        _EXPR_CLASSES[name] = make
+        return make
+
+    return register
+
+
+_EXPR_CLASSES: dict[str, Callable[[], type]] = {}
+
+
+def __getattr__(name: str):
+    if name in _EXPR_CLASSES:
+        return _EXPR_CLASSES[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@_expr_class("NamedFromArray")
 def _named_from_array() -> type:
     from dask.array._array_expr._io import FromArray  # query planning only
 
@@ -217,7 +249,7 @@ def array_from_graph(
             graph.update(tasks)
         from dask._collections import new_collection
 
-        return new_collection(_graph_expr()(name, graph, tuple(map(tuple, chunks)), meta))
+        return new_collection(_graph_array()(name, graph, tuple(map(tuple, chunks)), meta))
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     all_layers: dict = {}
@@ -240,8 +272,8 @@ def array_from_graph(
     return da.Array(hlg, name, chunks, meta=meta)
 
 
-@functools.cache
-def _graph_expr() -> type:
+@_expr_class("GraphArray")
+def _graph_array() -> type:
     from dask.array._array_expr._expr import ArrayExpr  # query planning only
 
     class GraphArray(ArrayExpr):

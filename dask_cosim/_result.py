@@ -20,7 +20,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from ._compat import block_slices, local_scheduler, meta_of, rewrap
+from ._compat import QUERY_PLANNING, block_slices, local_scheduler, meta_of, rewrap
 from ._kernels import similarity_block
 from ._triangle import use_triangle
 
@@ -66,6 +66,30 @@ class SimilarityArray(da.Array):
         dask.compute(self._written_into(result), **kwargs)  # each task returns a one-element marker
         return result
 
+    if QUERY_PLANNING:  # dask's expression-backed arrays have no store(): this one does
+
+        def store(self, target, lock: bool = False, compute: bool = True, **kwargs: Any) -> None:
+            """Write every block into ``target`` (``target[region] = block``), as dask's
+            ``Array.store(target, lock=False)`` does in its legacy array mode.
+
+            Blocks are computed on the threaded or synchronous scheduler (the tasks write
+            into ``target`` in this process); a C-contiguous NumPy ``target`` of the
+            array's shape and dtype is written in place by the product tasks themselves.
+            Takes ``scheduler=`` and scheduler options; ``lock`` and ``compute`` only
+            take their default (``False``, ``True``).
+            """
+            if lock is not False or compute is not True:
+                raise NotImplementedError(
+                    "SimilarityArray.store under dask's array query planning supports only "
+                    "lock=False and compute=True"
+                )
+            if not local_scheduler(self, kwargs.get("scheduler")):
+                raise ValueError(
+                    "SimilarityArray.store writes from tasks of this process: use the threaded or "
+                    "synchronous scheduler (scheduler='threads'), or compute() on a cluster"
+                )
+            dask.compute(self._written_into(target), **kwargs)
+
     def _writes_in_place(self, scheduler) -> bool:
         """Whether this compute can write into one result buffer of this process."""
         prep = getattr(self, "_prepared", None)
@@ -73,15 +97,23 @@ class SimilarityArray(da.Array):
             return False
         return local_scheduler(self, scheduler)
 
-    def _written_into(self, result: np.ndarray) -> da.Array:
+    def _written_into(self, result) -> da.Array:
         """A graph whose tasks write this array's blocks into ``result``; its own blocks are
-        one-element markers (one per block of this array), so computing it copies nothing."""
+        one-element markers (one per block of this array), so computing it copies nothing.
+
+        A NumPy ``result`` of this array's shape and dtype is written by the product tasks
+        (``matmul(..., out=view)``); anything else (or a self-similarity, whose lower blocks
+        are transposes) gets each computed block assigned (``result[region] = block``).
+        """
         prep: Prepared = self._prepared
         target = _Target(result)
         index = prep.out_index
         markers = {axis: 1 for axis in index}
         meta = np.empty((0,) * self.ndim, dtype=bool)
-        if use_triangle(prep):  # blocks below the diagonal are transposes: copied as they come
+        in_place = (
+            isinstance(result, np.ndarray) and result.shape == self.shape and result.dtype == self.dtype
+        )
+        if use_triangle(prep) or not in_place:
             return da.blockwise(
                 _store_into, index, self, index, block_slices(self.chunks), index,
                 token="store-map", align_arrays=False, adjust_chunks=markers,
@@ -105,7 +137,7 @@ class _Target:
     """The result buffer in the graph: tokenised by identity (hashing its bytes would
     read, and so fault in, the whole uninitialised result before a task runs)."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array):
         self.array = array
         self.token = uuid.uuid4().hex
 
