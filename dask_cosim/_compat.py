@@ -43,6 +43,7 @@ __all__ = [
     "array_from_graph",
     "block_delayeds",
     "block_slices",
+    "collection_name",
     "column_blocks",
     "delayed_from_graph",
     "fail_tasks",
@@ -52,6 +53,7 @@ __all__ = [
     "graph_name",
     "local_scheduler",
     "map_blocks",
+    "dask_meta",
     "meta_of",
     "rewrap",
     "tree_reduce",
@@ -71,6 +73,17 @@ QUERY_PLANNING: bool = _query_planning()
 
 
 # --------------------------------------------------------------------------- arrays
+
+
+def dask_meta(x) -> Any:
+    """The meta of ``x`` if it is a dask array, else ``None``."""
+    return meta_of(x) if isinstance(x, da.Array) else None
+
+
+def collection_name(x) -> str:
+    """The name of a dask collection's output keys: ``Array.name``; for a DataFrame its
+    ``_name`` (the expression's name; dask DataFrames have no public accessor)."""
+    return x.name if isinstance(x, da.Array) else x._name
 
 
 def meta_of(x) -> Any:
@@ -406,6 +419,32 @@ def worker_knows(dask_worker, keys) -> int:
     state machine's table, no public accessor)."""
     tasks = dask_worker.state.tasks
     return sum(1 for key in keys if key in tasks)
+
+
+def scheduler_address(client) -> str | None:
+    """The address of the scheduler a ``distributed.Client`` talks to (``client.scheduler``
+    is the client's connection object, its ``address`` undocumented), without a call."""
+    try:
+        return client.scheduler.address
+    except AttributeError:
+        return None
+
+
+def cluster_state(client) -> tuple | None:
+    """The cluster-wide totals (workers, threads, memory) a synchronous ``distributed.Client``
+    last heard from its scheduler, ``None`` when it has none; reading them sends nothing.
+
+    The client refreshes them itself (``distributed.client.scheduler-info-interval``)
+    into ``Client._scheduler_identity`` (private); ``Client.scheduler_info()`` would ask
+    the scheduler.
+    """
+    info = getattr(client, "_scheduler_identity", None)
+    if not info:
+        return None
+    totals = (info.get("n_workers"), info.get("total_threads"), info.get("total_memory"))
+    if all(v is None for v in totals):
+        return None
+    return (info.get("id"), *totals)
 
 
 def nprocesses_nthreads(cores: int) -> tuple[int, int]:

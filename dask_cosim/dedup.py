@@ -22,7 +22,7 @@ import pandas as pd
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
-from ._compat import delayed_from_graph
+from ._compat import collection_name, delayed_from_graph
 from ._components import components, finish_forest, group_rows, merge_forests
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._resources import routed
@@ -135,7 +135,7 @@ def _duplicate_groups(
         ]
         result = dd.from_delayed(parts, meta=meta, verify_meta=False)
     facts = {} if labels is None else {"labels": labels_token(labels), "label_pairs": label_pairs}
-    record_result(result._name, "groups", prep, a, None, threshold=threshold, **facts)
+    record_result(collection_name(result), "groups", prep, a, None, threshold=threshold, **facts)
     return result
 
 

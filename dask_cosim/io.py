@@ -27,7 +27,7 @@ from dask.base import tokenize
 
 from . import _config, _provenance, _topk_store
 from ._backend import to_numpy
-from ._compat import block_delayeds
+from ._compat import block_delayeds, collection_name
 
 __all__ = [
     "to_zarr",
@@ -968,8 +968,12 @@ def _parquet_state(path, storage_options):
 
 
 def _parquet_identity(pairs) -> tuple[dict[str, Any], dict[str, Any]]:
-    facts = _provenance.lookup(pairs._name)
-    params = facts or {"kind": "pairs", "names": [pairs._name], "columns": list(map(str, pairs.columns))}
+    facts = _provenance.lookup(collection_name(pairs))
+    params = facts or {
+        "kind": "pairs",
+        "names": [collection_name(pairs)],
+        "columns": list(map(str, pairs.columns)),
+    }
     layout = {"layout": LAYOUT, "partitions": pairs.npartitions, "columns": list(map(str, pairs.columns))}
     return params, layout
 
@@ -1015,7 +1019,7 @@ def to_parquet(
         )
     start = time.perf_counter()
     where = _describe(path)
-    facts = _provenance.lookup(pairs._name)
+    facts = _provenance.lookup(collection_name(pairs))
     params, layout = _parquet_identity(pairs)
     nparts = pairs.npartitions
     (fs, root, info), status = _parquet_state(path, storage_options)
@@ -1040,7 +1044,7 @@ def to_parquet(
         done = set()
     pending = [i for i in range(nparts) if i not in done]
     parts = pairs.to_delayed(optimize_graph=False)
-    token = tokenize(pairs._name, where)
+    token = tokenize(collection_name(pairs), where)
     from dask.delayed import delayed
 
     gate = _WriteGate()

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from dask.base import tokenize
 
-from ._compat import column_blocks, frame_from_graph, map_blocks, tree_reduce
+from ._compat import collection_name, column_blocks, frame_from_graph, map_blocks, tree_reduce
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
@@ -414,7 +414,7 @@ def pairs_above(
         divisions = (None,) * (len(keys) + 1)
         result = frame_from_graph(graph, meta, divisions, keys, "cosine-frame")
     record_result(
-        result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
+        collection_name(result), "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
         precision=precision, **_label_facts(labels, label_pairs),
     )  # fmt: skip
     return result
