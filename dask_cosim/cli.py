@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--zero-vector", choices=("zero", "nan", "error"), help="similarity of zero vectors")
     run.add_argument(
-        "--check-finite", action="store_true", help="refuse inputs with NaN/inf (reads them once first)"
+        "--check-finite", action="store_true", help="fail on input blocks holding NaN/inf (checked when read)"
     )
     run.add_argument(
         "--codec",
