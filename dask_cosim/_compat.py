@@ -262,7 +262,10 @@ def array_from_graph(
             graph.update(tasks)
         from dask._collections import new_collection
 
-        return new_collection(_graph_array()(name, graph, tuple(map(tuple, chunks)), meta))
+        blocks = {
+            layer: (tuple(map(tuple, c)), np.dtype(dtype)) for layer, (c, dtype) in (described or {}).items()
+        }
+        return new_collection(_graph_array()(name, graph, tuple(map(tuple, chunks)), meta, blocks))
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     all_layers: dict = {}
@@ -292,7 +295,8 @@ def _graph_array() -> type:
     class GraphArray(ArrayExpr):
         """A leaf array expression that owns its tasks (no inputs to optimise through)."""
 
-        _parameters = ["name", "graph", "block_chunks", "meta"]
+        _parameters = ["name", "graph", "block_chunks", "meta", "described"]
+        _defaults = {"described": None}
 
         @functools.cached_property
         def _name(self) -> str:
@@ -311,6 +315,11 @@ def _graph_array() -> type:
 
         def dependencies(self) -> list:
             return []
+
+        @property
+        def layer_blocks(self) -> dict:
+            """``(chunks, dtype)`` of the layers whose blocks are arrays (for graph inspection)."""
+            return dict(self.operand("described") or {})
 
         def _layer(self) -> dict:
             return dict(self.operand("graph"))

@@ -39,6 +39,8 @@ from dask_cosim._resources import (
 from dask_cosim.reductions import pairs_above, topk
 from dask_cosim.testing import reference_cosine
 
+from ._graphs import QUERY_PLANNING, graph
+
 distributed = pytest.importorskip("distributed")
 
 GPU_PREFIXES = ("cosine-block", "cosine-normalize")
@@ -64,8 +66,14 @@ def _name(key) -> str:
 
 
 def test_gpu_graph_layers_carry_resource_annotations():
+    """Legacy mode: the normalise and product layers carry ``resources={"GPU": 1}``. Under
+    array query planning dask keeps no annotations on array expressions: the GPUTask
+    marker on exactly those tasks routes them (see the tests below)."""
     a, b = _data()
     S = dcs.cosine_similarity(a, b, chunks=(20, 25), device="gpu")
+    if QUERY_PLANNING:
+        assert {key_split(k) for k, v in graph(S).items() if needs_gpu(v)} == set(GPU_PREFIXES)
+        return
     annotated = {k.rsplit("-", 1)[0] for k, layer in S.dask.layers.items() if layer.annotations}
     assert annotated == {"cosine-block", "cosine-normalize"}
     for name, layer in S.dask.layers.items():

@@ -325,7 +325,7 @@ class LooksLikeAnArray:
     "bad, match",
     [
         (np.ma.masked_array(np.ones((3, 2)), mask=[[0, 1], [0, 0], [0, 0]]), "masked arrays"),
-        (da.ma.masked_equal(da.ones((3, 2), chunks=2), 0), "masked arrays"),
+        (da.from_array(np.ma.masked_equal(np.ones((3, 2)), 0), chunks=2), "masked arrays"),
         (LooksLikeAnArray(), "LooksLikeAnArray, which has shape/dtype but is not an array"),
         ([[1.0, 2.0], [3.0]], "cannot convert list"),
         ([[1.0, 2.0], "ab"], "cannot convert list|object array"),
