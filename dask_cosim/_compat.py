@@ -120,7 +120,9 @@ def from_array_named(x, *, chunks, name: str, meta, asarray: bool | None = None)
 
     Under query planning ``from_array`` ignores ``name=`` (its ``FromArray`` expression
     names itself by hashing the array); a subclass that takes the name keeps the
-    ``cosine-in-*`` prefix the dashboard shows, and never hashes the data.
+    ``cosine-in-*`` prefix the dashboard shows, and never hashes the data. Array
+    expressions are singletons by name there, so ``name`` must differ whenever ``x``,
+    ``chunks`` or ``meta`` do.
     """
     if not QUERY_PLANNING:
         return da.from_array(x, chunks=chunks, asarray=asarray, name=name, meta=meta)

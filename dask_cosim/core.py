@@ -346,7 +346,7 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
             BlockSource(guard_input(x, name)),  # a missing/corrupt zarr chunk is an error
             chunks=chunks,
             asarray=not on_device,
-            name=f"cosine-in-{name}-{tokenize(x)}",
+            name=f"cosine-in-{name}-{tokenize(x, chunks, on_device)}",  # one name per chunking
             meta=_meta(on_device, op.ndim, x.dtype),
         )
     if broadcast:
