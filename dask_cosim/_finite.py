@@ -53,9 +53,11 @@ def raise_nonfinite(x: np.ndarray, *, input_name: str, offset: tuple[int, int] |
     >>> try:
     ...     raise_nonfinite(bad, input_name="b", offset=(2, 10), batched=True)
     ... except NonFiniteError as err:
-    ...     print(*str(err).split("; ")[:2], sep="\n")
-    b: 1 vector(s) hold NaN or inf in batch 2:4, rows 10:15
-    the first is at batch 3, row 14 (inf in column 2)
+    ...     found, first, _ = str(err).split("; ")
+    >>> found
+    'b: 1 vector(s) hold NaN or inf in batch 2:4, rows 10:15'
+    >>> first
+    'the first is at batch 3, row 14 (inf in column 2)'
     """
     found = first_nonfinite(x)
     if found is None:

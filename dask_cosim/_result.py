@@ -66,7 +66,13 @@ class SimilarityArray(da.Array):
         dask.compute(self._written_into(result), **kwargs)  # each task returns a one-element marker
         return result
 
-    if QUERY_PLANNING:  # dask's expression-backed arrays have no store(): this one does
+    if QUERY_PLANNING:  # dask's expression-backed arrays have no __array__ nor store(): this one does
+
+        def __array__(self, dtype=None, copy=None):
+            """``numpy.asarray(S)`` computes ``S`` (as ``dask.array.Array.__array__`` does in the
+            legacy mode)."""
+            x = self.compute()
+            return x if dtype is None else x.astype(dtype, copy=False)
 
         def store(self, target, lock: bool = False, compute: bool = True, **kwargs: Any) -> None:
             """Write every block into ``target`` (``target[region] = block``), as dask's
