@@ -164,7 +164,7 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> tuple[da.
 
     def task_for(kb: int | None, i: int, j: int) -> Callable:
         task = partial(
-            topk_block if i == j else _pivoted_topk_block,
+            _diagonal_topk_block if i == j else _pivoted_topk_block,
             k=k,
             row_offset=starts[i],
             col_offset=starts[j],
@@ -201,6 +201,11 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> tuple[da.
             described={up: (chunks, object)},
         )  # fmt: skip
     return array, up
+
+
+def _diagonal_topk_block(an, bn, **kwargs):
+    """:func:`~dask_cosim._select.topk_block` of a diagonal block (looked up when the task runs)."""
+    return topk_block(an, bn, **kwargs)
 
 
 def _pivoted_topk_block(an, bn, row_pivot, col_pivot, **kwargs):
