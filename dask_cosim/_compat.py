@@ -4,28 +4,30 @@ The rest of the package uses public APIs only (``tests/test_compat.py`` checks i
 dask, distributed or zarr do not offer publicly is wrapped here, each wrapper naming the
 upstream API it relies on, with a version or mode gate where the API differs.
 
-**Two dask array modes.** dask's ``array.query-planning`` config (dask >= 2025.1, default
-False, "will eventually flip to True") makes ``dask.array.Array`` an expression-backed
+**Two dask array modes.** dask's ``array.query-planning`` config (default False in dask
+2026.8, "will eventually flip to True") makes ``dask.array.Array`` an expression-backed
 collection (``dask.array._array_expr._collection.Array``, built from an expression,
 lowered to a task graph when computed). The mode is fixed when ``dask.array`` is first
-imported (:data:`QUERY_PLANNING`). Under query planning:
+imported (:data:`QUERY_PLANNING`). What differs under query planning, as of dask 2026.8:
 
 - array expressions carry no layer annotations (``dask.annotate``): the GPU routing keeps
-  working through the :class:`~dask_cosim._resources.GPUTask` marker, but the priorities
-  a top-k graph sets (:mod:`dask_cosim._topk_store`) reach the scheduler only for the
-  tasks :func:`graph_from_collections` builds (the written top-k's links and, by key, the
-  blocks and inputs they depend on);
+  working through the :class:`~dask_cosim._resources.GPUTask` marker, and the priorities
+  of a written top-k (:mod:`dask_cosim._topk_store`) are set by task key on the graph
+  :func:`graph_from_collections` builds; a plain ``compute`` of ``topk`` runs in dask's order;
+- array expressions are singletons by name: two arrays given the same name are one
+  expression, so every name the package gives must change whenever the tasks would;
 - ``from_array(name=)`` is ignored (:func:`from_array_named` keeps the key prefix), the
   ``token=`` of ``map_blocks`` is deprecated in favour of ``name=`` (a prefix there, a full
-  key name in the legacy mode: :func:`map_blocks`), and ``.blocks``, ``store`` and
-  ``to_delayed`` do not exist (:func:`column_blocks`; the package does not use the others);
+  key name in the legacy mode: :func:`map_blocks`), and ``.blocks``, ``to_delayed``,
+  ``store`` and ``__array__`` do not exist (:func:`column_blocks`, :func:`block_delayeds`;
+  :class:`~dask_cosim._result.SimilarityArray` has its own ``store`` and ``__array__``);
 - a hand-built graph becomes an array through :func:`array_from_graph` (a leaf expression
   that owns the tasks, keeping the key names the dashboard shows);
 - a ``blockwise`` given an explicit ``name=`` is never lowered below itself (``Expr.lower_once``
   detects a lowered child by its changed name, and an explicit name does not change), so an
   input that still needs lowering (a ``rechunk``) fails at compute time with "'Rechunk' object
-  has no attribute 'npartitions'" (dask 2026.8). The package therefore names blockwise
-  layers by ``token=`` (a key prefix) in both modes, never by ``name=``.
+  has no attribute 'npartitions'". The package therefore names blockwise layers by ``token=``
+  (a key prefix) in both modes, never by ``name=``.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ __all__ = [
     "array_from_graph",
     "block_delayeds",
     "block_slices",
+    "check_scheduler_address",
+    "cluster_state",
     "collection_name",
     "column_blocks",
+    "dask_meta",
     "delayed_from_graph",
     "fail_tasks",
     "frame_from_graph",
@@ -53,17 +58,22 @@ __all__ = [
     "graph_name",
     "local_scheduler",
     "map_blocks",
-    "dask_meta",
     "meta_of",
+    "nprocesses_nthreads",
+    "parse_memory_limit",
     "rewrap",
+    "scheduler_address",
+    "system_memory_limit",
+    "task_group_graph",
     "tree_reduce",
+    "worker_knows",
     "zarr_key_exists",
 ]
 
 
 def _query_planning() -> bool:
     """Whether dask arrays are expression-backed (``array.query-planning``)."""
-    # dask.array.array_expr_enabled: public since dask 2025.1; older releases have no such mode
+    # dask.array.array_expr_enabled (public); releases without it have no such mode
     enabled = getattr(da, "array_expr_enabled", None)
     return bool(enabled()) if enabled is not None else False
 
