@@ -181,7 +181,7 @@ def _dask_threads_here() -> int:
     try:
         from distributed import get_worker
 
-        return max(1, get_worker().state.nthreads)
+        return max(1, get_worker().nthreads)
     except (ImportError, ValueError, AttributeError):
         pass
     if multiprocessing.parent_process() is not None:

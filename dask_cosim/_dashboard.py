@@ -58,9 +58,10 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    try:
-        from distributed.dashboard.components.scheduler import TaskGroupGraph
-    except ImportError:  # no bokeh: no dashboard
+    from ._compat import task_group_graph
+
+    TaskGroupGraph = task_group_graph()  # noqa: N806 - a class
+    if TaskGroupGraph is None:  # no bokeh: no dashboard
         return
     if hasattr(TaskGroupGraph, "update_layout"):
         TaskGroupGraph.update_layout = group_layout

@@ -151,11 +151,11 @@ def describe_environment() -> Iterator[str]:
     """Lines for ``dask-cosim info``: versions, BLAS, GPU, machine, the dask config in force."""
     import dask
     from dask.system import CPU_COUNT
-    from distributed.system import MEMORY_LIMIT
     from threadpoolctl import threadpool_info
 
     from . import __version__
     from ._backend import gpu_available
+    from ._compat import system_memory_limit
     from .cluster import machine_layout
 
     yield f"dask-cosim {__version__} (python {platform.python_version()}, {sys.executable})"
@@ -173,8 +173,9 @@ def describe_environment() -> Iterator[str]:
         yield "BLAS: none found by threadpoolctl"
     yield f"GPU: {'visible (CuPy can allocate)' if gpu_available() else 'none visible'}"
     workers, threads = machine_layout()
+    memory = system_memory_limit() / 2**30
     yield (
-        f"machine: {platform.platform()}, {CPU_COUNT} cores, {MEMORY_LIMIT / 2**30:.1f} GiB; the embedded "
+        f"machine: {platform.platform()}, {CPU_COUNT} cores, {memory:.1f} GiB; the embedded "
         f"cluster would start {workers} workers x {threads} threads on 127.0.0.1"
     )
     yield f"dask config cosine: {dict(dask.config.get('cosine'))}"

@@ -82,8 +82,9 @@ def _is_known_array(x) -> bool:
 
 
 def _is_masked_dask(x) -> bool:
-    meta = getattr(x, "_meta", None)
-    return hasattr(x, "dask") and isinstance(meta, np.ma.MaskedArray)
+    from ._compat import dask_meta
+
+    return isinstance(dask_meta(x), np.ma.MaskedArray)
 
 
 def _open_sparse(x, name: str):

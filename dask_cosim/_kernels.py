@@ -11,6 +11,7 @@ import array_api_compat
 import numpy as np
 
 from ._backend import blas_threads_for_task, block_namespace, device_matmul, limit_blas, to_numpy
+from ._finite import raise_nonfinite
 from ._options import CHOICES
 from ._sparse import is_sparse, sparse_similarity_block
 
@@ -41,6 +42,7 @@ def normalize_rows(
     input_name: str = "a",
     offset: tuple[int, int] | None = None,
     batched: bool = False,
+    check_finite: bool = False,
 ):
     """Scale every vector (last axis) of a block to unit L2 length.
 
@@ -62,6 +64,9 @@ def normalize_rows(
         Global ``(batch, row)`` index of the block's first vector, for error messages.
     batched
         Whether the first axis is a batch axis (for error messages).
+    check_finite
+        Raise :class:`~dask_cosim.NonFiniteError` if the block holds NaN or inf (checked
+        only on the careful path: the fast path is taken only when every value is finite).
 
     Examples
     --------
@@ -70,10 +75,10 @@ def normalize_rows(
            [0. , 0. ]])
     """
     with np.errstate(over="ignore", invalid="ignore"):  # overflow/NaN are handled below
-        return _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched)
+        return _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite)
 
 
-def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched):
+def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite=False):
     xp, x = block_namespace(x, device)
     dtype = _dtype(xp, compute_dtype)
     x = xp.astype(x, dtype) if x.dtype != dtype else x
@@ -81,6 +86,8 @@ def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batche
     # the fast path is exact unless a squared norm is zero, non-finite or subnormal
     tiny = xp.finfo(dtype).smallest_normal
     if not bool(xp.all((sq >= tiny) & (sq <= xp.finfo(dtype).max))):
+        if check_finite:  # the cast above never narrows (the work dtype is at least the input's)
+            raise_nonfinite(to_numpy(x), input_name=input_name, offset=offset, batched=batched)
         return _normalize_careful(xp, x, dtype, zero_vector, input_name, offset, batched)
     return x * (1 / xp.sqrt(sq))
 

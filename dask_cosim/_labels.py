@@ -14,6 +14,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
+from ._compat import from_array_named
 from ._options import check_choice
 
 if TYPE_CHECKING:
@@ -90,7 +91,8 @@ def block_labels(labels, prep: Prepared) -> tuple[da.Array, da.Array]:
     def chunked(x, sizes, what):
         if isinstance(x, da.Array):
             return x.rechunk((sizes,))
-        return da.from_array(x, chunks=(sizes,), name=f"cosine-labels-{what}-{tokenize(x, sizes)}")
+        name = f"cosine-labels-{what}-{tokenize(x, sizes)}"
+        return from_array_named(x, chunks=(sizes,), name=name, meta=np.empty((0,), dtype=x.dtype))
 
     return chunked(la, prep.plan.rows, "a"), chunked(lb, prep.plan.cols, "b")
 

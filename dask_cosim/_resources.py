@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import pickle
 import threading
 import time
 import weakref
@@ -35,6 +34,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
+
+from ._compat import DataNode as _DataNode  # None on older dask: tasks are tuples, walked as containers
 
 __all__ = [
     "GPU_RESOURCES",
@@ -118,11 +119,6 @@ def annotate_for(device: str) -> Iterator[None]:
 
 _MAX_DEPTH = 64
 _MAX_CONTAINER = 256  # data containers longer than this are not searched
-
-try:
-    from dask._task_spec import DataNode as _DataNode
-except ImportError:  # pragma: no cover - older dask: tasks are tuples, walked as containers
-    _DataNode = None
 
 
 def needs_gpu(node: Any) -> bool:
@@ -262,9 +258,10 @@ class _GPURouting:
         self._fail(scheduler, expired)
 
     def _fail(self, scheduler, expired) -> None:
+        from ._compat import fail_tasks
+
         n_workers = len(scheduler.workers)
         stimulus_id = f"dask-cosim-no-gpu-worker-{time.time()}"
-        recommendations: dict = {}
         err = None
         for ts in expired:
             if ts.state != "no-worker":
@@ -277,15 +274,10 @@ class _GPURouting:
                 "GPU workers with `dask worker <scheduler> --resources GPU=1` (one per GPU), or use "
                 "device='auto' (CuPy where a worker has a GPU, NumPy elsewhere) or device='cpu'."
             )
-            recommendations.update(
-                scheduler.transition(
-                    ts.key, "erred", exception=pickle.dumps(err), cause=ts.key, stimulus_id=stimulus_id
-                )
-            )
+            fail_tasks(scheduler, [ts.key], err, stimulus_id)
             self._routed.pop(ts.key, None)
             self._waiting_since.pop(ts.key, None)
         logger.error("%d task(s) failed: %s", len(expired), err)
-        scheduler.transitions(recommendations, stimulus_id)
 
 
 @functools.cache
@@ -364,10 +356,9 @@ def ensure_gpu_routing(client=None) -> bool:
 
 
 def _scheduler_address(client) -> str | None:
-    try:
-        return client.scheduler.address
-    except AttributeError:
-        return None
+    from ._compat import scheduler_address
+
+    return scheduler_address(client)
 
 
 def _ensure_on_default_client() -> None:

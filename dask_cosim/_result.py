@@ -18,12 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
-import dask.local
-import dask.threaded
 import numpy as np
-from dask.base import get_scheduler
-from dask.layers import ArraySliceDep
 
+from ._compat import QUERY_PLANNING, block_slices, local_scheduler, meta_of, rewrap
 from ._kernels import similarity_block
 from ._triangle import use_triangle
 
@@ -50,7 +47,7 @@ class SimilarityArray(da.Array):
     @classmethod
     def wrap(cls, x: da.Array, prep: Prepared) -> SimilarityArray:
         """``x`` (the product graph built from ``prep``) as a :class:`SimilarityArray`."""
-        out = cls(x.dask, x.name, x.chunks, meta=x._meta)
+        out = rewrap(cls, x)
         out._prepared = prep
         return out
 
@@ -66,30 +63,76 @@ class SimilarityArray(da.Array):
         if not self._writes_in_place(kwargs.get("scheduler")):
             return super().compute(**kwargs)
         result = np.empty(self.shape, dtype=self.dtype)
-        dask.compute(self._written_into(result), **kwargs)
+        dask.compute(self._written_into(result), **kwargs)  # each task returns a one-element marker
         return result
+
+    if QUERY_PLANNING:  # dask's expression-backed arrays have no __array__ nor store(): this one does
+
+        def __array__(self, dtype=None, copy=None):
+            """``numpy.asarray(S)`` computes ``S`` (as ``dask.array.Array.__array__`` does in the
+            legacy mode)."""
+            x = self.compute()
+            return x if dtype is None else x.astype(dtype, copy=False)
+
+        def store(self, target, lock: bool = False, compute: bool = True, **kwargs: Any) -> None:
+            """Write every block into ``target`` (``target[region] = block``), as dask's
+            ``Array.store(target, lock=False)`` does in its legacy array mode.
+
+            Blocks are computed on the threaded or synchronous scheduler (the tasks write
+            into ``target`` in this process); a C-contiguous NumPy ``target`` of the
+            array's shape and dtype is written in place by the product tasks themselves.
+            Takes ``scheduler=`` and scheduler options; ``lock`` and ``compute`` only
+            take their default (``False``, ``True``).
+            """
+            if lock is not False or compute is not True:
+                raise NotImplementedError(
+                    "SimilarityArray.store under dask's array query planning supports only "
+                    "lock=False and compute=True"
+                )
+            if not local_scheduler(self, kwargs.get("scheduler")):
+                raise ValueError(
+                    "SimilarityArray.store writes from tasks of this process: use the threaded or "
+                    "synchronous scheduler (scheduler='threads'), or compute() on a cluster"
+                )
+            dask.compute(self._written_into(target), **kwargs)
 
     def _writes_in_place(self, scheduler) -> bool:
         """Whether this compute can write into one result buffer of this process."""
         prep = getattr(self, "_prepared", None)
-        if prep is None or type(self._meta) is not np.ndarray or 0 in self.shape:
+        if prep is None or type(meta_of(self)) is not np.ndarray or 0 in self.shape:
             return False
-        schedule = get_scheduler(scheduler=scheduler, collections=[self])
-        return schedule in (dask.threaded.get, dask.local.get_sync)
+        return local_scheduler(self, scheduler)
 
-    def _written_into(self, result: np.ndarray) -> da.Array:
-        """A graph whose tasks write this array's blocks into ``result`` (blocks: ``None``)."""
+    def _written_into(self, result) -> da.Array:
+        """A graph whose tasks write this array's blocks into ``result``; its own blocks are
+        one-element markers (one per block of this array), so computing it copies nothing.
+
+        A NumPy ``result`` of this array's shape and dtype is written by the product tasks
+        (``matmul(..., out=view)``); anything else (or a self-similarity, whose lower blocks
+        are transposes) gets each computed block assigned (``result[region] = block``).
+        """
         prep: Prepared = self._prepared
         target = _Target(result)
-        if use_triangle(prep):  # blocks below the diagonal are transposes: dask's store copies them
-            return da.store(self, target, lock=False, compute=False)
+        index = prep.out_index
+        markers = {axis: 1 for axis in index}
+        meta = np.empty((0,) * self.ndim, dtype=bool)
+        in_place = (
+            isinstance(result, np.ndarray) and result.shape == self.shape and result.dtype == self.dtype
+        )
+        if use_triangle(prep) or not in_place:
+            return da.blockwise(
+                _store_into, index, self, index, block_slices(self.chunks), index,
+                token="store-map", align_arrays=False, adjust_chunks=markers,
+                dtype=bool, meta=meta, target=target,
+            )  # fmt: skip
         return prep.pair_blockwise(
             _product_into,
-            ArraySliceDep(self.chunks),
-            prep.out_index,
-            name=f"cosine-block-{target.token}",  # the dashboard shows it as cosine-block
-            dtype=prep.out_dtype,
-            meta=np.empty((0,) * self.ndim, dtype=prep.out_dtype),
+            block_slices(self.chunks),
+            index,
+            token="cosine-block",  # ``target`` (tokenised by identity) makes the name unique
+            adjust_chunks=markers,
+            dtype=bool,
+            meta=meta,
             align_arrays=False,  # the plan aligned an and bn already
             target=target,
             **prep.product_kwargs(),
@@ -100,17 +143,28 @@ class _Target:
     """The result buffer in the graph: tokenised by identity (hashing its bytes would
     read, and so fault in, the whole uninitialised result before a task runs)."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array):
         self.array = array
         self.token = uuid.uuid4().hex
 
     def __dask_tokenize__(self) -> str:
         return self.token
 
-    def __setitem__(self, region, block) -> None:  # all da.store asks of a target
+    def __setitem__(self, region, block) -> None:
         self.array[region] = block
 
 
-def _product_into(an, bn, region, *, target: _Target, **kwargs) -> None:
+def _marker(ndim: int) -> np.ndarray:
+    return np.ones((1,) * ndim, dtype=bool)
+
+
+def _product_into(an, bn, region, *, target: _Target, **kwargs) -> np.ndarray:
     """One product task writing its block into ``target`` at ``region``."""
     similarity_block(an, bn, out=target.array[region], **kwargs)
+    return _marker(len(region))
+
+
+def _store_into(block, region, *, target: _Target) -> np.ndarray:
+    """Copy one computed block into ``target`` at ``region``."""
+    target[region] = block
+    return _marker(len(region))

@@ -70,8 +70,10 @@ def is_sparse(x) -> bool:
 
 def is_sparse_dask(x) -> bool:
     """Whether ``x`` is a dask array whose chunks are sparse (its ``_meta`` is)."""
-    meta = getattr(x, "_meta", None)
-    return meta is not None and is_sparse(meta) and hasattr(x, "dask")
+    from ._compat import dask_meta
+
+    meta = dask_meta(x)
+    return meta is not None and is_sparse(meta)
 
 
 def nnz_of(x) -> int:

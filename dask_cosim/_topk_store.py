@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import to_numpy
+from ._compat import delayed_from_graph, graph_from_collections, graph_name
 from ._select import PAD_KEY, finish_topk, merge_topk
 
 __all__ = ["TopkSource", "register", "lookup", "priority_of", "links_of", "STATE", "LINKS", "INPUT_PRIORITY"]
@@ -57,10 +58,11 @@ class TopkSource:
     where: str
     upper: str | None = None  # the triangle's block layer: links take its halves directly
 
-    def part(self, panel: tuple[int, ...], j: int):
-        """The task argument of part ``(*panel, j)``: a key, or a getitem on an upper block."""
+    def part(self, panel: tuple[int, ...], j: int, parts_name: str | None = None):
+        """The task argument of part ``(*panel, j)``: a key, or a getitem on an upper block
+        (``parts_name``: the name of the parts' blocks in their graph, default theirs)."""
         if self.upper is None:
-            return (self.parts.name, *panel, j)
+            return (parts_name or graph_name(self.parts), *panel, j)
         *kb, i = panel
         if i == j:
             return (self.upper, *kb, i, i)
@@ -186,10 +188,9 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     Returns ``(final link of each pending panel as a Delayed, the pending panels)``.
     """
     import dask
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
 
     parts, k = source.parts, source.k
+    parts_name = None if source.upper is not None else graph_name(parts)
     grid = values.numblocks[:-1]
     ncols = parts.numblocks[-1]
     offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in values.chunks[:-1]]
@@ -211,13 +212,38 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
             last = link == len(chain) - 1
             where = LinkWrite(state, links, outputs, marker, panel, regions, link, last, k, gate)
             key = (name, *panel, link)
-            dsk[key] = (run_link, where, prev, *(source.part(panel, j) for j in chain[link]))
+            dsk[key] = (run_link, where, prev, *(source.part(panel, j, parts_name) for j in chain[link]))
             prev = key
         finals.append(prev)
         pending.append(panel)
+    priority = _block_priority(source.triangle, len(values.chunks[-2]))
     with dask.annotate(priority=1):  # a ready link runs before any block: progress is saved early
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[parts])
-    return [Delayed(key, graph, layer=name) for key in finals], pending
+        graph = graph_from_collections(name, dsk, [parts], priority=priority)
+    return [delayed_from_graph(key, graph, layer=name) for key in finals], pending
+
+
+#: Key prefixes of a top-k graph's input tasks (read, rechunk and normalise the inputs).
+_INPUT_PREFIXES = ("cosine-in-", "cosine-input-", "cosine-normalize", "rechunk-", "fromarray", "getitem")
+
+
+def _block_priority(triangle: bool, nrows: int):
+    """Priority of a task of the parts' graph by its key (what :func:`~dask_cosim.topk` sets
+    with ``dask.annotate``; used where dask drops those annotations, see
+    :func:`dask_cosim._compat.graph_from_collections`): inputs first, then the blocks by
+    :func:`priority_of`."""
+    from dask.utils import key_split
+
+    blocks = priority_of(triangle, nrows)
+
+    def priority(key) -> int:
+        prefix = key_split(key)
+        if prefix.startswith(_INPUT_PREFIXES):
+            return INPUT_PRIORITY
+        if prefix in ("cosine-topk", "cosine-pick"):
+            return blocks(key)
+        return 0
+
+    return priority
 
 
 def ensure_state_arrays(group, values) -> None:

@@ -20,8 +20,8 @@ import array_api_compat
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from ._compat import array_from_graph, graph_from_collections, graph_name
 from ._kernels import similarity_block
 from ._resources import annotate_for, routed
 from ._select import topk_block
@@ -90,47 +90,24 @@ def _key(name: str, kb: int | None, i: int, j: int) -> tuple:
     return (name, i, j) if kb is None else (name, kb, i, j)
 
 
-def _input_key(prep: Prepared, kb: int | None, i: int) -> tuple:
-    return (prep.an.name, i, 0) if kb is None else (prep.an.name, kb, i, 0)
+def _input_key(an: str, kb: int | None, i: int) -> tuple:
+    return (an, i, 0) if kb is None else (an, kb, i, 0)
 
 
 def _offsets(sizes: tuple[int, ...]) -> list[int]:
     return [int(v) for v in np.cumsum((0, *sizes))[:-1]]
 
 
-def _upper_layer(prep: Prepared, name: str, task_for: Callable[[int | None, int, int], Callable]) -> dict:
-    """One task ``task_for(kb, i, j)(an[kb, i], an[kb, j])`` per upper block ``j >= i``."""
+def _upper_layer(
+    prep: Prepared, an: str, name: str, task_for: Callable[[int | None, int, int], Callable]
+) -> dict:
+    """One task ``task_for(kb, i, j)(an[kb, i], an[kb, j])`` per upper block ``j >= i``
+    (``an``: the name of the normalised input's blocks)."""
     nb = len(prep.plan.rows)
     return {
-        _key(name, kb, i, j): (task_for(kb, i, j), _input_key(prep, kb, i), _input_key(prep, kb, j))
+        _key(name, kb, i, j): (task_for(kb, i, j), _input_key(an, kb, i), _input_key(an, kb, j))
         for kb in _batch_blocks(prep)
         for i, j in upper_blocks(nb)
-    }
-
-
-def _graph(prep: Prepared, layers: dict[str, tuple[dict, set[str]]], extras=()) -> HighLevelGraph:
-    """``prep.an``'s graph plus ``layers`` (name -> (tasks, names of layers they need));
-    ``extras``: other collections whose graphs the layers read too."""
-    base = prep.an.__dask_graph__()
-    all_layers = dict(base.layers)
-    deps = {k: set(v) for k, v in base.dependencies.items()}
-    for extra in extras:
-        graph = extra.__dask_graph__()
-        all_layers.update(graph.layers)
-        deps.update({k: set(v) for k, v in graph.dependencies.items()})
-    for name, (tasks, needs) in layers.items():
-        all_layers[name] = MaterializedLayer(tasks)
-        deps[name] = set(needs)
-    return HighLevelGraph(all_layers, deps)
-
-
-def _annotate(graph: HighLevelGraph, name: str, chunks, dtype) -> None:
-    """Describe a layer's blocks (as dask does for array layers) for graph inspection."""
-    graph.layers[name].collection_annotations = {
-        "type": "dask.array.core.Array",
-        "chunks": tuple(tuple(c) for c in chunks),
-        "chunksize": tuple(max(c) for c in chunks),
-        "dtype": np.dtype(dtype),
     }
 
 
@@ -149,7 +126,8 @@ def similarity_triangle(prep: Prepared) -> da.Array:
     product = routed(partial(similarity_block, **kwargs), prep.device)
     # a block left on the GPU (like="cupy") is transposed there too
     transpose = routed(transpose_block, prep.device if prep.like == "cupy" else "cpu")
-    upper = _upper_layer(prep, prod, lambda kb, i, j: product)
+    an = graph_name(prep.an)
+    upper = _upper_layer(prep, an, prod, lambda kb, i, j: product)
     nb = len(prep.plan.rows)
     assembled = {
         _key(out, kb, i, j): (_key(prod, kb, i, j) if j >= i else (transpose, _key(prod, kb, j, i)))
@@ -157,17 +135,18 @@ def similarity_triangle(prep: Prepared) -> da.Array:
         for i in range(nb)
         for j in range(nb)
     }
-    with annotate_for(prep.device):
-        graph = _graph(prep, {prod: (upper, {prep.an.name}), out: (assembled, {prod})})
     chunks = prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:]
-    _annotate(graph, prod, chunks, prep.out_dtype)
-    return da.Array(graph, out, chunks, meta=prep.meta)
+    with annotate_for(prep.device):
+        return array_from_graph(
+            out, {prod: (upper, {an}), out: (assembled, {prod})}, [prep.an], chunks, prep.meta,
+            described={prod: (chunks, prep.out_dtype)},
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- top-k
 
 
-def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
+def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> tuple[da.Array, str]:
     """Local top-k parts ``(keys, idx)`` for every output block, from the upper blocks only.
 
     Upper block ``(i, j)`` runs one product and selects both the best columns of its
@@ -175,7 +154,8 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
     ``(j, i)``). The diagonal blocks run first: their parts bound the k-th best values of
     rows ``i`` and ``j``, which prunes the off-diagonal tasks. Returns an object array
     indexed like the output whose block ``(i, j)`` is that part; its chunks along the
-    last axis are the parts' widths ``min(k, m_j)``.
+    last axis are the parts' widths ``min(k, m_j)``. Also returns the name of the upper
+    blocks' layer (``cosine-topk-*``), whose tasks return both halves.
     """
     kwargs = prep.product_kwargs()
     token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, "topk-triangle")
@@ -184,7 +164,7 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
 
     def task_for(kb: int | None, i: int, j: int) -> Callable:
         task = partial(
-            topk_block if i == j else _pivoted_topk_block,
+            _diagonal_topk_block if i == j else _pivoted_topk_block,
             k=k,
             row_offset=starts[i],
             col_offset=starts[j],
@@ -194,7 +174,8 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
         )
         return routed(task, prep.device)
 
-    upper = _upper_layer(prep, up, task_for)
+    an = graph_name(prep.an)
+    upper = _upper_layer(prep, an, up, task_for)
     for kb in _batch_blocks(prep):  # off-diagonal tasks are pruned by both diagonal parts
         for i, j in upper_blocks(len(prep.plan.rows)):
             if i < j:
@@ -211,13 +192,20 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> da.Array:
                     pick[_key(parts, kb, i, j)] = (get, _key(up, kb, i, j), 0)
                 else:
                     pick[_key(parts, kb, i, j)] = (get, _key(up, kb, j, i), 1)
-    with annotate_for(prep.device):
-        graph = _graph(prep, {up: (upper, {prep.an.name}), parts: (pick, {up})})
     out_chunks = prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:]
     chunks = (*out_chunks[:-1], tuple(min(k, c) for c in out_chunks[-1]))
-    _annotate(graph, up, chunks, object)
     meta = np.empty((0,) * len(chunks), dtype=object)
-    return da.Array(graph, parts, chunks, meta=meta)
+    with annotate_for(prep.device):
+        array = array_from_graph(
+            parts, {up: (upper, {an}), parts: (pick, {up})}, [prep.an], chunks, meta,
+            described={up: (chunks, object)},
+        )  # fmt: skip
+    return array, up
+
+
+def _diagonal_topk_block(an, bn, **kwargs):
+    """:func:`~dask_cosim._select.topk_block` of a diagonal block (looked up when the task runs)."""
+    return topk_block(an, bn, **kwargs)
 
 
 def _pivoted_topk_block(an, bn, row_pivot, col_pivot, **kwargs):
@@ -233,8 +221,9 @@ def pairs_triangle_graph(
     name: str,
     task_for: Callable[[int | None, int, int, dict], Callable],
     extras: tuple[da.Array, ...] = (),
-) -> tuple[HighLevelGraph, list[tuple]]:
-    """One ``pairs`` task per upper block; returns the graph and the keys in block order.
+) -> tuple[Any, list[tuple]]:
+    """One ``pairs`` task per upper block; returns the graph (a ``HighLevelGraph``) and the
+    keys in block order.
 
     ``task_for(kb, i, j, offsets)`` returns the callable applied to ``(an[i], an[j])``;
     ``offsets`` holds ``row_offset``, ``col_offset``, ``batch_offset`` and ``upper``
@@ -254,11 +243,11 @@ def pairs_triangle_graph(
         }
         return task_for(kb, i, j, offsets)
 
-    tasks = _upper_layer(prep, name, task)
+    tasks = _upper_layer(prep, graph_name(prep.an), name, task)
+    extra_names = [graph_name(x) for x in extras]
     for key in tasks:
         i, j = key[-2:]
-        tasks[key] += tuple(k for x in extras for k in ((x.name, i), (x.name, j)))
-    needs = {prep.an.name, *(x.name for x in extras)}
+        tasks[key] += tuple(k for x in extra_names for k in ((x, i), (x, j)))
     with annotate_for(prep.device):
-        graph = _graph(prep, {name: (tasks, needs)}, extras)
+        graph = graph_from_collections(name, tasks, [prep.an, *extras])
     return graph, list(tasks)

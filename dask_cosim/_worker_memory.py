@@ -11,9 +11,13 @@ runs, instead of a worker being killed and restarted until the task is given up.
 from __future__ import annotations
 
 import contextvars
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from ._compat import cluster_state, scheduler_address
 
 __all__ = [
     "TASK_SHARE",
@@ -88,10 +92,23 @@ def worker_budget(client=None) -> WorkerBudget | None:
     return cluster_layout(client)[0]
 
 
+#: client -> (scheduler address, cluster state, layout): the layout asked for last, and the
+#: state of the cluster (as the client last saw it) it was asked in.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAYOUTS_LOCK = threading.Lock()
+
+
 def cluster_layout(client=None) -> tuple[WorkerBudget | None, int | None]:
     """``(tightest worker budget, threads of all workers)`` of ``client`` (default: the
-    active client), from one call to the scheduler; the assumed workers
-    (:func:`assume_workers`) without a client; ``(None, None)`` when nothing is known."""
+    active client); the assumed workers (:func:`assume_workers`) without a client;
+    ``(None, None)`` when nothing is known.
+
+    The scheduler is asked once per cluster state: the answer is kept per client and
+    reused while the cluster-wide totals the client refreshes on its own (workers, threads,
+    memory; :func:`dask_cosim._compat.cluster_state`) stay the same, so building many
+    graphs on one cluster makes one call, and a cluster that gains or loses workers is
+    asked again.
+    """
     if client is None:
         try:
             import sys
@@ -103,12 +120,27 @@ def cluster_layout(client=None) -> tuple[WorkerBudget | None, int | None]:
             client = default_client()
         except (ImportError, ValueError):
             return _ASSUMED.get()
+    if getattr(client, "asynchronous", False):
+        return None, None  # a sync call would block the event loop; plan without it
+    address, state = scheduler_address(client), cluster_state(client)
+    with _LAYOUTS_LOCK:
+        known = _LAYOUTS.get(client)
+    if known is not None and state is not None and known[:2] == (address, state):
+        return known[2]
     try:
-        if getattr(client, "asynchronous", False):
-            return None, None  # a sync call would block the event loop; plan without it
         workers = client.scheduler_info(n_workers=-1).get("workers", {})
     except Exception:  # noqa: BLE001 - a closing/unreachable client must not break planning
         return None, None
+    layout = _layout_of(workers)
+    state = cluster_state(client)  # the call above refreshed the client's view of the cluster
+    if state is not None:
+        with _LAYOUTS_LOCK:
+            _LAYOUTS[client] = (address, state, layout)
+    return layout
+
+
+def _layout_of(workers: dict) -> tuple[WorkerBudget | None, int | None]:
+    """The tightest budget and total threads of the scheduler's ``workers`` description."""
     tightest, threads = None, 0
     for address, info in workers.items():
         threads += int(info.get("nthreads") or 1)

@@ -138,9 +138,9 @@ class GuardedZarr:
         return f"chunk {tuple(coords)} (store key {self._key(coords)!r}, {span}) of {self.where()}"
 
     def _exists(self, coords) -> bool:
-        from zarr.core.sync import sync
+        from ._compat import zarr_key_exists
 
-        return bool(sync((self.array.store_path / self._key(coords)).exists()))
+        return zarr_key_exists(self.array, self._key(coords))
 
     def _check_missing(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
         fill = self.array.fill_value

@@ -295,11 +295,9 @@ def _planned_workers(spec: JobSpec):
     n, t = machine_layout(spec.workers, spec.threads_per_worker)
     if spec.memory_limit is None:
         return None, n * t
-    import logging
+    from ._compat import parse_memory_limit
 
-    from distributed.worker_memory import parse_memory_limit
-
-    limit = parse_memory_limit(spec.memory_limit, t, total_cores=n * t, logger=logging.getLogger(__name__))
+    limit = parse_memory_limit(spec.memory_limit, t, total_cores=n * t)
     return budget_for(limit, t, "each embedded worker"), n * t
 
 
@@ -360,17 +358,11 @@ def _seconds(text: str) -> float:
 
 def _scheduler_address(text: str) -> str:
     """A scheduler address distributed can connect to (scheme known, host and port well formed)."""
-    from distributed.comm import registry
-    from distributed.comm.addressing import parse_address
+    from ._compat import check_scheduler_address
 
     expected = "expected an address like tcp://10.0.0.5:8786 or tls://host:8786"
     try:
-        scheme, location = parse_address(text)
-        backend = registry.get_backend(scheme)
-        if scheme != "inproc":
-            host, port = backend.get_address_host_port(location)
-            if not host or not 0 < int(port) < 65536:
-                raise ValueError(f"port {port} out of range" if host else "no host")
+        check_scheduler_address(text)
     except (ValueError, TypeError) as err:
         raise argparse.ArgumentTypeError(f"{expected}, received {text!r} ({_one_line(err)})") from None
     return text
@@ -463,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="similarity of zero vectors",
     )  # fmt: skip
     run.add_argument(
-        "--check-finite", action="store_true", help="refuse inputs with NaN/inf (reads them once first)"
+        "--check-finite", action="store_true", help="fail on input blocks holding NaN/inf (checked when read)"
     )
     run.add_argument(
         "--codec", type=cli_type("codec"), default="auto", metavar=metavar("codec"),

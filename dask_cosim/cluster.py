@@ -30,7 +30,8 @@ class SchedulerUnreachable(ConnectionError):
 def machine_layout(workers: int | None = None, threads_per_worker: int | None = None) -> tuple[int, int]:
     """Workers and threads per worker that fill this machine's cores (distributed's own rule)."""
     from dask.system import CPU_COUNT
-    from distributed.deploy.utils import nprocesses_nthreads
+
+    from ._compat import nprocesses_nthreads
 
     if workers and threads_per_worker:
         return workers, threads_per_worker

@@ -9,12 +9,11 @@ from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
-from dask.array.core import PerformanceWarning
 from dask.base import tokenize
-from dask.layers import ArraySliceDep
 
-from . import _config, _finite, _provenance, _sparse
+from . import _config, _provenance, _sparse
 from ._backend import gpu_available, is_device_array
+from ._compat import block_slices, from_array_named
 from ._inputs import BlockSource, input_token, open_input, storage_chunks
 from ._kernels import normalize_rows, similarity_block
 from ._options import check_choice, check_flag
@@ -75,7 +74,7 @@ class Prepared:
         """
         with warnings.catch_warnings(), annotate_for(self.device):
             # an outer product has more output blocks than input blocks by design
-            warnings.simplefilter("ignore", PerformanceWarning)
+            warnings.simplefilter("ignore", da.PerformanceWarning)
             return da.blockwise(
                 routed(partial(_on_whole_vectors, func), self.device),
                 self.out_index,
@@ -135,8 +134,8 @@ def prepare(
 ) -> Prepared:
     """Validate the inputs, plan the blocks and build the normalised inputs (lazily).
 
-    ``check_finite=True`` first reads the inputs once, block-wise, and raises
-    :class:`~dask_cosim.NonFiniteError` naming the first NaN/inf vector of each input.
+    Nothing is read or computed here: ``check_finite=True`` makes each normalise task
+    raise :class:`~dask_cosim.NonFiniteError` when its block holds NaN or inf.
     ``precision`` and ``like`` are described in :func:`cosine_similarity`.
     ``op`` (``"similarity"``, ``"topk"``, ``"pairs"``) and ``k`` tell the sizing policy
     (:mod:`dask_cosim._sizing`) what the blocks are for; it is asked once, with the
@@ -165,8 +164,6 @@ def prepare(
     out = output_dtype(dtype, default)
     work = compute_dtype(default, out)
     batched = op_a.ndim == 3 or op_b.ndim == 3
-    if check_finite:
-        _finite.check_finite({"a": a_in} if self_similar else {"a": a_in, "b": b_in})
     settings, threads = current_settings()
 
     spec = _chunk_spec(chunks, batched)
@@ -191,6 +188,8 @@ def prepare(
         "zero_vector": zero_vector,
         "device": _normalize_device(device, on_device),
     }
+    if check_finite:  # checked by the normalise tasks (sparse inputs refuse the option above)
+        norm["check_finite"] = True
     an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
     if self_similar:
         bn, b_index = an, a_index.replace("i", "j")
@@ -335,11 +334,11 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
     if isinstance(x, da.Array):
         arr = x.rechunk(chunks)
     else:
-        arr = da.from_array(
+        arr = from_array_named(
             BlockSource(guard_input(x, name)),  # a missing/corrupt zarr chunk is an error
             chunks=chunks,
             asarray=not on_device,
-            name=f"cosine-in-{name}-{input_token(x)}",
+            name=f"cosine-in-{name}-{tokenize(input_token(x), chunks, on_device)}",  # one name per chunking
             meta=_meta(on_device, op.ndim, x.dtype),
         )
     if broadcast:
@@ -347,9 +346,14 @@ def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_devi
     index = "kid" if arr.ndim == 3 else "id"
     meta = _meta(on_device, arr.ndim, np.dtype(norm["compute_dtype"]))
     with annotate_for(norm["device"]):
-        normed = arr.map_blocks(
+        normed = da.blockwise(
             routed(_normalize_task, norm["device"]),
-            ArraySliceDep(arr.chunks),  # where the block lies, for error messages (cheaper than block_info)
+            index,
+            arr,
+            index,
+            block_slices(arr.chunks),  # where the block lies, for error messages
+            index,
+            align_arrays=False,  # the slices are aligned with arr by construction
             dtype=meta.dtype,
             meta=meta,
             token="cosine-normalize",
@@ -367,16 +371,21 @@ def _normalized_sparse(x, rows, name: str, norm: dict) -> da.Array:
     if isinstance(x, da.Array):
         arr = x.rechunk(chunks)
     else:
-        arr = da.from_array(
+        arr = from_array_named(
             x,
             chunks=chunks,
             asarray=False,
             name=f"cosine-input-{name}-{tokenize(input_token(x.x), chunks)}",  # one name per chunking
             meta=_sparse.csr_meta(x.dtype),
         )
-    return arr.map_blocks(
+    return da.blockwise(
         _normalize_sparse_task,
-        ArraySliceDep(arr.chunks),
+        "id",
+        arr,
+        "id",
+        block_slices(arr.chunks),
+        "id",
+        align_arrays=False,
         dtype=np.dtype(norm["compute_dtype"]),
         meta=_sparse.csr_meta(norm["compute_dtype"]),
         token="cosine-normalize",
@@ -456,9 +465,11 @@ def cosine_similarity(
         Similarity of a zero vector: 0 (scikit-learn's choice), NaN, or raise at compute
         time naming the input, batch and row.
     check_finite : bool
-        Read the inputs once now (block-wise, on the active scheduler) and raise
-        :class:`~dask_cosim.NonFiniteError` naming the first (batch, row) holding NaN or
-        inf in each input. Default False: a vector with NaN/inf gives NaN similarities.
+        Refuse NaN and inf: the task that normalises an input block holding one raises
+        :class:`~dask_cosim.NonFiniteError` (at compute time, like ``zero_vector="error"``)
+        naming the input, the block, how many of its vectors hold NaN/inf and the first
+        (batch, row, column). Nothing is read when the graph is built. Default False: a
+        vector with NaN/inf gives NaN similarities.
     precision : {"float32", "tf32", "bfloat16", "float16"}
         Product precision. ``"float32"`` (default): exact products in the work dtype
         (float64 inputs stay float64). The others round the unit vectors to that format

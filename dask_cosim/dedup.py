@@ -22,6 +22,7 @@ from dask.base import tokenize
 from dask.core import flatten
 from dask.delayed import Delayed, delayed
 
+from ._compat import collection_name, delayed_from_graph
 from ._components import components, finish_forest, group_rows, merge_forests
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._options import check_threshold
@@ -137,7 +138,7 @@ def _duplicate_groups(
         ]
         result = dd.from_delayed(parts, meta=meta, verify_meta=False)
     facts = {} if labels is None else {"labels": labels_token(labels), "label_pairs": label_pairs}
-    record_result(result._name, "groups", prep, a, None, threshold=threshold, **facts)
+    record_result(collection_name(result), "groups", prep, a, None, threshold=threshold, **facts)
     return result
 
 
@@ -192,11 +193,11 @@ def _forests(
             extra += [da.arange(prep.out_shape[0], chunks=(prep.plan.batch,), dtype=np.int64), "k"]
         parts = prep.pair_blockwise(
             _forest_task, rows, "i", cols, "j", *extra,
-            name=name, dtype=object, meta=np.empty((0,) * len(prep.out_index), dtype=object),
+            token="cosine-forest", dtype=object, meta=np.empty((0,) * len(prep.out_index), dtype=object),
             upper=True, labelled=labels is not None, **kwargs,
         )  # fmt: skip
         graph, keys = parts.__dask_graph__(), list(flatten(parts.__dask_keys__()))
-    return [Delayed(key, graph, layer=key[0]) for key in keys]
+    return [delayed_from_graph(key, graph, layer=key[0]) for key in keys]
 
 
 def _merge_tree(forests: list[Delayed], token: str) -> Delayed:

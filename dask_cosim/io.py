@@ -27,6 +27,7 @@ from dask.base import tokenize
 
 from . import _config, _provenance, _topk_store
 from ._backend import to_numpy
+from ._compat import block_delayeds, collection_name
 from ._sizing import regular_chunks
 
 __all__ = [
@@ -302,8 +303,9 @@ class _WriteGate:
 
 def _keys_known(keys, dask_worker=None) -> int:
     """How many of ``keys`` a worker still knows (running, queued, or held in memory)."""
-    tasks = dask_worker.state.tasks
-    return sum(1 for key in keys if key in tasks)
+    from ._compat import worker_knows
+
+    return worker_knows(dask_worker, keys)
 
 
 def _wait_until_forgotten(client, keys: list, timeout: float = 600.0) -> None:
@@ -861,7 +863,7 @@ def _zarr_tasks(payload: _ZarrPayload, group, done: np.ndarray, gate: _WriteGate
     names = list(payload.arrays)
     targets = [group[name] for name in names]
     marker = group[MARKERS]
-    blocks = {name: arr.to_delayed(optimize_graph=False) for name, arr in payload.arrays.items()}
+    blocks = {name: block_delayeds(arr) for name, arr in payload.arrays.items()}
     offsets = {
         name: [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks]
         for name, arr in payload.arrays.items()
@@ -947,8 +949,12 @@ def _parquet_state(path, storage_options):
 
 
 def _parquet_identity(pairs) -> tuple[dict[str, Any], dict[str, Any]]:
-    facts = _provenance.lookup(pairs._name)
-    params = facts or {"kind": "pairs", "names": [pairs._name], "columns": list(map(str, pairs.columns))}
+    facts = _provenance.lookup(collection_name(pairs))
+    params = facts or {
+        "kind": "pairs",
+        "names": [collection_name(pairs)],
+        "columns": list(map(str, pairs.columns)),
+    }
     layout = {"layout": LAYOUT, "partitions": pairs.npartitions, "columns": list(map(str, pairs.columns))}
     return params, layout
 
@@ -994,7 +1000,7 @@ def to_parquet(
         )
     start = time.perf_counter()
     where = _describe(path)
-    facts = _provenance.lookup(pairs._name)
+    facts = _provenance.lookup(collection_name(pairs))
     params, layout = _parquet_identity(pairs)
     nparts = pairs.npartitions
     (fs, root, info), status = _parquet_state(path, storage_options)
@@ -1019,7 +1025,7 @@ def to_parquet(
         done = set()
     pending = [i for i in range(nparts) if i not in done]
     parts = pairs.to_delayed(optimize_graph=False)
-    token = tokenize(pairs._name, where)
+    token = tokenize(collection_name(pairs), where)
     from dask.delayed import delayed
 
     gate = _WriteGate()

@@ -180,11 +180,12 @@ def plan_of(result) -> JobPlan:
     """The :class:`JobPlan` of a lazy result of ``cosine_similarity``, ``topk`` (the pair)
     or ``pairs_above`` built in this process."""
     from . import _provenance
+    from ._compat import collection_name
     from ._topk_store import links_of
     from .core import current_settings
 
     arrays = list(result) if isinstance(result, tuple) else [result]
-    name = getattr(arrays[0], "name", None) or getattr(arrays[0], "_name", None)
+    name = collection_name(arrays[0])
     p, facts = _provenance.plan_of(name), _provenance.lookup(name)
     if p is None:
         raise ValueError("result: expected a result of cosine_similarity, topk or pairs_above built here")

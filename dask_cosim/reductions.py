@@ -15,14 +15,10 @@ from typing import TYPE_CHECKING
 import dask
 import dask.array as da
 import numpy as np
-
-# dask's tree reduction (the machinery behind ``da.reduction``) used directly, so the
-# per-block product+selection layer keeps its own name instead of being fused into the
-# reduction's chunk step.
-from dask.array.reductions import _tree_reduce
 from dask.base import tokenize
 from dask.core import flatten
 
+from ._compat import collection_name, column_blocks, frame_from_graph, map_blocks, tree_reduce
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._options import check_flag, check_k, check_threshold
 from ._resources import annotate_for, routed
@@ -129,7 +125,7 @@ def topk(
     like : {"numpy", "cupy"}, optional
         Where the results live, as in :func:`dask_cosim.cosine_similarity`.
     check_finite : bool
-        As :func:`dask_cosim.cosine_similarity`: refuse NaN/inf inputs before building.
+        As :func:`dask_cosim.cosine_similarity`: the normalise tasks refuse NaN/inf blocks.
     labels : array_like or dask.array.Array, optional
         Label mask: one 1-D integer label per vector (self-similarity), or a tuple
         ``(labels_a, labels_b)`` with ``b``. Pairs the mask drops rank below every
@@ -185,14 +181,16 @@ def topk(
         triangle = use_triangle(prep) and labels is None
         # priorities by upper row: on a cluster, row panels finish in order (see _topk_store)
         with dask.annotate(priority=priority_of(triangle, len(prep.plan.rows))):
+            upper = None
             if triangle:
-                parts = topk_triangle_parts(prep, k, exclude_self)
+                parts, upper = topk_triangle_parts(prep, k, exclude_self)
             else:
                 parts = _topk_parts(prep, k, exclude_self, labels, label_pairs)
         # parts left on the GPU (like="cupy") are merged there too
         where = prep.device if prep.like == "cupy" else "cpu"
         with annotate_for(where):
-            merged = _tree_reduce(
+            # the product + selection tasks keep their own layer (no reduction chunk step)
+            merged = tree_reduce(
                 parts,
                 routed(partial(_merge_parts, k=k, final=True), where),
                 (parts.ndim - 1,),
@@ -203,22 +201,23 @@ def topk(
                 name="cosine-merge",
                 concatenate=False,
             )
-            vals = merged.map_blocks(
+            vals = map_blocks(
                 routed(_values, where),
+                merged,
                 chunks=topk_chunks,
                 dtype=prep.out_dtype,
                 meta=prep.meta,
-                token="cosine-values",
+                prefix="cosine-values",
             )
-            idx = merged.map_blocks(
+            idx = map_blocks(
                 routed(_indices, where),
+                merged,
                 chunks=topk_chunks,
                 dtype=np.int64,
                 meta=prep.meta.astype(np.int64),
-                token="cosine-indices",
+                prefix="cosine-indices",
             )
-        upper = parts.dask.dependencies[parts.name] if triangle else ()
-        register_topk(vals.name, TopkSource(parts, k, triangle, where, next(iter(upper), None)))
+        register_topk(vals.name, TopkSource(parts, k, triangle, where, upper))
     for result in (vals, idx):
         record_result(
             result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, zero_vector=zero_vector,
@@ -272,11 +271,6 @@ def _topk_parts(
     if labels is not None:
         common["label_pairs"] = label_pairs
     jb = prep.bn.ndim - 2  # the j axis of bn
-
-    def column_blocks(x, axis: int, sl: slice):
-        index = [slice(None)] * x.ndim
-        index[axis] = sl
-        return x.blocks[tuple(index)]
 
     def label_args(sl: slice | None) -> list:
         if labels is None:
@@ -373,7 +367,7 @@ def pairs_above(
     exclude_self : bool
         Drop pairs with ``i == j`` (``b`` must have as many vectors as ``a``).
     check_finite : bool
-        As :func:`dask_cosim.cosine_similarity`: refuse NaN/inf inputs before building.
+        As :func:`dask_cosim.cosine_similarity`: the normalise tasks refuse NaN/inf blocks.
     labels, label_pairs
         Label mask as in :func:`topk`: pairs it drops are filtered inside the block tasks.
 
@@ -421,12 +415,12 @@ def pairs_above(
             extras = () if labels is None else (block_labels(labels, prep)[0],)
             graph, keys = pairs_triangle_graph(prep, name, task_for, extras)
         else:
-            parts = _pairs_parts(prep, name, exclude_self, kwargs, labels)
+            parts = _pairs_parts(prep, exclude_self, kwargs, labels)
             graph, keys = parts.__dask_graph__(), list(flatten(parts.__dask_keys__()))
         divisions = (None,) * (len(keys) + 1)
-        result = dd.from_graph(dict(graph), meta, divisions, keys, "cosine-frame")
+        result = frame_from_graph(graph, meta, divisions, keys, "cosine-frame")
     record_result(
-        result._name, "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
+        collection_name(result), "pairs", prep, a, b, threshold=threshold, exclude_self=exclude_self,
         zero_vector=zero_vector, precision=precision, **_label_facts(labels, label_pairs),
     )  # fmt: skip
     return result
@@ -445,7 +439,7 @@ def _pairs_meta(dtype) -> pd.DataFrame:
     )
 
 
-def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:
+def _pairs_parts(prep: Prepared, exclude_self: bool, kwargs: dict, labels=None) -> da.Array:
     """Object array of per-block DataFrames (rectangular blocks)."""
     rows, cols = _row_and_col_indices(prep)
     extra = []
@@ -461,7 +455,7 @@ def _pairs_parts(prep: Prepared, name: str, exclude_self: bool, kwargs: dict, la
         cols,
         "j",
         *extra,
-        name=name,
+        token="cosine-pairs",  # a token, not a name: see dask_cosim._compat.map_blocks
         dtype=object,
         meta=np.empty((0,) * len(prep.out_index), dtype=object),
         upper=prep.self_similar,

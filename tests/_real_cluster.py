@@ -395,7 +395,9 @@ def gated(x: np.ndarray, chunks, gate_file, block: tuple | None = None):
 
     arr = da.from_array(x, chunks=chunks)
     block = tuple(n - 1 for n in arr.numblocks) if block is None else block
-    return arr.map_blocks(gate, str(gate_file), block, dtype=arr.dtype, token="gate")
+    from dask_cosim._compat import map_blocks  # key prefix "gate" in both dask array modes
+
+    return map_blocks(gate, arr, str(gate_file), block, dtype=arr.dtype, meta=x[:0], prefix="gate")
 
 
 def open_gate(gate_file: str | os.PathLike) -> None:

@@ -7,6 +7,15 @@ import pytest
 pytest_plugins = ["tests._real_cluster"]  # the real multi-process cluster fixture
 
 
+def pytest_report_header(config):
+    """Which dask array mode this run tests (``DASK_ARRAY__QUERY_PLANNING``, see .ci/run)."""
+    import dask
+
+    from dask_cosim._compat import QUERY_PLANNING
+
+    return f"dask {dask.__version__}, array query planning: {QUERY_PLANNING}"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _temporary_files_stay_in_the_test_folder(tmp_path_factory):
     """Temporary files of the tests and of the commands they start (the cluster's default log

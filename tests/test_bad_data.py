@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dask_cosim as dcs
-from dask_cosim._finite import nonfinite_summary
 from dask_cosim.testing import reference_cosine
 
 from ._real_cluster import make_failing_store
@@ -119,30 +119,51 @@ def arrays_with_bad_rows(draw):
 
 @given(arrays_with_bad_rows())
 @settings(max_examples=60, deadline=None)
-def test_nonfinite_summary_finds_the_first_bad_vector(case):
+def test_check_finite_names_a_bad_vector_of_the_failing_block(case):
+    """Whichever block fails first: the named vector is bad, the first bad one of its block,
+    with its first bad column and kind, and the count is that block's."""
     x, chunks = case
-    summary = nonfinite_summary(da.from_array(x, chunks=chunks), split_every=2).compute(scheduler="sync")
     bad_rows = ~np.isfinite(x).all(axis=-1)
-    assert summary[4] == bad_rows.sum()
-    if bad_rows.any():
-        first = np.argwhere(bad_rows)[0]  # C order: batch, then row
-        batch, row = (first[0], first[1]) if x.ndim == 3 else (0, first[0])
-        assert (summary[0], summary[1]) == (batch, row)
-        vec = x[batch, row] if x.ndim == 3 else x[row]
-        col = int(np.argmax(~np.isfinite(vec)))
-        assert summary[2] == col
-        assert summary[3] == (1 if np.isnan(vec[col]) else 2 if vec[col] > 0 else 3)
+    S = dcs.cosine_similarity(da.from_array(x, chunks=chunks), check_finite=True)
+    if not bad_rows.any():
+        S.compute(scheduler="sync")
+        return
+    with pytest.raises(dcs.NonFiniteError) as info:
+        S.compute(scheduler="sync")
+    m = re.match(
+        r"a: (\d+) vector\(s\) hold NaN or inf in (?:batch (\d+):(\d+), )?rows (\d+):(\d+); the first is at "
+        r"(?:batch (\d+), )?row (\d+) \((nan|inf|-inf) in column (\d+)\); check_finite=True refuses",
+        str(info.value),
+    )
+    assert m, str(info.value)
+    count, b0, b1, r0, r1, batch, row, kind, col = m.groups()
+    x3, bad3 = (x, bad_rows) if x.ndim == 3 else (x[None], bad_rows[None])
+    b0, b1 = (int(b0), int(b1)) if b0 is not None else (0, 1)
+    batch = int(batch) if batch is not None else 0
+    r0, r1, row, col = int(r0), int(r1), int(row), int(col)
+    block = bad3[b0:b1, r0:r1]
+    assert int(count) == block.sum()
+    first = np.argwhere(block)[0]  # C order: batch, then row
+    assert (batch, row) == (b0 + first[0], r0 + first[1])
+    vec = x3[batch, row]
+    assert col == int(np.argmax(~np.isfinite(vec)))
+    assert kind == ("nan" if np.isnan(vec[col]) else "inf" if vec[col] > 0 else "-inf")
 
 
-def test_check_finite_names_the_first_bad_vector_of_each_input():
+def test_check_finite_names_the_input_block_and_first_bad_vector():
     a, b = np.ones((2, 20, 4)), np.ones((2, 10, 4))
     a[1, 7, 2], a[1, 9, 0] = np.nan, np.inf
     b[0, 3, 1] = -np.inf
+    S = dcs.cosine_similarity(a, b, check_finite=True, chunks=(2, 20, 10))  # nothing is read here
     with pytest.raises(dcs.NonFiniteError) as info:
-        dcs.cosine_similarity(a, b, check_finite=True)
-    msg = str(info.value)
-    assert "a: 2 vector(s) hold NaN or inf; the first is at batch 1, row 7 (nan in column 2)" in msg
-    assert "b: 1 vector(s) hold NaN or inf; the first is at batch 0, row 3 (-inf in column 1)" in msg
+        S.compute()
+    msg = str(info.value)  # whichever input's block failed first
+    assert msg in (
+        "a: 2 vector(s) hold NaN or inf in batch 0:2, rows 0:20; the first is at batch 1, row 7 "
+        "(nan in column 2); check_finite=True refuses non-finite inputs",
+        "b: 1 vector(s) hold NaN or inf in batch 0:2, rows 0:10; the first is at batch 0, row 3 "
+        "(-inf in column 1); check_finite=True refuses non-finite inputs",
+    ), msg
     S = dcs.cosine_similarity(np.ones((3, 2)), check_finite=True)  # finite: no error
     np.testing.assert_allclose(S.compute(), np.ones((3, 3)))
 
@@ -153,35 +174,31 @@ def test_check_finite_runs_on_the_cluster_over_zarr(real_cluster, tmp_path):
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=a.shape, chunks=(1, 50, 8), dtype=a.dtype)
     z[...] = a
     with real_cluster.client():
+        S = dcs.cosine_similarity(str(tmp_path / "a.zarr"), check_finite=True)
         with pytest.raises(
             dcs.NonFiniteError, match=r"a: 1 vector\(s\).* batch 2, row 150 \(inf in column 5\)"
         ):
-            dcs.cosine_similarity(str(tmp_path / "a.zarr"), check_finite=True)
+            S.compute()
 
 
-def test_cli_check_finite_refuses_before_writing(real_cluster, tmp_path):
+def test_cli_check_finite_fails_in_the_tasks_and_writes_no_block(real_cluster, tmp_path):
     a = rng(6).standard_normal((30, 4))
     a[12, 3] = np.nan
     np.save(tmp_path / "a.npy", a)
     out = tmp_path / "out.zarr"
     r = cli("run", tmp_path / "a.npy", "-o", out, "--check-finite", "--scheduler", real_cluster.address)
-    assert r.returncode == 2, r.stderr
-    assert "row 12 (nan in column 3)" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists()
+    assert r.returncode == 1, r.stderr
+    assert "NonFiniteError" in r.stderr and "row 12 (nan in column 3)" in r.stderr, r.stderr
+    assert "--check-finite refuses" in r.stderr and "Traceback" not in r.stderr
+    assert not zarr.open_group(str(out))["_blocks_done"][...].any()  # the one input block is bad
     r = cli(
-        "run",
-        tmp_path / "a.npy",
-        "-o",
-        out,
-        "--topk",
-        "3",
-        "--check-finite",
-        "--scheduler",
-        real_cluster.address,
+        "run", tmp_path / "a.npy", "-o", tmp_path / "knn.zarr", "--topk", "3", "--check-finite",
+        "--scheduler", real_cluster.address,
+    )  # fmt: skip
+    assert r.returncode == 1 and "row 12 (nan in column 3)" in r.stderr, r.stderr
+    r = cli(
+        "run", tmp_path / "a.npy", "-o", out, "--scheduler", real_cluster.address, "--quiet", "--overwrite"
     )
-    assert r.returncode == 2 and "row 12 (nan in column 3)" in r.stderr, r.stderr
-    assert not out.exists()
-    r = cli("run", tmp_path / "a.npy", "-o", out, "--scheduler", real_cluster.address, "--quiet")
     assert r.returncode == 0, r.stderr  # without the flag: documented NaN semantics
     assert np.isnan(zarr.open_group(str(out))["similarity"][12]).all()
 

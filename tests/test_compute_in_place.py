@@ -138,7 +138,7 @@ def test_derived_arrays_are_plain_dask_arrays():
     ref = reference_cosine(a, b)
     for derived, expected in [
         (S[1:, 2:], ref[1:, 2:]),
-        (S.transpose(0, 2, 1), ref.transpose(0, 2, 1)),
+        (S.transpose((0, 2, 1)), ref.transpose(0, 2, 1)),
         (S + 1, ref + 1),
     ]:
         assert type(derived) is da.Array

@@ -228,7 +228,7 @@ def test_is_lazy_merges_as_a_tree_and_partitions_by_row_blocks():
     def boom(x):
         raise AssertionError("input was read at call time")
 
-    a = da.ones((64, 4), chunks=(8, 4)).map_blocks(boom, dtype=float)
+    a = da.ones((64, 4), chunks=(8, 4)).map_blocks(boom, dtype=np.dtype(float), meta=np.empty((0, 0)))
     groups = dcs.duplicate_groups(a, threshold=0.9, chunks=(4, 4))  # 16 row blocks, 136 upper blocks
     assert groups.npartitions == 16
     graph = dict(groups.__dask_graph__())

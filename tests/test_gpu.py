@@ -104,11 +104,13 @@ def test_float64_inputs(precision):
 def test_like_cupy_keeps_blocks_on_the_device_and_normalised_blocks_stay_there():
     import cupy
 
+    from dask_cosim._compat import column_blocks
     from dask_cosim.core import prepare
 
     a, b = _inputs(3)
     prep = prepare(a, b, chunks=(16, 20), device="gpu")
-    assert isinstance(prep.an.blocks[0].compute(), cupy.ndarray)  # normalised on, and left on, the GPU
+    first = column_blocks(prep.an, 0, slice(0, 1))  # .blocks[0] (legacy mode only)
+    assert isinstance(first.compute(), cupy.ndarray)  # normalised on, and left on, the GPU
     S = dcs.cosine_similarity(a, b, chunks=(16, 20), device="gpu", like="cupy")
     assert isinstance(S._meta, cupy.ndarray)  # this client has a GPU, so CuPy meta
     got = S.compute()

@@ -33,6 +33,8 @@ from dask_cosim.core import prepare
 from dask_cosim.reductions import _prepare
 from dask_cosim.testing import assert_topk_indices, reference_cosine
 
+from ._graphs import block_metadata, copy_of, dependencies, stage_names, task_prefixes
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -329,7 +331,7 @@ def test_topk_is_lazy_with_readable_names_and_output_chunks():
     vals, idx = dcs.topk(a, np.ones((2, 30, 4)), k=3, chunks=(1, 10, 6))
     assert vals.shape == idx.shape == (2, 20, 3) and vals.dtype == np.float64 and idx.dtype == np.int64
     assert vals.chunks == ((1, 1), (10, 10), (3,))
-    prefixes = {name.rsplit("-", 1)[0] for name in vals.dask.layers}
+    prefixes = task_prefixes(vals)
     assert {"cosine-normalize", "cosine-topk", "cosine-values"} <= prefixes
     assert any(p.startswith("cosine-merge") for p in prefixes)
     assert vals.name.startswith("cosine-values-") and idx.name.startswith("cosine-indices-")
@@ -339,10 +341,12 @@ def test_topk_merges_as_a_tree():
     a, b = rng(12).standard_normal((10, 4)), rng(13).standard_normal((200, 4))
     vals, idx = dcs.topk(a, b, k=3, chunks=(10, 2))  # 100 column blocks
     split = _reductions().SPLIT_EVERY
-    layers = [n for n in vals.dask.layers if n.startswith("cosine-merge")]
-    assert len(layers) == math.ceil(math.log(100, split))  # tree levels
-    deps = vals.dask.get_all_dependencies()
-    fan_in = [len(deps[key]) for name in layers for key in vals.dask.layers[name]]
+    levels = [
+        n for prefix, names in stage_names(vals).items() if prefix.startswith("cosine-merge") for n in names
+    ]
+    assert len(levels) == math.ceil(math.log(100, split))  # tree levels
+    deps = dependencies(vals)
+    fan_in = [len(d) for key, d in deps.items() if isinstance(key, tuple) and key[0] in levels]
     assert max(fan_in) == split and len(fan_in) == 13 + 2 + 1  # 100 parts -> 13 -> 2 -> 1
     assert_topk(*dask.compute(vals, idx), reference_similarity(a, b), 3, atol=1e-12)
 
@@ -388,12 +392,12 @@ def test_topk_and_pairs_auto_blocks_on_a_gpu_are_gpu_sized(monkeypatch, gpu):
         monkeypatch.setattr(core, "_meta", lambda on_device, ndim, dtype: np.empty((0,) * ndim, dtype))
     a = da.zeros((16_384, 1024), dtype=np.float32, chunks=(16_384, 1024))
     kw = {"device": "gpu"} if gpu == "device" else {"like": "numpy"}
-    assert _prepare(a, a.copy(), **kw).plan.chunks == ((1,), (16_384,), (16_384,))  # S: 1 GiB
+    assert _prepare(a, copy_of(a), **kw).plan.chunks == ((1,), (16_384,), (16_384,))  # S: 1 GiB
     with dask.config.set({"cosine.gpu-block-bytes": "64MiB"}):
-        plan = _prepare(a, a.copy(), **kw).plan
+        plan = _prepare(a, copy_of(a), **kw).plan
     assert 32 * 2**20 < max(plan.rows) * max(plan.cols) * 4 <= 64 * 2**20
     if gpu == "device":  # the worker decides: blocks planned for the host's threads
-        host = _prepare(a, a.copy()).plan
+        host = _prepare(a, copy_of(a)).plan
         assert len(host.rows) * len(host.cols) >= 16
 
 
@@ -404,27 +408,27 @@ def test_reductions_on_a_gpu_take_whole_rows_of_s_when_enough_fit():
     from dask_cosim._sizing import MIN_GPU_ROWS
 
     a = da.zeros((32_768, 1024), dtype=np.float32, chunks=(32_768, 1024))
-    plan = _prepare(a, a.copy(), device="gpu").plan
+    plan = _prepare(a, copy_of(a), device="gpu").plan
     assert plan.cols == (32_768,) and plan.rows == (8192,) * 4  # 1 GiB each
-    assert _prepare(a, a.copy(), device="cpu").plan.cols != (32_768,)
+    assert _prepare(a, copy_of(a), device="cpu").plan.cols != (32_768,)
     assert len(_prepare(a, None, device="gpu").plan.cols) > 1  # self-similarity: square blocks
     with dask.config.set({"cosine.gpu-block-bytes": MIN_GPU_ROWS * 32_768 * 4 - 1}):
-        assert len(_prepare(a, a.copy(), device="gpu").plan.cols) > 1
+        assert len(_prepare(a, copy_of(a), device="gpu").plan.cols) > 1
     with dask.config.set({"cosine.max-task-memory": "256MiB"}):  # the budget binds too
-        assert len(_prepare(a, a.copy(), device="gpu").plan.cols) > 1
+        assert len(_prepare(a, copy_of(a), device="gpu").plan.cols) > 1
     wide = da.zeros((200_000, 4096), dtype=np.float32, chunks=(200_000, 4096))  # b's blocks dominate
     narrow = da.zeros((2048, 4096), dtype=np.float32, chunks=(2048, 4096))
     for plan in (
         _prepare(narrow, wide, device="gpu").plan,
-        prepare(wide, wide.copy(), device="gpu", like="cupy").plan,
+        prepare(wide, copy_of(wide), device="gpu", like="cupy").plan,
     ):
         assert len(plan.cols) > 1 and plan.task_bytes <= 4 * 2**30  # auto always fits the budget
-    explicit = _prepare(a, a.copy(), device="gpu", chunks=(4096, 4096)).plan
+    explicit = _prepare(a, copy_of(a), device="gpu", chunks=(4096, 4096)).plan
     assert explicit.rows == (4096,) * 8 and explicit.cols == (4096,) * 8
-    vals, _ = dcs.topk(a, a.copy(), k=3, device="gpu")  # one part per row block: nothing to prune or merge
-    stages = {name.rsplit("-", 1)[0] for name in vals.dask.layers}
+    vals, _ = dcs.topk(a, copy_of(a), k=3, device="gpu")  # one part per row block: nothing to prune or merge
+    stages = task_prefixes(vals)
     assert vals.numblocks == (4, 1) and "cosine-topk" in stages
-    assert not stages & {"blocks", "concatenate", "cosine-merge-partial"}
+    assert not stages & {"blocks", "concatenate", "stack", "getitem", "cosine-merge-partial"}
 
 
 def test_topk_empty_inputs():
@@ -448,14 +452,11 @@ def test_topk_records_provenance():
 # ------------------------------------------------------------------ memory
 
 
-def _layer_block_bytes(layers, k: int, pair_bytes: int) -> dict[str, int]:
-    """Largest block (bytes) of every layer, from the layers' chunk metadata only."""
+def _layer_block_bytes(collections, k: int, pair_bytes: int) -> dict[str, int]:
+    """Largest block (bytes) of every stage, from the graphs' block metadata only."""
     out = {}
-    for name, layer in layers.items():
-        info = layer.collection_annotations
-        assert info and "chunks" in info, f"layer {name} carries no block metadata"
-        size = [max(c) if c else 0 for c in info["chunks"]]
-        dtype = np.dtype(info["dtype"])
+    for name, (chunks, dtype) in block_metadata(*collections).items():
+        size = [max(c) if c else 0 for c in chunks]
         if dtype.kind == "O":  # (key, index) candidates; merge levels say 1 along j, hold k
             size[-1] = max(size[-1], k)
             out[name] = math.prod(size) * pair_bytes
@@ -478,7 +479,7 @@ def test_topk_graph_never_holds_more_than_a_block(self_similar):
     s_block = max(plan.rows) * max(plan.cols) * 4
     assert n * n * 4 > 50 * s_block  # S is ~160 GB, a block a small part of it
     assert plan.task_bytes < s_block / 4  # and a task computes its block in tiles, never whole
-    sizes = _layer_block_bytes({**vals.dask.layers, **idx.dask.layers}, k, pair_bytes=4 + 8)
+    sizes = _layer_block_bytes([vals, idx], k, pair_bytes=4 + 8)
     assert max(sizes.values()) <= s_block, {name: v for name, v in sizes.items() if v > s_block}
     # the top-k parts and merges are tiny next to a block of S: at most 2 x rows x k candidates
     stages = ("cosine-topk", "cosine-pick", "cosine-merge", "cosine-values", "cosine-indices")

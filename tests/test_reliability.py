@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import signal
 import stat
@@ -56,7 +57,7 @@ def test_worker_sigkill_during_compute(real_cluster, gate_file, batched):
     A = da.from_array(a, chunks=in_chunks)
     B = gated(b, in_chunks, gate_file)  # the last block of b waits for the gate
     S = dcs.cosine_similarity(A, B, chunks=(1, 80, 80) if batched else (80, 80))
-    n_free = S.npartitions - S.numblocks[-2]  # blocks that do not need the gated block
+    n_free = math.prod(S.numblocks) - S.numblocks[-2]  # blocks that do not need the gated block
     with real_cluster.client() as client:
         future = client.compute(S)
         held = wait_until(
@@ -306,7 +307,7 @@ def test_worker_sigkill_during_to_zarr(real_cluster, tmp_path, gate_file):
     S = dcs.cosine_similarity(
         da.from_array(a, chunks=(80, 16)), gated(b, (80, 16), gate_file), chunks=(80, 80)
     )
-    n_free = S.npartitions - S.numblocks[0]
+    n_free = math.prod(S.numblocks) - S.numblocks[0]
     markers = partial(marker_grid, out)
 
     with real_cluster.client() as client:
@@ -324,11 +325,11 @@ def test_worker_sigkill_during_to_zarr(real_cluster, tmp_path, gate_file):
             at_kill = _check_marked_blocks(zarr.open_group(str(out), mode="r"), ref, (80, 80))
             open_gate(gate_file)
             report = job.result(timeout=RESULT_TIMEOUT)
-    assert 0 < at_kill.sum() < S.npartitions
+    assert 0 < at_kill.sum() < math.prod(S.numblocks)
     group = zarr.open_group(str(out), mode="r")
     assert _check_marked_blocks(group, ref, (80, 80)).all()
     np.testing.assert_allclose(group["similarity"][...], ref, rtol=0, atol=TOL64)
-    assert report.blocks_written == S.npartitions
+    assert report.blocks_written == math.prod(S.numblocks)
     assert pid not in real_cluster.wait_for_workers().values()
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import dask_cosim as dcs
 from dask_cosim import _topk_store, _triangle, reductions
+from dask_cosim._compat import QUERY_PLANNING
 from dask_cosim._plan import PlanError, task_memory
 from dask_cosim._sizing import (
     MIN_TASK_FLOPS,
@@ -333,10 +334,25 @@ def test_topk_block_tasks_are_prioritised_by_upper_row():
     assert rect(("cosine-topk-x", 5, 0)) == -5 and rect(("cosine-topk-x", 1, 3, 0)) == -13
     assert tri(("cosine-normalize-x", 0)) == 0
     vals, _ = dcs.topk(np.ones((600, 4)), k=2, chunks=(100, 100))
-    layer = next(
-        v for name, v in vals.dask.layers.items() if name.startswith("cosine-topk-") and "merge" not in name
-    )
-    assert callable(layer.annotations["priority"])
+    if not QUERY_PLANNING:
+        layer = next(
+            v
+            for name, v in vals.dask.layers.items()
+            if name.startswith("cosine-topk-") and "merge" not in name
+        )
+        assert callable(layer.annotations["priority"])
+        return
+    # array expressions carry no annotations: a written top-k's graph sets them by key
+    from dask_cosim._compat import graph_from_collections
+    from dask_cosim._topk_store import INPUT_PRIORITY, _block_priority
+
+    priority, t = _block_priority(True, 10), "0123456789abcdef0123456789abcdef"  # keys as dask names them
+    assert priority((f"cosine-topk-{t}", 2, 5)) == -3 and priority((f"cosine-pick-{t}", 7, 7)) == 0
+    assert priority((f"cosine-normalize-{t}", 3, 0)) == priority((f"cosine-in-a-{t}", 3, 0)) == INPUT_PRIORITY
+    assert priority((f"cosine-merge-aggregate-{t}", 0, 0)) == 0
+    hlg = graph_from_collections("cosine-link-x", {}, [vals], priority=priority)
+    inputs = hlg.layers["cosine-link-x-inputs"]
+    assert inputs.annotations["priority"] is priority and set(inputs) == set(dict(vals.__dask_graph__()))
 
 
 def test_tiled_kernels_equal_the_untiled_ones(monkeypatch):
