@@ -41,6 +41,7 @@ import numpy as np
 
 __all__ = [
     "QUERY_PLANNING",
+    "normalize_chunks",
     "DataNode",
     "array_from_graph",
     "block_delayeds",
@@ -189,6 +190,17 @@ def _named_from_array() -> type:
             return self.operand("name")
 
     return NamedFromArray
+
+
+def normalize_chunks(chunks, shape):
+    """dask's chunk normalisation (``-1``/``None`` one block, an int regular blocks, tuples checked).
+
+    Upstream: ``dask.array.core.normalize_chunks``, documented in dask's array API reference
+    but not re-exported by ``dask.array``; the same in both planning modes.
+    """
+    from dask.array.core import normalize_chunks as normalize
+
+    return normalize(chunks, shape)
 
 
 def block_slices(chunks):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dask.array.core import normalize_chunks
 from dask.utils import format_bytes
 
+from ._compat import normalize_chunks
 from ._options import check_axis_chunk, check_dtype
 
 Chunks = tuple[tuple[int, ...], ...]
