@@ -13,6 +13,13 @@ diagonal entry (``exclude_self``) ranks after NaN and never reaches a final resu
 Internally a candidate is a *key* (the clipped similarity, or :data:`NAN_KEY` /
 :data:`EXCLUDED_KEY`, both below -1) and a global column index.
 
+Scores (:mod:`dask_cosim._rescore`): :func:`topk_block` and :func:`pairs_block` rank by
+each pair's deterministic score, not by the block product: the product selects the
+candidates with a margin that bounds its rounding, and the candidates that can still
+reach a row's best ``k`` (or lie within the margin of a threshold) are scored. The
+parts they return hold scores, so merges compare values that do not depend on where a
+pair was computed.
+
 Pruning: a block's local top-k needs only the entries that can still reach the row's
 final top-k. Any top-k part of the same rows (a *pivot*, e.g. from the block computed
 first) bounds that: its k-th best key ``t`` is at most the final k-th best, so entries
