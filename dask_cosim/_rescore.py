@@ -31,7 +31,7 @@ from ._kernels import reduce_precision
 __all__ = ["score_margin", "pair_scores", "Rescorer", "score_operands"]
 
 #: Pairs scored together on NumPy: about this many values of scratch (in cache).
-_CHUNK_VALUES = 2**15
+_CHUNK_VALUES = 2**17
 #: Explicit mantissa bits of the reduced operand formats (see :data:`~dask_cosim._kernels.PRECISIONS`).
 _OPERAND_BITS = {"tf32": 10, "bfloat16": 7, "float16": 10}
 

@@ -846,27 +846,21 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None, score=None, ma
     (keys ``>= bound`` of the group, when given) are filled with :data:`PAD_KEY` and
     member -1. ``score(group, member)``: the candidates' products are only within
     ``margin`` of their scores; the candidates that can still reach the best ``kk`` by
-    score are scored and ranked by score (:func:`_rescore_candidates`).
+    score are scored and ranked by score (:func:`_rescore_sorted`).
     """
     vals = _clip_candidates(vals)
-    if score is not None:
-        group, member, vals = _rescore_candidates(group, member, vals, kk, ngroups, bound, score, margin)
     if bound is not None:
-        keep = vals >= bound[group]
+        keep = vals >= bound[group] - margin  # margin 0 without scores
         group, member, vals = group[keep], member[keep], vals[keep]
-    if (
-        vals.dtype == np.float32
-        and ngroups < _PACK_LIMIT
-        and (not member.size or member.max() < 2 * _PACK_LIMIT)
-    ):
-        packed = (group.astype(np.int64) << 48) | (_pack_desc(vals) << 16) | member
-        packed.sort()
-        group, member = packed >> 48, packed & 0xFFFF
-        vals = _unpack_desc((packed >> 16) & 0xFFFFFFFF)
-    else:
-        order = np.lexsort((member, -vals, group))
-        group, member, vals = group[order], member[order], vals[order]
+    group, member, vals = _sort_candidates(group, member, vals, ngroups)
     counts = np.bincount(group, minlength=ngroups)
+    if score is not None and vals.size:
+        group, member, vals = _rescore_sorted(group, member, vals, counts, kk, score, margin)
+        if bound is not None:
+            keep = vals >= bound[group]
+            group, member, vals = group[keep], member[keep], vals[keep]
+        group, member, vals = _sort_candidates(group, member, vals, ngroups)
+        counts = np.bincount(group, minlength=ngroups)
     rank = np.arange(group.size) - (np.cumsum(counts) - counts)[group]
     chosen = rank < kk
     if (counts >= kk).all():
@@ -878,22 +872,35 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None, score=None, ma
     return keys, idx
 
 
-def _rescore_candidates(group, member, vals, kk: int, ngroups: int, bound, score, margin: float):
-    """The candidates whose scores may reach their group's best ``kk``, with their scores as keys.
+def _sort_candidates(group, member, vals, ngroups: int):
+    """Candidates ordered by (group, key descending, member)."""
+    if (
+        vals.dtype == np.float32
+        and ngroups < _PACK_LIMIT
+        and (not member.size or member.max() < 2 * _PACK_LIMIT)
+    ):
+        packed = (group.astype(np.int64) << 48) | (_pack_desc(vals) << 16) | member
+        packed.sort()
+        return packed >> 48, packed & 0xFFFF, _unpack_desc((packed >> 16) & 0xFFFFFFFF)
+    order = np.lexsort((member, -vals, group))
+    return group[order], member[order], vals[order]
 
-    ``vals`` are clipped products, each within ``margin`` of its score. Let ``t`` be a
-    group's ``kk``-th best product among the candidates at or above ``bound - margin``:
-    every entry whose score reaches the group's ``kk``-th best score (or ``bound``) has
-    a product ``>= t - 2 margin`` (or is among all candidates, when ``t - 2 margin`` is
-    below ``bound - margin``), so only those are kept and scored. NaN, excluded and
-    padding keys are exact and stay as they are.
+
+def _rescore_sorted(group, member, vals, counts, kk: int, score, margin: float):
+    """The sorted candidates whose scores may reach their group's best ``kk``, scores as keys.
+
+    ``vals`` are clipped products, each within ``margin`` of its score, sorted by
+    (group, product descending). Let ``t`` be a group's ``kk``-th best product among its
+    candidates: every entry whose score reaches the group's ``kk``-th best score has a
+    product ``>= t - 2 margin``, so only those are kept and scored (all of them when the
+    group has fewer than ``kk``). With a ``bound`` (the caller keeps scores ``>= bound``)
+    the candidates are those at or above ``bound - margin``, which covers every score at
+    or above it. NaN, excluded and padding keys are exact and stay as they are.
     """
-    if bound is not None:
-        keep = vals >= bound[group] - margin
-        group, member, vals = group[keep], member[keep], vals[keep]
-    if not vals.size:
-        return group, member, vals
-    kth = _rank(group, member, vals, kk, ngroups)[0][:, kk - 1]  # PAD_KEY where fewer than kk
+    starts = np.cumsum(counts) - counts
+    full = counts >= kk
+    kth = np.full(len(counts), PAD_KEY - 1, dtype=vals.dtype)  # below every key: keep all
+    kth[full] = vals[starts[full] + kk - 1]
     keep = vals >= kth[group] - 2 * margin
     group, member, vals = group[keep], member[keep], vals[keep]
     real = np.flatnonzero(vals >= -1.5)  # not NAN_KEY / EXCLUDED_KEY / PAD_KEY
