@@ -7,6 +7,8 @@ code is :func:`_clip_unit`, an in-place fast path for NumPy/CuPy with a generic 
 
 from __future__ import annotations
 
+import math
+
 import array_api_compat
 import numpy as np
 
@@ -46,12 +48,15 @@ def normalize_rows(
 ):
     """Scale every vector (last axis) of a block to unit L2 length.
 
-    The fast path multiplies by ``1 / sqrt(x . x)``; a block where any squared norm is
-    zero, subnormal or not finite takes a careful path that computes the norm as
-    ``max|x| * ||x / max|x|||`` in float64, so no finite input overflows or
-    underflows. A vector holding NaN or inf becomes all NaN. A zero vector becomes all
-    zeros (``zero_vector="zero"``, similarity 0 with everything, as scikit-learn), all
-    NaN (``"nan"``), or raises
+    Each vector is normalised on its own: its result depends only on its own values,
+    never on the other vectors of the block (so equal vectors give equal bits in any
+    chunking), nor on the BLAS library (no BLAS call is involved). The fast path
+    multiplies by ``1 / sqrt(x . x)``, the squared norm summed in ``compute_dtype`` by
+    NumPy's pairwise sum along the vector axis; a vector whose squared norm is zero,
+    subnormal or not finite takes a careful path instead, ``max|x| * ||x / max|x|||``
+    in float64, so no finite input overflows or underflows. A vector holding NaN or inf
+    becomes all NaN. A zero vector becomes all zeros (``zero_vector="zero"``,
+    similarity 0 with everything, as scikit-learn), all NaN (``"nan"``), or raises
     :class:`ZeroVectorError` naming the input, batch and row (``"error"``).
 
     Parameters
@@ -74,38 +79,87 @@ def normalize_rows(
     array([[0.6, 0.8],
            [0. , 0. ]])
     """
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow/NaN are handled below
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # handled per row below
         return _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite)
+
+
+#: Values of a NumPy block normalised together (rows of it): the scratch arrays stay in cache.
+_NORM_CHUNK = 2**16
 
 
 def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite=False):
     xp, x = block_namespace(x, device)
     dtype = _dtype(xp, compute_dtype)
     x = xp.astype(x, dtype) if x.dtype != dtype else x
-    sq = xp.vecdot(x, x)[..., None]
-    # the fast path is exact unless a squared norm is zero, non-finite or subnormal
-    tiny = xp.finfo(dtype).smallest_normal
-    if not bool(xp.all((sq >= tiny) & (sq <= xp.finfo(dtype).max))):
-        if check_finite:  # the cast above never narrows (the work dtype is at least the input's)
+    if isinstance(x, np.ndarray):
+        out, bad = _normalize_numpy(x)
+        if bad.any():  # only the rows that need it take the careful path
+            if check_finite:  # the cast above never narrows (the work dtype is at least the input's)
+                raise_nonfinite(x, input_name=input_name, offset=offset, batched=batched)
+            where = np.nonzero(bad)
+            unit, zero = _normalize_careful(np, x[where], dtype, zero_vector)
+            if zero_vector == "error" and zero.any():
+                mask = np.zeros(x.shape[:-1] + (1,), dtype=bool)
+                mask[where] = zero
+                _raise_zero_vector(mask, input_name=input_name, offset=offset, batched=batched)
+            out[where] = unit
+        return out
+    sq = xp.sum(x * x, axis=-1, keepdims=True)
+    bad = ~_regular(xp, sq)
+    out = x * (1 / xp.sqrt(sq))
+    if bool(xp.any(bad)):  # rows that need the careful path take it, the others keep theirs
+        if check_finite:
             raise_nonfinite(to_numpy(x), input_name=input_name, offset=offset, batched=batched)
-        return _normalize_careful(xp, x, dtype, zero_vector, input_name, offset, batched)
-    return x * (1 / xp.sqrt(sq))
+        unit, zero = _normalize_careful(xp, x, dtype, zero_vector)
+        if zero_vector == "error" and bool(xp.any(zero)):
+            _raise_zero_vector(zero, input_name=input_name, offset=offset, batched=batched)
+        out = xp.where(bad, unit, out)
+    return out
 
 
-def _normalize_careful(xp, x, dtype, zero_vector, input_name, offset, batched):
-    """Overflow-safe normalisation (``max|x| * ||x / max|x|||`` in float64) with zero handling."""
+def _regular(xp, sq):
+    """Rows whose squared norm is a normal, finite, positive number (the fast path is exact)."""
+    info = xp.finfo(sq.dtype)
+    return (sq >= info.smallest_normal) & (sq <= info.max)
+
+
+def _normalize_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fast path on NumPy, a chunk of rows at a time: ``(unit rows, bad rows)``.
+
+    ``bad`` (shape ``(..., rows)``) marks the rows whose result is not valid (they need
+    the careful path). NumPy's pairwise sum along the contiguous vector axis depends only
+    on the row, never on the chunk it is computed in.
+    """
+    shape, d = x.shape, max(1, x.shape[-1])
+    x2 = x.reshape(math.prod(shape[:-1]), shape[-1])
+    out = np.empty_like(x2)
+    rows = max(1, min(len(x2), _NORM_CHUNK // d))
+    squares = np.empty((rows, shape[-1]), dtype=x.dtype)
+    sq = np.empty(len(x2), dtype=x.dtype)
+    inv = np.empty(rows, dtype=x.dtype)
+    for r0 in range(0, len(x2), rows):
+        chunk, s = x2[r0 : r0 + rows], sq[r0 : r0 + rows]
+        np.add.reduce(np.multiply(chunk, chunk, out=squares[: len(chunk)]), axis=-1, out=s)
+        t = inv[: len(chunk)]
+        np.divide(1, np.sqrt(s, out=t), out=t)
+        np.multiply(chunk, t[:, None], out=out[r0 : r0 + rows])
+    bad = ~_regular(np, sq)
+    return out.reshape(shape), bad.reshape(shape[:-1])
+
+
+def _normalize_careful(xp, x, dtype, zero_vector):
+    """Overflow-safe normalisation (``max|x| * ||x / max|x|||`` in float64) of every row:
+    ``(unit rows in dtype, zero-row mask of shape (..., 1))``."""
     work = xp.astype(x, xp.float64)
     scale = xp.max(xp.abs(work), axis=-1, keepdims=True)
     zero = scale == 0
-    if zero_vector == "error" and bool(xp.any(zero)):
-        _raise_zero_vector(zero, input_name=input_name, offset=offset, batched=batched)
     one = xp.ones_like(scale)
     scaled = work / xp.where(zero, one, scale)
-    norm = xp.sqrt(xp.vecdot(scaled, scaled)[..., None])
+    norm = xp.sqrt(xp.sum(scaled * scaled, axis=-1, keepdims=True))
     unit = scaled / xp.where(zero, one, norm)
     if zero_vector == "nan":
         unit = xp.where(zero, xp.full_like(scale, xp.nan), unit)
-    return xp.astype(unit, dtype)
+    return xp.astype(unit, dtype), zero
 
 
 def _raise_zero_vector(zero, *, input_name, offset, batched):

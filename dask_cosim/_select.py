@@ -13,6 +13,13 @@ diagonal entry (``exclude_self``) ranks after NaN and never reaches a final resu
 Internally a candidate is a *key* (the clipped similarity, or :data:`NAN_KEY` /
 :data:`EXCLUDED_KEY`, both below -1) and a global column index.
 
+Scores (:mod:`dask_cosim._rescore`): :func:`topk_block` and :func:`pairs_block` rank by
+each pair's deterministic score, not by the block product: the product selects the
+candidates with a margin that bounds its rounding, and the candidates that can still
+reach a row's best ``k`` (or lie within the margin of a threshold) are scored. The
+parts they return hold scores, so merges compare values that do not depend on where a
+pair was computed.
+
 Pruning: a block's local top-k needs only the entries that can still reach the row's
 final top-k. Any top-k part of the same rows (a *pivot*, e.g. from the block computed
 first) bounds that: its k-th best key ``t`` is at most the final k-th best, so entries
@@ -37,8 +44,9 @@ from ._backend import (
     to_host_like,
     to_numpy,
 )
-from ._kernels import matmul_clip_numpy, reduce_precision, similarity_block
+from ._kernels import matmul_clip_numpy, similarity_block
 from ._options import CHOICES
+from ._rescore import Rescorer, score_margin, score_operands
 from ._sparse import SparseProduct, is_sparse, sparse_similarity_block
 from ._sparse import nan_rows as find_nan_rows
 
@@ -192,13 +200,18 @@ def _group_count(m: int, kk: int) -> int:
     return max(kk, min(m, _GROUPS))
 
 
-def _topk_rows(xp, key, kk: int):
+def _topk_rows(xp, key, kk: int, score=None, margin: float = 0.0, bound=None):
     """Exact top-``kk`` of each row of a 2-D key array ``(R, m)``: ``(keys, local columns)``.
 
     Pruned selection: the ``kk``-th largest of the maxima of ``g`` column groups is a
     lower bound ``t`` of the ``kk``-th largest key, so only entries ``>= t`` (all of the
     top ``kk`` and their ties) are candidates; the candidates are then ordered by (row,
     key descending, column) with stable sorts.
+
+    ``score(rows, cols)``: the keys are products within ``margin`` of the entries'
+    scores; candidates are then taken ``2 margin`` lower, those that can still reach a
+    row's best ``kk`` by score are scored (as :func:`_rescore_candidates`), and ranked by
+    score; scores below the row's ``bound`` (if given) become :data:`PAD_KEY`.
     """
     rows_n, m = key.shape
     dev = array_api_compat.device(key)
@@ -207,19 +220,52 @@ def _topk_rows(xp, key, kk: int):
     grouped = xp.reshape(key[:, : slabs * g], (rows_n, slabs, g))
     gmax = xp.max(grouped, axis=1)
     t = xp.sort(gmax, axis=-1)[:, g - kk]
-    mask = key >= t[:, None]
+    mask = key >= (t - 2 * margin)[:, None] if score is not None else key >= t[:, None]
     flat = xp.nonzero(xp.reshape(mask, (-1,)))[0]
     vals = xp.take(xp.reshape(key, (-1,)), flat)
     rows = flat // m
+    order, rank, starts = _order_candidates(xp, rows, vals, rows_n, dev)
+    if score is not None:
+        counts = xp.concat([starts[1:], xp.asarray([rows.shape[0]], dtype=starts.dtype, device=dev)]) - starts
+        at = xp.take(vals, xp.take(order, xp.clip(starts + kk - 1, 0, max(0, rows.shape[0] - 1))))
+        kth = xp.where(counts >= kk, at, xp.asarray(PAD_KEY, dtype=vals.dtype, device=dev))
+        keep = xp.nonzero(vals >= xp.take(kth, rows) - 2 * margin)[0]
+        flat, vals, rows = xp.take(flat, keep), xp.take(vals, keep), xp.take(rows, keep)
+        vals = _scored(xp, vals, rows, flat % m, score)
+        if bound is not None:
+            pad = xp.asarray(PAD_KEY, dtype=vals.dtype, device=dev)
+            vals = xp.where(vals >= xp.take(bound, rows), vals, pad)
+        order, rank, _ = _order_candidates(xp, rows, vals, rows_n, dev)
+    chosen = order[rank < kk]
+    top = xp.reshape(xp.take(vals, chosen), (rows_n, kk))
+    cols = xp.reshape(xp.take(flat, chosen) % m, (rows_n, kk))
+    return top, cols
+
+
+def _order_candidates(xp, rows, vals, rows_n: int, dev):
+    """Candidates (in row-major order) ordered by (row, value descending, column):
+    ``(order, rank of each ordered candidate within its row, first position of each row)``."""
     by_value = xp.argsort(vals, descending=True, stable=True)  # ties keep column order
     order = xp.take(by_value, xp.argsort(xp.take(rows, by_value), stable=True))
     rows_sorted = xp.take(rows, order)
     starts = xp.searchsorted(rows_sorted, xp.arange(rows_n, dtype=rows_sorted.dtype, device=dev))
     rank = xp.arange(rows_sorted.shape[0], dtype=rows_sorted.dtype, device=dev) - xp.take(starts, rows_sorted)
-    chosen = order[rank < kk]
-    top = xp.reshape(xp.take(vals, chosen), (rows_n, kk))
-    cols = xp.reshape(xp.take(flat, chosen) % m, (rows_n, kk))
-    return top, cols
+    return order, rank, starts
+
+
+def _scored(xp, vals, rows, cols, score):
+    """``vals`` with each real similarity (not a NaN / excluded / padding key) replaced by its score."""
+    real = vals >= -1.5
+    where = xp.nonzero(real)[0]
+    if where.shape[0] == 0:
+        return vals
+    return _fill(xp, real, score(xp.take(rows, where), xp.take(cols, where)), vals)
+
+
+def _fill(xp, mask, new, vals):
+    """``vals`` with its ``mask`` entries replaced, in order, by ``new`` (a scatter in array-API terms)."""
+    slot = xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1  # position in new of each masked entry
+    return xp.where(mask, xp.take(xp.astype(new, vals.dtype), xp.clip(slot, 0, None)), vals)
 
 
 def select_topk(
@@ -232,6 +278,7 @@ def select_topk(
     exclude_self: bool = False,
     bound=None,
     excluded=None,
+    rescorer=None,
 ):
     """Local top-``k`` of a similarity block ``(..., n, m)`` for any array namespace.
 
@@ -257,6 +304,10 @@ def select_topk(
     excluded
         Optional boolean ``(n, m)`` mask of entries ranked last like the excluded
         diagonal (a label mask, :func:`label_excluded`).
+    rescorer
+        Optional :class:`~dask_cosim._rescore.Rescorer` of the block's operands: ``s`` is
+        their product, within ``rescorer.margin`` of the pairs' scores, and the result
+        ranks (and holds) the scores (:mod:`dask_cosim._rescore`).
 
     Returns
     -------
@@ -274,11 +325,14 @@ def select_topk(
     key = similarity_keys(
         s, row_offset=row_offset, col_offset=col_offset, exclude_self=exclude_self, excluded=excluded
     )
+    score = None
     if axis in (-2, key.ndim - 2):
         key = xp.permute_dims(key, (*range(key.ndim - 2), key.ndim - 1, key.ndim - 2))
         offset = row_offset
+        score = None if rescorer is None else rescorer.cols
     elif axis in (-1, key.ndim - 1):
         offset = col_offset
+        score = None if rescorer is None else rescorer.rows
     else:
         raise ValueError(f"axis: expected -1 (rows) or -2 (columns), received {axis}")
     lead, (n, m) = key.shape[:-2], key.shape[-2:]
@@ -286,13 +340,17 @@ def select_topk(
     if n == 0 or kk == 0 or any(d == 0 for d in lead):
         empty_k = xp.empty((*lead, n, kk), dtype=key.dtype, device=array_api_compat.device(key))
         return empty_k, xp.astype(xp.zeros_like(empty_k), xp.int64)
+    margin = 0.0 if rescorer is None else rescorer.margin
     if bound is not None:
         pad = xp.asarray(PAD_KEY, dtype=key.dtype, device=array_api_compat.device(key))
-        key = xp.where(key >= xp.astype(bound, key.dtype)[..., None], key, pad)
+        key = xp.where(key >= xp.astype(bound, key.dtype)[..., None] - margin, key, pad)
     batch = 1
     for d in lead:
         batch *= d
-    top, cols = _topk_rows(xp, xp.reshape(key, (batch * n, m)), kk)
+    flat_bound = None
+    if bound is not None and score is not None:
+        flat_bound = xp.reshape(xp.broadcast_to(xp.astype(bound, key.dtype), (*lead, n)), (-1,))
+    top, cols = _topk_rows(xp, xp.reshape(key, (batch * n, m)), kk, score, margin, flat_bound)
     idx = xp.astype(cols, xp.int64) + offset
     if bound is not None:
         idx = xp.where(
@@ -391,18 +449,19 @@ def topk_block(
     if row_labels is not None:
         labels = (_labels_like(row_labels, an), _labels_like(col_labels, an), label_pairs)
     if fast and _fast_path_fits(an, bn):
-        if precision != "float32":
-            an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
+        an, bn = score_operands(an, bn, precision)  # the product's own operands (exact emulation)
+        margin = score_margin(an.shape[-1], np.result_type(an, bn))
         small = _is_small_numpy(an, bn, device)
         with nullcontext() if small else limit_blas(blas_threads_for_task(blas_threads)):
             bounds = {"row_bound": row_bound, "col_bound": col_bound}
-            parts = _topk_block_tiled(an, bn, k, both=both, labels=labels, **bounds, **offsets)
+            parts = _topk_block_tiled(an, bn, k, both=both, labels=labels, margin=margin, **bounds, **offsets)
     else:
         s = similarity_block(
             an, bn, device=device, blas_threads=blas_threads, like="input", precision=precision
         )
         if labels is not None:
             offsets["excluded"] = label_excluded(*labels)
+        offsets["rescorer"] = Rescorer.for_block(an, bn, precision=precision, dtype=s.dtype)
         rows = select_topk(s, k, axis=-1, bound=row_bound, **offsets)
         parts = (rows, select_topk(s, k, axis=-2, bound=col_bound, **offsets)) if both else (rows,)
         del s
@@ -477,10 +536,13 @@ def _even_tiles(size: int, most: int) -> list[tuple[int, int]]:
     return out
 
 
-def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=None, labels=None, **offsets):
+def _topk_block_tiled(
+    an, bn, k: int, *, both: bool, row_bound=None, col_bound=None, labels=None, margin=None, **offsets
+):
     """:func:`_topk_block_numpy` over column tiles of ``bn``, merged: the same parts.
 
-    ``labels``: ``(row_labels, col_labels, label_pairs)``, the column labels sliced per tile."""
+    ``labels``: ``(row_labels, col_labels, label_pairs)``, the column labels sliced per tile.
+    ``margin``: as :func:`_topk_pair_numpy` (rank by scores)."""
     m = bn.shape[-2]
     most = TILE_COLS
     if both and col_bound is None:  # that path keeps one tile whole: narrower tiles for tall blocks
@@ -489,8 +551,9 @@ def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=N
     tiles = _even_tiles(m, most)
     if len(tiles) == 1:
         return _topk_block_numpy(
-            an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, labels=labels, **offsets
-        )
+            an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, labels=labels, margin=margin,
+            **offsets,
+        )  # fmt: skip
     rows_part, col_parts = None, []
     for c0, c1 in tiles:
         bound = row_bound
@@ -508,6 +571,7 @@ def _topk_block_tiled(an, bn, k: int, *, both: bool, row_bound=None, col_bound=N
             row_bound=bound,
             col_bound=None if col_bound is None else col_bound[..., c0:c1],
             labels=None if labels is None else (labels[0], labels[1][c0:c1], labels[2]),
+            margin=margin,
         )
         rows_part = out[0] if rows_part is None else merge_topk([rows_part, out[0]], k)
         if both:
@@ -546,10 +610,13 @@ def _topk_block_numpy(
     col_bound=None,
     product=None,
     labels=None,
+    margin=None,
 ):
     """NumPy twin of :func:`select_topk` on ``an @ bn.T`` (raw), one 2-D block at a time.
 
     ``labels``: optional ``(row_labels, col_labels, label_pairs)`` label mask.
+    ``margin``: rank dense blocks by scores (see :func:`_topk_pair_numpy`); sparse blocks
+    always rank by their products (already independent of the block).
 
     ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
     product into ``out`` (default: the GEMM); tests pass synthetic products through it.
@@ -590,6 +657,7 @@ def _topk_block_numpy(
             None if rb is None else rb[b],
             None if cb is None else cb[b],
             labels,
+            margin,
         )  # fmt: skip
         for b in range(len(a3))
     ]
@@ -603,17 +671,25 @@ def _stack_parts(parts, lead):
     return keys, idx
 
 
-def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None):
-    """Rows part (and with ``both`` the columns part) of one 2-D block."""
+def _topk_pair_numpy(
+    an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None, margin=None
+):
+    """Rows part (and with ``both`` the columns part) of one 2-D block.
+
+    ``margin``: rank by scores (:mod:`dask_cosim._rescore`), the products of this block
+    being within ``margin`` of them; ``None``: rank by the products themselves.
+    """
     row_offset, col_offset, exclude_self = offsets
+    rescorer = None if margin is None else Rescorer(an, bn, margin, dtype)
+    margin = 0.0 if margin is None else margin
     n, m = an.shape[0], bn.shape[0]
     kk_r, kk_c = min(k, m), min(k, n)
     nan_rows, nan_cols = find_nan_rows(an), find_nan_rows(bn)
     nan_cols = nan_cols.nonzero()[0] if nan_cols.any() else None
     g_r = _group_count(m, kk_r)
     g_c = _group_count(n, kk_c)
-    t_r = None if row_bound is None else _threshold(row_bound.astype(dtype))
-    t_c = None if col_bound is None else _threshold(col_bound.astype(dtype))
+    t_r = None if row_bound is None else _threshold(row_bound.astype(dtype), margin)
+    t_c = None if col_bound is None else _threshold(col_bound.astype(dtype), margin)
     step = max(_MIN_STRIP_ROWS, _STRIP_BYTES // max(1, m * dtype.itemsize))
     group_cols = both and t_c is None
     if group_cols:
@@ -634,7 +710,7 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
         _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
         if labels is not None:
             strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
-        t = _group_threshold(strip, kk_r, g_r) if t_r is None else t_r[r0:r1]
+        t = _group_threshold(strip, kk_r, g_r, margin) if t_r is None else t_r[r0:r1]
         if cols is None:
             rows.add(strip, t[:, None], r0, mask)
         else:  # one scan for both bounds, then split the (few) hits
@@ -653,7 +729,7 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
             whole = (r1 - r0) // g_c * g_c
             if whole:
                 np.maximum(col_max, strip[:whole].reshape(-1, g_c, m).max(axis=0), out=col_max)
-    keys, idx = rows.rank_rows(kk_r, row_bound)
+    keys, idx = rows.rank_rows(kk_r, row_bound, rescorer)
     out_rows = (keys, np.where(idx < 0, -1, idx + col_offset))
     if not both:
         return out_rows, None
@@ -661,11 +737,11 @@ def _topk_pair_numpy(an, bn, k, both, offsets, product, dtype, row_bound, col_bo
         if n % g_c:  # rows beyond the last whole group join their groups (row % g_c)
             tail = full[n - n % g_c :]
             col_max[: n % g_c] = np.maximum(col_max[: n % g_c], tail)
-        t = _threshold(np.partition(col_max, g_c - kk_c, axis=0)[g_c - kk_c])
+        t = _threshold(np.partition(col_max, g_c - kk_c, axis=0)[g_c - kk_c], 2 * margin)
         cols = _Candidates(n, m)
         for r0 in range(0, n, step):
             cols.add(full[r0 : r0 + step], t[None, :], r0, mask)
-    keys, idx = cols.rank_cols(kk_c, col_bound)
+    keys, idx = cols.rank_cols(kk_c, col_bound, rescorer)
     return out_rows, (keys, np.where(idx < 0, -1, idx + row_offset))
 
 
@@ -690,13 +766,19 @@ class _Candidates:
         vals = np.concatenate(self.vals) if len(self.vals) > 1 else self.vals[0]
         return np.divmod(flat, self.m), vals
 
-    def rank_rows(self, kk: int, bound=None):
+    def rank_rows(self, kk: int, bound=None, rescorer=None):
         (r, c), vals = self._gather()
-        return _rank(r, c, vals, kk, self.n, bound)
+        score = None if rescorer is None else rescorer.rows
+        return _rank(r, c, vals, kk, self.n, bound, score, _margin_of(rescorer))
 
-    def rank_cols(self, kk: int, bound=None):
+    def rank_cols(self, kk: int, bound=None, rescorer=None):
         (r, c), vals = self._gather()
-        return _rank(c, r, vals, kk, self.m, bound)
+        score = None if rescorer is None else rescorer.cols
+        return _rank(c, r, vals, kk, self.m, bound, score, _margin_of(rescorer))
+
+
+def _margin_of(rescorer) -> float:
+    return 0.0 if rescorer is None else rescorer.margin
 
 
 def _mark_strip(strip, nan_rows, nan_cols, row_offset: int, col_offset: int, exclude_self: bool) -> None:
@@ -738,22 +820,28 @@ def _column_floor(t_c):
     return floor, (low if low.size else None)
 
 
-def _group_threshold(strip, kk: int, g: int):
-    """Each row's candidate bound from the k-th best of its ``g`` column-group maxima."""
+def _group_threshold(strip, kk: int, g: int, margin: float = 0.0):
+    """Each row's candidate bound from the k-th best of its ``g`` column-group maxima.
+
+    With rescoring (``margin`` > 0) the bound is lowered by twice the margin: the k-th
+    best score is at least the k-th best product minus the margin, and an entry whose
+    score reaches it has a product at least that minus the margin again.
+    """
     r, m = strip.shape
     slabs = m // g
     gmax = strip[:, : slabs * g].reshape(r, slabs, g).max(axis=1)  # group: column % g
-    return _threshold(np.partition(gmax, g - kk, axis=1)[:, g - kk])
+    return _threshold(np.partition(gmax, g - kk, axis=1)[:, g - kk], 2 * margin)
 
 
-def _threshold(t):
+def _threshold(t, margin: float = 0.0):
     """Candidate bound on raw products from a bound ``t`` of the k-th best (clipped) key.
 
     Clipping to [-1, 1] is monotone, so an entry below ``t`` loses to the ``kk`` entries
     at or above it, unless clipping makes them equal: at ``t >= 1`` every entry that
-    clips to 1 is a candidate, and at ``t <= -1`` every entry is.
+    clips to 1 is a candidate, and at ``t <= -1`` every entry is. ``margin``: ``t`` bounds
+    scores that may differ from the products by this much (see :mod:`dask_cosim._rescore`).
     """
-    t = np.minimum(t, 1.0)
+    t = np.minimum(t, 1.0) - margin
     t[t <= -1.0] = -np.inf
     return t
 
@@ -780,31 +868,29 @@ def _unpack_desc(packed32):
     return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(np.float32)
 
 
-def _rank(group, member, vals, kk: int, ngroups: int, bound=None):
+def _rank(group, member, vals, kk: int, ngroups: int, bound=None, score=None, margin: float = 0.0):
     """The best ``kk`` candidates of every group, by (key descending, member); padded.
 
     float32 keys with small indices are packed into one int64 (group, key, member) and
     sorted once; other cases use a lexsort. Groups with fewer than ``kk`` candidates
     (keys ``>= bound`` of the group, when given) are filled with :data:`PAD_KEY` and
-    member -1.
+    member -1. ``score(group, member)``: the candidates' products are only within
+    ``margin`` of their scores; the candidates that can still reach the best ``kk`` by
+    score are scored and ranked by score (:func:`_rescore_sorted`).
     """
     vals = _clip_candidates(vals)
     if bound is not None:
-        keep = vals >= bound[group]
+        keep = vals >= bound[group] - margin  # margin 0 without scores
         group, member, vals = group[keep], member[keep], vals[keep]
-    if (
-        vals.dtype == np.float32
-        and ngroups < _PACK_LIMIT
-        and (not member.size or member.max() < 2 * _PACK_LIMIT)
-    ):
-        packed = (group.astype(np.int64) << 48) | (_pack_desc(vals) << 16) | member
-        packed.sort()
-        group, member = packed >> 48, packed & 0xFFFF
-        vals = _unpack_desc((packed >> 16) & 0xFFFFFFFF)
-    else:
-        order = np.lexsort((member, -vals, group))
-        group, member, vals = group[order], member[order], vals[order]
+    group, member, vals = _sort_candidates(group, member, vals, ngroups)
     counts = np.bincount(group, minlength=ngroups)
+    if score is not None and vals.size:
+        group, member, vals = _rescore_sorted(group, member, vals, counts, kk, score, margin)
+        if bound is not None:
+            keep = vals >= bound[group]
+            group, member, vals = group[keep], member[keep], vals[keep]
+        group, member, vals = _sort_candidates(group, member, vals, ngroups)
+        counts = np.bincount(group, minlength=ngroups)
     rank = np.arange(group.size) - (np.cumsum(counts) - counts)[group]
     chosen = rank < kk
     if (counts >= kk).all():
@@ -814,6 +900,44 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None):
     keys[group[chosen], rank[chosen]] = vals[chosen]
     idx[group[chosen], rank[chosen]] = member[chosen]
     return keys, idx
+
+
+def _sort_candidates(group, member, vals, ngroups: int):
+    """Candidates ordered by (group, key descending, member)."""
+    if (
+        vals.dtype == np.float32
+        and ngroups < _PACK_LIMIT
+        and (not member.size or member.max() < 2 * _PACK_LIMIT)
+    ):
+        packed = (group.astype(np.int64) << 48) | (_pack_desc(vals) << 16) | member
+        packed.sort()
+        return packed >> 48, packed & 0xFFFF, _unpack_desc((packed >> 16) & 0xFFFFFFFF)
+    order = np.lexsort((member, -vals, group))
+    return group[order], member[order], vals[order]
+
+
+def _rescore_sorted(group, member, vals, counts, kk: int, score, margin: float):
+    """The sorted candidates whose scores may reach their group's best ``kk``, scores as keys.
+
+    ``vals`` are clipped products, each within ``margin`` of its score, sorted by
+    (group, product descending). Let ``t`` be a group's ``kk``-th best product among its
+    candidates: every entry whose score reaches the group's ``kk``-th best score has a
+    product ``>= t - 2 margin``, so only those are kept and scored (all of them when the
+    group has fewer than ``kk``). With a ``bound`` (the caller keeps scores ``>= bound``)
+    the candidates are those at or above ``bound - margin``, which covers every score at
+    or above it. NaN, excluded and padding keys are exact and stay as they are.
+    """
+    starts = np.cumsum(counts) - counts
+    full = counts >= kk
+    kth = np.full(len(counts), PAD_KEY - 1, dtype=vals.dtype)  # below every key: keep all
+    kth[full] = vals[starts[full] + kk - 1]
+    keep = vals >= kth[group] - 2 * margin
+    group, member, vals = group[keep], member[keep], vals[keep]
+    real = np.flatnonzero(vals >= -1.5)  # not NAN_KEY / EXCLUDED_KEY / PAD_KEY
+    if real.size:
+        vals = vals.copy()
+        vals[real] = score(group[real], member[real])
+    return group, member, vals
 
 
 # --------------------------------------------------------------------------- merging
@@ -969,9 +1093,9 @@ def pairs_block(
             col_labels=None if col_labels is None else to_numpy(col_labels), label_pairs=label_pairs,
         )  # fmt: skip
     if _is_small_numpy(an, bn, device):  # as similarity_block, without the BLAS thread limit
-        if precision != "float32":
-            an, bn = reduce_precision(an, precision), reduce_precision(bn, precision)
+        an, bn = score_operands(an, bn, precision)
         s = matmul_clip_numpy(an, bn, out_dtype)
+        rescorer = Rescorer.for_block(an, bn, dtype=s.dtype)
     elif _needs_tiles(an, bn, device):
         return _pairs_block_tiled(
             an, bn, threshold=threshold, row_offset=row_offset, col_offset=col_offset,
@@ -989,9 +1113,10 @@ def pairs_block(
             like="input",
             precision=precision,
         )
+        rescorer = Rescorer.for_block(_like(an, s), _like(bn, s), precision=precision, dtype=s.dtype)
     out = select_above(
         s,
-        threshold,
+        threshold - rescorer.margin,  # candidates; scores decide those near the threshold
         row_offset=row_offset,
         col_offset=col_offset,
         batch_offset=batch_offset,
@@ -1001,7 +1126,37 @@ def pairs_block(
         col_labels=col_labels,
         label_pairs=label_pairs,
     )
+    out = _decide_pairs(out, threshold, rescorer, (batch_offset, row_offset, col_offset))
     return tuple(to_host_like(v, like) for v in out)
+
+
+def _like(x, s):
+    """Block ``x`` moved to where the similarity block ``s`` lives (NumPy or CuPy)."""
+    if array_api_compat.is_cupy_array(s):
+        import cupy
+
+        return cupy.asarray(x)
+    return to_numpy(x) if isinstance(s, np.ndarray) else x
+
+
+def _decide_pairs(found, threshold: float, rescorer, offsets: tuple[int, int, int]):
+    """Pairs ``>= threshold - margin`` reduced to those whose score is ``>= threshold``.
+
+    A pair whose product is at least ``threshold + margin`` is in whatever its score;
+    the others (within the margin) are scored, kept if the score reaches the threshold,
+    and report their score. ``offsets``: the block's first batch, row and column.
+    """
+    b, i, j, score = found
+    xp = array_api_compat.array_namespace(score)
+    band = score < threshold + rescorer.margin
+    where = xp.nonzero(band)[0]
+    if where.shape[0] == 0:
+        return found
+    b0, r0, c0 = offsets
+    rows = (xp.take(b, where) - b0) * rescorer.n + (xp.take(i, where) - r0)
+    score = _fill(xp, band, rescorer.rows(rows, xp.take(j, where) - c0), score)
+    keep = xp.nonzero(~band | (score >= threshold))[0]
+    return tuple(xp.take(v, keep) for v in (b, i, j, score))
 
 
 def _needs_tiles(an, bn, device: str) -> bool:

@@ -166,8 +166,8 @@ def normalize_sparse_rows(
     """Scale every row of a sparse block to unit L2 length, storing only its non-zeros.
 
     The block is converted once to canonical CSR (:func:`to_csr`); squared norms are
-    accumulated in float64, and a block where any of them is zero, subnormal or not
-    finite scales each row by ``max|x|`` first, as the dense kernel does. Rows holding
+    accumulated in float64, and a row whose squared norm is zero, subnormal or not finite
+    is scaled by ``max|x|`` first, as the dense kernel does (each row on its own path). Rows holding
     NaN or inf become all-NaN stored values; a zero row stores nothing (``"zero"``),
     one NaN (``"nan"``) or raises :class:`~dask_cosim._kernels.ZeroVectorError` (``"error"``).
 
@@ -188,10 +188,10 @@ def normalize_sparse_rows(
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         sq = np.bincount(rows, weights=data * data, minlength=n)
         tiny = np.finfo(np.float64).smallest_normal
-        if np.all((sq >= tiny) & (sq <= np.finfo(np.float64).max)):
-            inv = 1.0 / np.sqrt(sq)
-            bad = zero = None
-        else:  # careful path: max|x| * ||x / max|x||| per row, NaN/inf rows flagged
+        regular = (sq >= tiny) & (sq <= np.finfo(np.float64).max)
+        inv = 1.0 / np.sqrt(sq)
+        bad = zero = None
+        if not regular.all():  # careful path for the rows that need it: max|x| * ||x / max|x|||
             bad = np.zeros(n, dtype=bool)
             bad[rows[~np.isfinite(data)]] = True
             scale = np.zeros(n)
@@ -200,7 +200,8 @@ def normalize_sparse_rows(
             safe = np.where(scale > 0, scale, 1.0)
             scaled = data / safe[rows]
             norm = safe * np.sqrt(np.bincount(rows, weights=scaled * scaled, minlength=n))
-            inv = np.where(zero | bad, 0.0, 1.0 / np.where(norm > 0, norm, 1.0))
+            careful = np.where(zero | bad, 0.0, 1.0 / np.where(norm > 0, norm, 1.0))
+            inv = np.where(regular, inv, careful)  # each row's own path: equal rows, equal bits
         out = data * inv[rows]
     if zero is not None and zero_vector == "error" and zero.any():
         from ._kernels import _raise_zero_vector

@@ -81,9 +81,9 @@ def duplicate_groups(
         One row per input row, in row order: ``batch`` (3-D input only), ``i``, ``group``
         (the smallest row index of the group: ``i == group`` keeps one row of each) and
         ``size`` (the group's size), all int64; one partition per block of rows (and of
-        batches), indexed by ``batch * N + i``. The
-        result does not depend on chunking or scheduler (as far as the similarities
-        themselves do not: see :func:`dask_cosim.topk` on BLAS rounding).
+        batches), indexed by ``batch * N + i``. Links are decided by deterministic pair
+        scores (as :func:`dask_cosim.pairs_above`; README: Scores and ties), so the result
+        does not depend on chunking, scheduler or BLAS kernel.
 
     Examples
     --------

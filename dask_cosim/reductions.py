@@ -140,9 +140,12 @@ def topk(
     values : dask.array.Array
         ``(batch, N, k)`` (``(N, k)`` for 2-D inputs) similarities in the similarity dtype,
         each row sorted descending; equal values are ordered by the smaller ``j``, NaN
-        ranks last, so the result does not depend on chunking or scheduler (as far as
-        the similarities themselves do not: BLAS may round a dot product differently in
-        blocks of different shapes, which can swap two neighbours within float rounding).
+        ranks last. Every value is the pair's deterministic *score* (README: Scores and
+        ties): the products of the two normalised vectors summed by NumPy's pairwise
+        summation in the work dtype, which depends on the two vectors alone; block
+        products (BLAS) only select the candidates. So exact duplicates tie exactly and
+        come in index order, and the result is bitwise identical for every chunking,
+        scheduler and BLAS kernel.
     indices : dask.array.Array
         Same shape, int64 column indices ``j`` into ``b``.
 
@@ -356,7 +359,9 @@ def pairs_above(
         as in :func:`topk`). The threshold is applied where the
         product ran (on the GPU for CuPy blocks); only the pairs leave the device.
     threshold : float
-        Keep ``score >= threshold`` (similarities are clipped to [-1, 1]; NaN never passes).
+        Keep the pairs whose deterministic score (as in :func:`topk`; README: Scores and
+        ties) is ``>= threshold``: a pair exactly at the threshold is in, for every
+        chunking and BLAS kernel. Scores are clipped to [-1, 1]; NaN never passes.
     dtype : float dtype, optional
         The ``score`` column's dtype, as the output dtype of
         :func:`dask_cosim.cosine_similarity` (a wider dtype also runs the products in it).
@@ -375,7 +380,10 @@ def pairs_above(
     -------
     dask.dataframe.DataFrame
         Columns ``batch``, ``i``, ``j`` (int64; ``batch`` is 0 for 2-D inputs) and
-        ``score`` (the similarity dtype), in block order.
+        ``score`` (the similarity dtype, ``>= threshold``), in block order. ``score`` is
+        the pair's deterministic score where the block product lies within the rounding
+        margin of the threshold, the block product otherwise (within that margin of the
+        score).
 
     Examples
     --------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -39,10 +41,82 @@ def test_normalize_fast_and_careful_paths_agree():
     gen = np.random.default_rng(1)
     x = gen.standard_normal((50, 7))
     fast = normalize_rows(x)
-    x_with_zero = np.vstack([x, np.zeros((1, 7))])
-    careful = normalize_rows(x_with_zero)[:50]  # the zero row sends the block down the careful path
+    careful, zero = _kernels._normalize_careful(np, x, np.float64, "zero")
+    assert not zero.any()
     np.testing.assert_allclose(fast, careful, rtol=0, atol=1e-15)
     np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-15)
+    x_with_zero = np.vstack([x, np.zeros((1, 7))])
+    np.testing.assert_array_equal(normalize_rows(x_with_zero)[:50], fast)  # a zero row changes no other row
+
+
+def _rows_with_neighbours(dtype, gen, d=37):
+    """Rows of every kind (regular, zero, NaN, inf, huge, tiny) with several exact copies of two vectors."""
+    info = np.finfo(dtype)
+    x = gen.standard_normal((60, d)).astype(dtype)
+    x[7] = 0.0
+    x[13, 4] = np.nan
+    x[21, 2] = np.inf
+    x[29] *= info.max / 16  # squared norm overflows
+    x[33] *= info.smallest_normal  # squared norm underflows (float64)
+    x[40] *= info.smallest_normal * 2.0**-10  # subnormal components
+    for row in (3, 12, 30, 47, 59):
+        x[row] = x[50]
+    for row in (8, 22, 34):
+        x[row] = x[33]  # copies of a row that takes the careful path
+    return x
+
+
+def _random_splits(n, gen, count):
+    yield [n]
+    yield [1] * n
+    for _ in range(count):
+        cuts = np.sort(gen.choice(np.arange(1, n), size=gen.integers(1, 8), replace=False))
+        yield np.diff(np.concatenate([[0], cuts, [n]])).tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_vector", ["zero", "nan"])
+def test_normalize_each_row_independent_of_its_block(dtype, zero_vector):
+    """A row's normalised bits depend only on the row: any block it sits in, any neighbours."""
+    gen = np.random.default_rng(2)
+    x = _rows_with_neighbours(dtype, gen)
+    kw = {"compute_dtype": np.dtype(dtype).name, "zero_vector": zero_vector}
+    alone = np.concatenate([normalize_rows(x[i : i + 1], **kw) for i in range(len(x))])
+    for sizes in _random_splits(len(x), gen, 25):
+        starts = np.cumsum([0, *sizes])
+        got = np.concatenate([normalize_rows(x[s:e], **kw) for s, e in itertools.pairwise(starts)])
+        np.testing.assert_array_equal(got.view(np.uint8), alone.view(np.uint8), err_msg=str(sizes))
+    batched = normalize_rows(x.reshape(3, 20, -1), batched=True, **kw).reshape(x.shape)
+    np.testing.assert_array_equal(batched.view(np.uint8), alone.view(np.uint8))
+    for rows in ([3, 12, 30, 47, 59, 50], [8, 22, 34, 33]):  # exact copies: equal bits
+        assert (alone[rows].view(np.uint8) == alone[rows[0]].view(np.uint8)).all()
+    finite = np.isfinite(x).all(axis=1) & (np.abs(x).max(axis=1) > 0)
+    np.testing.assert_allclose(np.linalg.norm(alone[finite].astype(np.float64), axis=1), 1.0,
+                               rtol=0, atol=8 * np.finfo(dtype).eps)  # fmt: skip
+    assert np.isnan(alone[[13, 21]]).all()
+    assert (alone[7] == 0).all() if zero_vector == "zero" else np.isnan(alone[7]).all()
+
+
+def test_normalize_rows_do_not_depend_on_the_blas_or_the_block_in_the_graph():
+    """Through the graph: copies of a vector in different input blocks, some next to a zero or NaN
+    vector, come out bitwise equal whatever the chunking."""
+    import dask
+
+    from dask_cosim.core import prepare
+
+    gen = np.random.default_rng(3)
+    b = gen.standard_normal((300, 32)).astype(np.float32)
+    b[[11, 150, 299]] = b[70]
+    b[151] = 0.0
+    b[10, 3] = np.nan
+    ref = None
+    for chunks in [(-1, -1), (50, 7), (50, 150), (50, 151), (50, 100), (50, 1), (50, 13)]:
+        prep = prepare(b[:5], b, chunks=chunks)
+        (bn,) = dask.compute(prep.bn)
+        copies = bn[[11, 70, 150, 299]].view(np.uint32)
+        assert (copies == copies[0]).all(), chunks
+        ref = bn if ref is None else ref
+        np.testing.assert_array_equal(bn.view(np.uint32), ref.view(np.uint32))
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1e-160, 1e160, 1e300])

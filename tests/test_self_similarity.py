@@ -144,8 +144,10 @@ def test_topk_triangle_with_ties_nan_and_zero_vectors():
         assert np.isnan(vals[11]).all() and list(idx[11]) == [0, 1, 2, 3, 4, 5]
         assert (vals[5] == 0).all() and list(idx[5]) == [0, 1, 2, 3, 4, 6]
         assert 11 not in idx[np.arange(26) != 11]
+        assert (vals[9, :3] == vals[9, 0]).all()  # exact duplicates tie exactly
         vals_c, idx_c = dask.compute(*dcs.topk(a, a.copy(), k=6, exclude_self=True, chunks=chunks))
-        np.testing.assert_array_equal(idx, idx_c)
+        np.testing.assert_array_equal(idx, idx_c)  # the same bits as the copy path (any BLAS)
+        np.testing.assert_array_equal(vals, vals_c)
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])

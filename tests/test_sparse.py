@@ -7,6 +7,8 @@ References are scikit-learn's ``cosine_similarity`` in float64 on the same spars
 
 from __future__ import annotations
 
+import itertools
+
 import dask
 import dask.array as da
 import numpy as np
@@ -143,6 +145,25 @@ def test_magnitudes_that_overflow_a_naive_norm():
     S = dcs.cosine_similarity(a).compute()
     ref = sk_cosine(np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [3.0, 4.0, 0.0]]))
     np.testing.assert_allclose(S, ref, atol=1e-12)
+
+
+def test_each_row_is_normalised_on_its_own():
+    """A row's normalised bits do not depend on its block: a zero, NaN or huge neighbour
+    (careful path) changes no other row."""
+    gen = np.random.default_rng(4)
+    x = sp.random(40, 30, density=0.3, format="csr", random_state=5, dtype=np.float64).toarray()
+    x[[5, 17, 33]] = x[20]
+    x[6], x[21, 3], x[34] = 0.0, np.nan, x[34] * 1e305
+    alone = [normalize_sparse_rows(sp.csr_matrix(x[i : i + 1])).toarray() for i in range(40)]
+    alone = np.concatenate(alone)
+    for _ in range(10):
+        cuts = np.sort(gen.choice(np.arange(1, 40), size=4, replace=False))
+        bounds = [0, *cuts.tolist(), 40]
+        parts = [sp.csr_matrix(x[s:e]) for s, e in itertools.pairwise(bounds)]
+        blocks = [normalize_sparse_rows(p).toarray() for p in parts]
+        np.testing.assert_array_equal(np.concatenate(blocks).view(np.uint64), alone.view(np.uint64))
+    assert (alone[[5, 17, 33]] == alone[20]).all()
+    np.testing.assert_allclose(np.linalg.norm(alone[34]), 1.0, atol=1e-15)
 
 
 def test_duplicate_coo_entries_and_unsorted_indices_are_summed_and_sorted():
