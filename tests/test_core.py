@@ -386,3 +386,27 @@ def test_npy_inputs_are_memory_mapped_and_pickle_as_paths(tmp_path):
     np.testing.assert_array_equal(clone[10:20], a[10:20])
     got = dcs.cosine_similarity(str(tmp_path / "a.npy"), chunks=(100, 100)).compute(scheduler="processes")
     np.testing.assert_allclose(got, reference_cosine(a), atol=1e-12)
+
+
+def test_in_memory_inputs_are_named_without_hashing_their_data(monkeypatch):
+    import dask.tokenize
+
+    hashed = []
+    real = dask.tokenize.hash_buffer_hex
+
+    def spy(buf, *args, **kwargs):
+        hashed.append(memoryview(buf).nbytes)
+        return real(buf, *args, **kwargs)
+
+    monkeypatch.setattr(dask.tokenize, "hash_buffer_hex", spy)
+    gen = np.random.default_rng(5)
+    a, b = gen.standard_normal((600, 48)), gen.standard_normal((500, 48))
+    S = dcs.cosine_similarity(a, b, chunks=(200, 250))
+    vals, idx = dcs.topk(a, k=3, chunks=(200, 200))
+    assert max(hashed, default=0) < a.nbytes // 10  # names, chunk specs: never the data
+    # one live object, one name; a copy (or another object) is another input
+    assert dcs.cosine_similarity(a, b, chunks=(200, 250)).name == S.name
+    assert dcs.cosine_similarity(a.copy(), b, chunks=(200, 250)).name != S.name
+    monkeypatch.undo()
+    np.testing.assert_allclose(S.compute(), reference_cosine(a, b), rtol=0, atol=1e-12)
+    assert idx.compute().shape == (600, 3)
