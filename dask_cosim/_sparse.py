@@ -319,7 +319,7 @@ def _to_dense_kernel(a_rows, bt, out):
 #: with ``fa * fb`` at or above this share are gathered into dense panels and multiplied
 #: by BLAS; the rest stay sparse.
 DENSE_COLUMN_SHARE = 1 / 64
-#: Most bytes of a block's dense panel of shared columns (its columns of ``b``, transposed).
+#: Most bytes of a dense panel of shared columns (of ``b``'s block, or of ``a``'s).
 DENSE_PANEL_BYTES = 64 * 2**20
 
 
@@ -330,8 +330,8 @@ class SparseProduct:
     For two CSR blocks, the columns most rows of both share (frequent terms of a TF-IDF
     matrix: a few dozen columns carry most of a sparse product's work) are gathered into
     dense panels whose product is one BLAS call, and only the other columns go through
-    the sparse product (:data:`DENSE_COLUMN_SHARE`). The panels hold at most
-    :data:`DENSE_PANEL_BYTES` of ``b`` and a strip's rows of ``a``; the input stays sparse.
+    the sparse product (:data:`DENSE_COLUMN_SHARE`). Each panel (``b``'s, and ``a``'s for
+    any strip of its rows) holds at most :data:`DENSE_PANEL_BYTES`; the input stays sparse.
 
     Examples
     --------
@@ -357,7 +357,7 @@ class SparseProduct:
         if not shared.size:
             return
         dtype = np.result_type(an.dtype, bn.dtype)
-        most = max(1, DENSE_PANEL_BYTES // (m * dtype.itemsize))
+        most = max(1, DENSE_PANEL_BYTES // (max(n, m) * dtype.itemsize))  # either panel
         if shared.size > most:  # the columns that save the most first
             shared = shared[np.argsort(work[shared])[::-1][:most]]
         columns = np.full(dim, -1, dtype=np.int64)

@@ -475,6 +475,13 @@ def test_dense_panels_stay_within_their_byte_budget(monkeypatch):
     assert work[kept].min() >= np.sort(work)[-7]  # the columns that save the most
     out = np.empty((40, 50))
     np.testing.assert_allclose(product(0, 40, out), dense_ref(a.toarray(), b.toarray()), rtol=0, atol=1e-12)
+    tall = zipf_docs(100, seed=3)  # a's panel (100 rows) is the larger one: it sets the budget
+    tall_product = _sparse.SparseProduct(normalize_sparse_rows(tall), bn)
+    assert tall_product.b_panel_t.shape[0] == 50 * 8 * 7 // (100 * 8)
+    out = np.empty((100, 50))
+    np.testing.assert_allclose(
+        tall_product(0, 100, out), dense_ref(tall.toarray(), b.toarray()), rtol=0, atol=1e-12
+    )
 
 
 def test_sparse_products_with_nan_rows_and_mixed_dtypes():
