@@ -623,7 +623,7 @@ def _topk_block_numpy(
     """
     if is_sparse(an) or is_sparse(bn):  # 2-D, at least one CSR: strips by sparse products
         if product is None:
-            product = SparseProduct(an, bn)
+            product = SparseProduct(an, bn, panels=False)  # exact pair sums: the scores
 
         dtype = np.result_type(an.dtype, bn.dtype)
         offsets = (row_offset, col_offset, exclude_self)
@@ -1227,7 +1227,7 @@ def _pairs_block_sparse(
     rows = _even_tiles(an.shape[0], max(1, _PAIRS_TILE_BYTES // max(1, m * item)))
     found = []
     for r0, r1 in rows:
-        s = sparse_similarity_block(an[r0:r1], bn, out_dtype=out_dtype)
+        s = sparse_similarity_block(an[r0:r1], bn, out_dtype=out_dtype, panels=False)  # the scores
         found.append(
             select_above(
                 s,

@@ -332,6 +332,9 @@ class SparseProduct:
     dense panels whose product is one BLAS call, and only the other columns go through
     the sparse product (:data:`DENSE_COLUMN_SHARE`). Each panel (``b``'s, and ``a``'s for
     any strip of its rows) holds at most :data:`DENSE_PANEL_BYTES`; the input stays sparse.
+    ``panels=False`` keeps every column sparse: each pair is then summed over its non-zeros
+    in index order, whatever the block or the BLAS (the reductions' scores, README: Scores
+    and ties); a panel's GEMM rounds by position and BLAS kernel.
 
     Examples
     --------
@@ -343,11 +346,11 @@ class SparseProduct:
            [0.6325, 1.    ]])
     """
 
-    def __init__(self, an, bn):
+    def __init__(self, an, bn, *, panels: bool = True):
         self.an = an
         self.bt = transposed(bn)
         self.columns = None  # position of each shared column in the dense panels (-1: sparse)
-        if is_sparse(an) and is_sparse(bn) and an.shape[0] and bn.shape[0]:
+        if panels and is_sparse(an) and is_sparse(bn) and an.shape[0] and bn.shape[0]:
             self._split_shared_columns(an, bn)
 
     def _split_shared_columns(self, an, bn) -> None:
@@ -398,15 +401,18 @@ class SparseProduct:
         return out
 
 
-def sparse_product(an, bn, dtype) -> np.ndarray:
-    """Dense raw product ``an @ bn.T`` of two normalised blocks (either may be sparse)."""
+def sparse_product(an, bn, dtype, *, panels: bool = True) -> np.ndarray:
+    """Dense raw product ``an @ bn.T`` of two normalised blocks (either may be sparse);
+    ``panels`` as for :class:`SparseProduct`."""
     out = np.empty((an.shape[0], bn.shape[0]), dtype=dtype)
     if out.size:
-        SparseProduct(an, bn)(0, an.shape[0], out)
+        SparseProduct(an, bn, panels=panels)(0, an.shape[0], out)
     return out
 
 
-def sparse_similarity_block(an, bn, *, out_dtype: str | None = None, out: np.ndarray | None = None, **_):
+def sparse_similarity_block(
+    an, bn, *, out_dtype: str | None = None, out: np.ndarray | None = None, panels: bool = True, **_
+):
     """One dense output block of S from normalised blocks, at least one of them sparse.
 
     The product is clipped to [-1, 1]; rows (columns) that :func:`nan_rows` flags are
@@ -422,7 +428,7 @@ def sparse_similarity_block(an, bn, *, out_dtype: str | None = None, out: np.nda
            [0.7071, 1.    ]])
     """
     work = np.result_type(an.dtype, bn.dtype)
-    s = sparse_product(an, bn, work)
+    s = sparse_product(an, bn, work, panels=panels)
     np.clip(s, -1.0, 1.0, out=s)
     s[nan_rows(an)] = np.nan
     s[:, nan_rows(bn)] = np.nan

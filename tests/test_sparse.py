@@ -493,3 +493,18 @@ def test_sparse_products_with_nan_rows_and_mixed_dtypes():
     ref = dense_ref(np.nan_to_num(a.toarray()), b.toarray())
     assert np.isnan(S[3]).all() and not np.isnan(np.delete(S, 3, axis=0)).any()
     np.testing.assert_allclose(np.delete(S, 3, axis=0), np.delete(ref, 3, axis=0), rtol=0, atol=2e-7)
+
+
+def test_reductions_on_sparse_blocks_score_without_dense_panels(monkeypatch):
+    """The panels' GEMM rounds by position and BLAS; top-k and pairs sum each pair exactly."""
+    from dask_cosim import _sparse
+
+    x = zipf_docs(300, d=256, nnz=30, seed=7)
+    runs = []
+    for share in (1.0, 1e-9):  # never a panel; every shared column in one (if the reductions used them)
+        monkeypatch.setattr(_sparse, "DENSE_COLUMN_SHARE", share)
+        vals, idx = dcs.topk(x, k=5, exclude_self=True, chunks=(70, 90))
+        pairs = dcs.pairs_above(x, threshold=0.3, chunks=(70, 90)).compute().sort_values(["i", "j"])
+        runs.append((vals.compute(), idx.compute(), pairs["score"].to_numpy()))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        np.testing.assert_array_equal(a, b)
