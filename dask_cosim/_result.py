@@ -14,6 +14,7 @@ output, ``compute()`` is dask's own. Everything else about the array is a plain
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -51,6 +52,15 @@ class SimilarityArray(da.Array):
         out._prepared = prep
         return out
 
+    @classmethod
+    def one_task(cls, x: da.Array, run: Callable[[], np.ndarray]) -> SimilarityArray:
+        """``x`` (a one-block array whose task is ``run``) as a :class:`SimilarityArray` whose
+        ``compute()`` on the threaded or synchronous scheduler calls ``run`` in this thread
+        (:mod:`dask_cosim._small`)."""
+        out = rewrap(cls, x)
+        out._run = run
+        return out
+
     def compute(self, **kwargs: Any):
         """Compute the whole array into one NumPy (or CuPy) array.
 
@@ -60,6 +70,9 @@ class SimilarityArray(da.Array):
         written into it by its own task (no assembly copy; peak memory is the result
         plus the blocks in flight, not the result twice); otherwise dask's compute.
         """
+        run = getattr(self, "_run", None)
+        if run is not None and _only_scheduler(kwargs) and local_scheduler(self, kwargs.get("scheduler")):
+            return run()  # one task: nothing to schedule
         if not self._writes_in_place(kwargs.get("scheduler")):
             return super().compute(**kwargs)
         result = np.empty(self.shape, dtype=self.dtype)
@@ -94,6 +107,10 @@ class SimilarityArray(da.Array):
                     "SimilarityArray.store writes from tasks of this process: use the threaded or "
                     "synchronous scheduler (scheduler='threads'), or compute() on a cluster"
                 )
+            run = getattr(self, "_run", None)
+            if run is not None and _only_scheduler(kwargs):
+                target[...] = run()
+                return
             dask.compute(self._written_into(target), **kwargs)
 
     def _writes_in_place(self, scheduler) -> bool:
@@ -111,15 +128,15 @@ class SimilarityArray(da.Array):
         (``matmul(..., out=view)``); anything else (or a self-similarity, whose lower blocks
         are transposes) gets each computed block assigned (``result[region] = block``).
         """
-        prep: Prepared = self._prepared
+        prep: Prepared | None = getattr(self, "_prepared", None)
         target = _Target(result)
-        index = prep.out_index
+        index = "kij"[-self.ndim :]
         markers = {axis: 1 for axis in index}
         meta = np.empty((0,) * self.ndim, dtype=bool)
         in_place = (
             isinstance(result, np.ndarray) and result.shape == self.shape and result.dtype == self.dtype
         )
-        if use_triangle(prep) or not in_place:
+        if prep is None or use_triangle(prep) or not in_place:
             return da.blockwise(
                 _store_into, index, self, index, block_slices(self.chunks), index,
                 token="store-map", align_arrays=False, adjust_chunks=markers,
@@ -137,6 +154,12 @@ class SimilarityArray(da.Array):
             target=target,
             **prep.product_kwargs(),
         )
+
+
+def _only_scheduler(kwargs: dict[str, Any]) -> bool:
+    """Whether ``compute(**kwargs)`` asks for nothing but (perhaps) a scheduler: other
+    keywords (``optimize_graph``, scheduler options) go to dask's compute."""
+    return kwargs.keys() <= {"scheduler"}
 
 
 class _Target:

@@ -20,6 +20,7 @@ from ._options import check_choice, check_flag
 from ._plan import Operand, Plan, check_pair, compute_dtype, output_dtype, result_dtype
 from ._resources import annotate_for, routed
 from ._result import SimilarityArray
+from ._small import small_similarity
 from ._sizing import Job, Settings, plan_job
 from ._triangle import similarity_triangle, use_triangle
 from ._worker_memory import cluster_layout
@@ -498,10 +499,18 @@ def cosine_similarity(
     array([[1.    , 0.7071],
            [0.7071, 1.    ]])
     """
-    prep = prepare(
-        a, b, chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, check_finite=check_finite,
+    options = dict(
+        chunks=chunks, dtype=dtype, device=device, zero_vector=zero_vector, check_finite=check_finite,
         precision=precision, like=like,
     )  # fmt: skip
+    small = small_similarity(a, b, **options)
+    if small is not None:  # one task, computed without a scheduler (dask_cosim._small)
+        array, plan, facts = small
+        result = SimilarityArray.one_task(array, facts["run"])
+        _record(result.name, "similarity", plan, facts["self_similar"], facts["out_shape"], facts["out_dtype"],
+                device, a, b, zero_vector=zero_vector, precision=precision)  # fmt: skip
+        return result
+    prep = prepare(a, b, **options)
     result = SimilarityArray.wrap(similarity_from(prep), prep)
     record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector, precision=precision)
     return result
@@ -509,19 +518,23 @@ def cosine_similarity(
 
 def record_result(name: str, kind: str, prep: Prepared, a, b, **params) -> None:
     """Register what ``name`` was computed from (for the attributes writers store)."""
+    _record(name, kind, prep.plan, prep.self_similar, prep.out_shape, prep.out_dtype, prep.device, a, b, **params)
+
+
+def _record(name: str, kind: str, plan: Plan, self_similar: bool, out_shape, out_dtype, device, a, b, **params):
     from ._version import __version__
 
     _provenance.record(
         name,
-        plan=prep.plan,
+        plan=plan,
         kind=kind,
         a=_provenance.describe_input(a),
-        b=None if prep.self_similar else _provenance.describe_input(b),
-        self_similar=prep.self_similar,
-        shape=list(prep.out_shape),
-        chunks=[list(c) for c in prep.plan.chunks],
-        dtype=prep.out_dtype.name,
-        device=prep.device,
+        b=None if self_similar else _provenance.describe_input(b),
+        self_similar=self_similar,
+        shape=list(out_shape),
+        chunks=[list(c) for c in plan.chunks],
+        dtype=np.dtype(out_dtype).name,
+        device=device,
         version=__version__,
         **params,
     )

@@ -28,6 +28,17 @@ def _temporary_files_stay_in_the_test_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def blocked_path():
+    """Small calls take the blocked path in this module (no one-task short path,
+    :mod:`dask_cosim._small`), for tests of the graph and its in-place compute."""
+    from dask_cosim import _small
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_small, "SMALL_FLOPS", 0)
+        yield
+
+
+@pytest.fixture(scope="module")
 def scheduler():
     """An in-process cluster reachable over TCP on 127.0.0.1, for ``--scheduler`` runs."""
     from distributed import LocalCluster

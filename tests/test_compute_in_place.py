@@ -25,6 +25,8 @@ from dask_cosim.testing import reference_cosine
 
 from .strategies import problems
 
+pytestmark = pytest.mark.usefixtures("blocked_path")  # the in-place path serves blocked graphs
+
 TOL = {np.dtype("float16"): 2e-3, np.dtype("float32"): 2e-6, np.dtype("float64"): 1e-12}
 
 
