@@ -60,7 +60,7 @@ def small_similarity(
     ):
         return None
     b = a if self_similar else b
-    if a.ndim not in (2, 3) or b.ndim not in (2, 3) or a.dtype.kind not in "fiub" or b.dtype.kind not in "fiub":
+    if a.ndim not in (2, 3) or b.ndim not in (2, 3) or not {a.dtype.kind, b.dtype.kind} <= set("fiub"):
         return None  # the blocked path explains what is wrong
     op_a = Operand.from_shape("a", a.shape, a.dtype)
     op_b = Operand.from_shape("b", b.shape, b.dtype)

@@ -20,8 +20,8 @@ from ._options import check_choice, check_flag
 from ._plan import Operand, Plan, check_pair, compute_dtype, output_dtype, result_dtype
 from ._resources import annotate_for, routed
 from ._result import SimilarityArray
-from ._small import small_similarity
 from ._sizing import Job, Settings, plan_job
+from ._small import small_similarity
 from ._triangle import similarity_triangle, use_triangle
 from ._worker_memory import cluster_layout
 from ._zarr_guard import guard_input
@@ -507,8 +507,10 @@ def cosine_similarity(
     if small is not None:  # one task, computed without a scheduler (dask_cosim._small)
         array, plan, facts = small
         result = SimilarityArray.one_task(array, facts["run"])
-        _record(result.name, "similarity", plan, facts["self_similar"], facts["out_shape"], facts["out_dtype"],
-                device, a, b, zero_vector=zero_vector, precision=precision)  # fmt: skip
+        _record(
+            result.name, "similarity", plan, facts["self_similar"], facts["out_shape"], facts["out_dtype"],
+            device, a, b, zero_vector=zero_vector, precision=precision,
+        )  # fmt: skip
         return result
     prep = prepare(a, b, **options)
     result = SimilarityArray.wrap(similarity_from(prep), prep)
@@ -518,10 +520,11 @@ def cosine_similarity(
 
 def record_result(name: str, kind: str, prep: Prepared, a, b, **params) -> None:
     """Register what ``name`` was computed from (for the attributes writers store)."""
-    _record(name, kind, prep.plan, prep.self_similar, prep.out_shape, prep.out_dtype, prep.device, a, b, **params)
+    plan, shape, dtype = prep.plan, prep.out_shape, prep.out_dtype
+    _record(name, kind, plan, prep.self_similar, shape, dtype, prep.device, a, b, **params)
 
 
-def _record(name: str, kind: str, plan: Plan, self_similar: bool, out_shape, out_dtype, device, a, b, **params):
+def _record(name: str, kind: str, plan: Plan, self_similar: bool, shape, dtype, device, a, b, **params):
     from ._version import __version__
 
     _provenance.record(
@@ -531,9 +534,9 @@ def _record(name: str, kind: str, plan: Plan, self_similar: bool, out_shape, out
         a=_provenance.describe_input(a),
         b=None if self_similar else _provenance.describe_input(b),
         self_similar=self_similar,
-        shape=list(out_shape),
+        shape=list(shape),
         chunks=[list(c) for c in plan.chunks],
-        dtype=np.dtype(out_dtype).name,
+        dtype=np.dtype(dtype).name,
         device=device,
         version=__version__,
         **params,

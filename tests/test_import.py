@@ -30,6 +30,27 @@ def test_import_loads_no_dataframe_arrow_or_cluster_stack():
     assert _loaded_after("import dask_cosim") == []
 
 
+def test_import_loads_no_array_module_until_a_name_is_used():
+    light = "import sys, dask_cosim\nassert not {'dask.array', 'dask_cosim.core'} & set(sys.modules)"
+    _loaded_after(light)  # raises (check=True) if the assertion fails
+    _loaded_after("import sys, dask_cosim\ndask_cosim.cosine_similarity\nassert 'dask.array' in sys.modules")
+
+
+def test_every_public_name_resolves_and_is_listed():
+    code = (  # a fresh interpreter: every name goes through the package's lazy lookup once
+        "import dask_cosim as d\n"
+        "for name in d.__all__:\n"
+        "    assert getattr(d, name) is not None and name in dir(d), name\n"
+        "assert d.cosine_similarity.__module__ == 'dask_cosim.core'\n"
+        "assert d.topk.__module__ == 'dask_cosim.reductions' and d.plan.__module__ == 'dask_cosim.planning'\n"
+        "from dask_cosim import ZeroVectorError, to_zarr\n"
+        "assert ZeroVectorError.__module__ == 'dask_cosim._kernels' and to_zarr is d.to_zarr"
+    )
+    _loaded_after(code)
+    with pytest.raises(AttributeError, match="no attribute 'cosine'"):
+        dcs.cosine  # noqa: B018
+
+
 def test_the_cli_module_and_building_array_graphs_stay_light_too():
     # (computing them imports distributed: dask's get_scheduler looks for a client)
     code = (
