@@ -554,11 +554,19 @@ def _topk_block_tiled(
             an, bn, k, both=both, row_bound=row_bound, col_bound=col_bound, labels=labels, margin=margin,
             **offsets,
         )  # fmt: skip
+    # one 2-D dense block ranked by scores: its rows' candidates are scored once, not per tile
+    band = None
+    if margin is not None and an.ndim == 2 and bn.ndim == 2 and not (is_sparse(an) or is_sparse(bn)):
+        band = _RowBand(an.shape[0], min(k, m), margin)
     rows_part, col_parts = None, []
     for c0, c1 in tiles:
         bound = row_bound
-        if rows_part is not None and rows_part[0].shape[-1] >= k:  # the running k-th best prunes
+        running = None
+        if band is not None and band.vals is not None:
+            running = band.bound()
+        elif rows_part is not None and rows_part[0].shape[-1] >= k:  # the running k-th best prunes
             running = part_bound(rows_part, k)
+        if running is not None:
             bound = running if bound is None else np.maximum(bound, running.astype(bound.dtype))
         out = _topk_block_numpy(
             an,
@@ -572,10 +580,15 @@ def _topk_block_tiled(
             col_bound=None if col_bound is None else col_bound[..., c0:c1],
             labels=None if labels is None else (labels[0], labels[1][c0:c1], labels[2]),
             margin=margin,
+            band=None if band is None else _TileBand(band, c0),
         )
-        rows_part = out[0] if rows_part is None else merge_topk([rows_part, out[0]], k)
+        if band is None:
+            rows_part = out[0] if rows_part is None else merge_topk([rows_part, out[0]], k)
         if both:
             col_parts.append(out[1])
+    if band is not None:
+        keys, idx = band.part(row_bound, Rescorer(an, bn, margin, np.result_type(an, bn)).rows)
+        rows_part = (keys, np.where(idx < 0, -1, idx + offsets["col_offset"]))
     if not both:
         return (rows_part,)
     keys = np.concatenate([p[0] for p in col_parts], axis=-2)
@@ -611,6 +624,7 @@ def _topk_block_numpy(
     product=None,
     labels=None,
     margin=None,
+    band=None,
 ):
     """NumPy twin of :func:`select_topk` on ``an @ bn.T`` (raw), one 2-D block at a time.
 
@@ -620,6 +634,8 @@ def _topk_block_numpy(
 
     ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
     product into ``out`` (default: the GEMM); tests pass synthetic products through it.
+    ``band``: 2-D blocks only; the rows' candidates go to it unscored (see
+    :class:`_RowBand`) and the rows part is ``None``.
     """
     if is_sparse(an) or is_sparse(bn):  # 2-D, at least one CSR: strips by sparse products
         if product is None:
@@ -658,9 +674,12 @@ def _topk_block_numpy(
             None if cb is None else cb[b],
             labels,
             margin,
+            band,  # only for 2-D blocks (one batch element)
         )  # fmt: skip
         for b in range(len(a3))
     ]
+    if band is not None:
+        return (None, parts[0][1]) if both else (None,)
     rows = _stack_parts([p[0] for p in parts], lead)
     return (rows, _stack_parts([p[1] for p in parts], lead)) if both else (rows,)
 
@@ -672,12 +691,14 @@ def _stack_parts(parts, lead):
 
 
 def _topk_pair_numpy(
-    an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None, margin=None
+    an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None, margin=None, band=None
 ):
     """Rows part (and with ``both`` the columns part) of one 2-D block.
 
     ``margin``: rank by scores (:mod:`dask_cosim._rescore`), the products of this block
     being within ``margin`` of them; ``None``: rank by the products themselves.
+    ``band``: a :class:`_RowBand` that takes the rows' candidates unscored (columns
+    local to this block); the rows part is then ``None``.
     """
     row_offset, col_offset, exclude_self = offsets
     rescorer = None if margin is None else Rescorer(an, bn, margin, dtype)
@@ -729,8 +750,12 @@ def _topk_pair_numpy(
             whole = (r1 - r0) // g_c * g_c
             if whole:
                 np.maximum(col_max, strip[:whole].reshape(-1, g_c, m).max(axis=0), out=col_max)
-    keys, idx = rows.rank_rows(kk_r, row_bound, rescorer)
-    out_rows = (keys, np.where(idx < 0, -1, idx + col_offset))
+    if band is not None:
+        band.add(*rows.trimmed_rows(kk_r, row_bound, margin))
+        out_rows = None
+    else:
+        keys, idx = rows.rank_rows(kk_r, row_bound, rescorer)
+        out_rows = (keys, np.where(idx < 0, -1, idx + col_offset))
     if not both:
         return out_rows, None
     if group_cols:
@@ -770,6 +795,17 @@ class _Candidates:
         (r, c), vals = self._gather()
         score = None if rescorer is None else rescorer.rows
         return _rank(r, c, vals, kk, self.n, bound, score, _margin_of(rescorer))
+
+    def trimmed_rows(self, kk: int, bound=None, margin: float = 0.0):
+        """Row candidates (row, column, clipped product) at or above ``bound - margin``,
+        sorted, within the band of their row's ``kk``-th best (:func:`_band`)."""
+        (r, c), vals = self._gather()
+        vals = _clip_candidates(vals)
+        if bound is not None:
+            keep = vals >= bound[r] - margin
+            r, c, vals = r[keep], c[keep], vals[keep]
+        r, c, vals = _sort_candidates(r, c, vals, self.n)
+        return _band(r, c, vals, np.bincount(r, minlength=self.n), kk, margin)
 
     def rank_cols(self, kk: int, bound=None, rescorer=None):
         (r, c), vals = self._gather()
@@ -876,7 +912,7 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None, score=None, ma
     (keys ``>= bound`` of the group, when given) are filled with :data:`PAD_KEY` and
     member -1. ``score(group, member)``: the candidates' products are only within
     ``margin`` of their scores; the candidates that can still reach the best ``kk`` by
-    score are scored and ranked by score (:func:`_rescore_sorted`).
+    score are scored and ranked by score (:func:`_band`, :func:`_rescore`).
     """
     vals = _clip_candidates(vals)
     if bound is not None:
@@ -885,7 +921,8 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None, score=None, ma
     group, member, vals = _sort_candidates(group, member, vals, ngroups)
     counts = np.bincount(group, minlength=ngroups)
     if score is not None and vals.size:
-        group, member, vals = _rescore_sorted(group, member, vals, counts, kk, score, margin)
+        group, member, vals = _band(group, member, vals, counts, kk, margin)
+        group, member, vals = _rescore(group, member, vals, score)
         if bound is not None:
             keep = vals >= bound[group]
             group, member, vals = group[keep], member[keep], vals[keep]
@@ -916,28 +953,81 @@ def _sort_candidates(group, member, vals, ngroups: int):
     return group[order], member[order], vals[order]
 
 
-def _rescore_sorted(group, member, vals, counts, kk: int, score, margin: float):
-    """The sorted candidates whose scores may reach their group's best ``kk``, scores as keys.
+def _band(group, member, vals, counts, kk: int, margin: float):
+    """The sorted candidates whose scores may reach their group's best ``kk`` (still sorted).
 
     ``vals`` are clipped products, each within ``margin`` of its score, sorted by
-    (group, product descending). Let ``t`` be a group's ``kk``-th best product among its
-    candidates: every entry whose score reaches the group's ``kk``-th best score has a
-    product ``>= t - 2 margin``, so only those are kept and scored (all of them when the
-    group has fewer than ``kk``). With a ``bound`` (the caller keeps scores ``>= bound``)
-    the candidates are those at or above ``bound - margin``, which covers every score at
-    or above it. NaN, excluded and padding keys are exact and stay as they are.
+    (group, product descending), ``counts`` candidates per group. Let ``t`` be a group's
+    ``kk``-th best product among its candidates: every entry whose score reaches the
+    group's ``kk``-th best score has a product ``>= t - 2 margin``, so only those are kept
+    (all of them when the group has fewer than ``kk``). With a ``bound`` (the caller keeps
+    scores ``>= bound``) the candidates are those at or above ``bound - margin``, which
+    covers every score at or above it.
     """
     starts = np.cumsum(counts) - counts
     full = counts >= kk
     kth = np.full(len(counts), PAD_KEY - 1, dtype=vals.dtype)  # below every key: keep all
     kth[full] = vals[starts[full] + kk - 1]
     keep = vals >= kth[group] - 2 * margin
-    group, member, vals = group[keep], member[keep], vals[keep]
+    return group[keep], member[keep], vals[keep]
+
+
+def _rescore(group, member, vals, score):
+    """``vals`` with each real product replaced by its score; NaN, excluded and padding keys
+    are exact and stay as they are."""
     real = np.flatnonzero(vals >= -1.5)  # not NAN_KEY / EXCLUDED_KEY / PAD_KEY
     if real.size:
         vals = vals.copy()
         vals[real] = score(group[real], member[real])
     return group, member, vals
+
+
+class _TileBand:
+    """A :class:`_RowBand` seen from one column tile starting at column ``c0``."""
+
+    def __init__(self, band: _RowBand, c0: int):
+        self.band, self.c0 = band, c0
+
+    def add(self, group, member, vals) -> None:
+        self.band.add(group, member + self.c0, vals)
+
+
+class _RowBand:
+    """Row candidates of a block gathered over its column tiles, scored once at the end.
+
+    Each tile adds its candidates within the band of its rows' ``kk``-th best product
+    (:func:`_band`); the band of everything added so far gives the running bound that
+    prunes the next tiles (:meth:`bound`), and :meth:`part` scores the final band once:
+    a row's candidates are scored once per task, not once per tile.
+    """
+
+    def __init__(self, n: int, kk: int, margin: float):
+        self.n, self.kk, self.margin = n, kk, margin
+        self.group = self.member = self.vals = None
+
+    def add(self, group, member, vals) -> None:
+        if self.vals is not None:
+            group = np.concatenate([self.group, group])
+            member = np.concatenate([self.member, member])
+            vals = np.concatenate([self.vals, vals])
+        group, member, vals = _sort_candidates(group, member, vals, self.n)
+        counts = np.bincount(group, minlength=self.n)
+        self.group, self.member, self.vals = _band(group, member, vals, counts, self.kk, self.margin)
+
+    def bound(self):
+        """Per row, a bound for the next tiles as the tiles take it (a bound ``b`` keeps
+        products ``>= b - margin``): the ``kk``-th best product less the margin, so that
+        products within ``2 margin`` of it stay candidates; ``None`` until every row has
+        ``kk`` candidates."""
+        counts = np.bincount(self.group, minlength=self.n)
+        if (counts < self.kk).any():
+            return None
+        starts = np.cumsum(counts) - counts
+        return self.vals[starts + self.kk - 1] - self.margin
+
+    def part(self, bound, score):
+        """The rows part ``(keys, local columns)``: the band ranked by score."""
+        return _rank(self.group, self.member, self.vals, self.kk, self.n, bound, score, self.margin)
 
 
 # --------------------------------------------------------------------------- merging

@@ -194,6 +194,33 @@ def test_topk_block_ignores_how_the_product_rounds(monkeypatch, dtype, fast):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pivot", [False, True])
+def test_column_tiles_score_each_row_once_and_give_the_same_bits(monkeypatch, dtype, pivot):
+    """A block split into column tiles ranks its rows by the same scores as one tile, the
+    copies spread over several tiles, and scores each row's candidates once per task (a
+    band carried over the tiles), not once per tile."""
+    a, b, copies = with_copies(dtype, seed=8, n=50, m=1000)
+    an, bn = unit(a, dtype), unit(b, dtype)
+    kw = {"k": 6, "row_offset": 0, "col_offset": 17, "exclude_self": True, "both": True}
+    if pivot:
+        kw["row_pivot"] = topk_block(an, bn[:200], k=6)  # another block's part bounds these rows
+    want = topk_block(an, bn, **kw)
+    scored = []
+    real = Rescorer.scores
+    monkeypatch.setattr(Rescorer, "scores", lambda self, ia, ib: scored.append(len(ia)) or real(self, ia, ib))
+    for width in (128, 300, 999):
+        monkeypatch.setattr(_select, "TILE_COLS", width)
+        scored.clear()
+        got = topk_block(an, bn, **kw)
+        for g, w in zip(got, want, strict=True):
+            assert bits_equal(g[0], w[0]) and bits_equal(g[1], w[1]), width
+        rows_scored = scored[-1]  # the rows part is scored once, after every tile's column part
+        assert rows_scored <= 3 * 6 * len(an), (width, scored)
+    ref_vals, ref_idx = contract_topk(all_scores(a, b, dtype), 6)
+    assert bits_equal(want[0][0][7], ref_vals[7]) and list(want[0][1][7, :4]) == [c + 17 for c in copies]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_block_fast_and_generic_paths_give_the_same_bits(dtype):
     gen = rng(17)
     an = unit(gen.standard_normal((3, 70, 12)), dtype)
