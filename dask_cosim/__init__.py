@@ -9,11 +9,11 @@
 from . import _config  # noqa: F401  (registers the cosine.* dask config defaults)
 from ._backend import NoGPUError
 from ._finite import NonFiniteError
-from ._kernels import ZeroVectorError
 from ._plan import PlanError
 from ._resources import NoGPUWorkerError, ensure_gpu_routing
 from ._version import __version__
 from ._zarr_guard import InputChunkError
+from ._zero_vector import ZeroVectorError
 from .core import cosine_similarity
 from .dedup import duplicate_groups
 from .io import to_parquet, to_zarr
