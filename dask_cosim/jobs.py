@@ -153,15 +153,15 @@ def _build_groups(spec: JobSpec, a, common: dict):
             labels = np.load(_location(spec.labels), mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise BadInput(f"--labels: cannot read {spec.labels!r} as a .npy array ({err})") from err
+    from ._out_state import PQ_META, filesystem
     from .dedup import _duplicate_groups
-    from .io import _PQ_META, _fs
 
     # each block's forest is kept under OUT/_dask_cosim/forests: --resume computes only the
     # blocks whose forest is missing (to_parquet clears OUT first on a fresh run)
-    fs, root = _fs(_location(spec.output), spec.storage_options or None)
+    fs, root = filesystem(_location(spec.output), spec.storage_options or None)
     return _duplicate_groups(
         a, spec.threshold, labels=labels, label_pairs=spec.label_pairs,
-        checkpoint=(fs, f"{root}/{_PQ_META}/forests"), **common,
+        checkpoint=(fs, f"{root}/{PQ_META}/forests"), **common,
     )  # fmt: skip
 
 
@@ -297,9 +297,9 @@ def count_groups(path, storage_options: dict | None = None) -> tuple[int, int]:
     """
     import pyarrow.parquet as pq
 
-    from .io import _fs
+    from ._out_state import filesystem
 
-    fs, root = _fs(_location(path), storage_options)
+    fs, root = filesystem(_location(path), storage_options)
     groups = rows = 0
     for name in sorted(fs.glob(f"{root}/part-*.parquet")):
         with fs.open(name, "rb") as f:
