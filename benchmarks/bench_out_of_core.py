@@ -1,7 +1,7 @@
 """Out-of-core similarity to a local zarr store through the CLI's library path, in ONE process run.
 
 Workload (the cluster-jobs issue): A, B of shape (4, 16384, 128) float32 stored as zarr,
-S = cos(A, B) of 4 GiB written to a local zarr group by ``dask_cosim.cli.run_job`` (what
+S = cos(A, B) of 4 GiB written to a local zarr group by ``dask_cosim.jobs.run_job`` (what
 ``dask-cosim run A B -o OUT`` does: embedded LocalCluster sized to the machine, block-by-block
 writes with markers). Reported:
 
@@ -40,8 +40,8 @@ import psutil
 import zarr
 from _rss import TreePeakRSS  # benchmarks/_rss.py (this script's folder is on sys.path)
 
-from dask_cosim.cli import JobSpec, build_job, execute_job, run_job
 from dask_cosim.cluster import dask_client
+from dask_cosim.jobs import JobSpec, build_job, execute_job, run_job
 
 GIB = 2**30
 

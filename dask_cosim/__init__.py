@@ -31,7 +31,7 @@ _HOMES = {
     "to_zarr": ".io",
     "to_parquet": ".io",
     "PlanError": "._plan",
-    "ZeroVectorError": "._kernels",
+    "ZeroVectorError": "._zero_vector",
     "NonFiniteError": "._finite",
     "InputChunkError": "._zarr_guard",
     "NoGPUError": "._backend",
@@ -44,12 +44,12 @@ __all__ = ["__version__", *_HOMES, "GPURouting"]
 if TYPE_CHECKING:  # what static tools see; at run time the names load on first use
     from ._backend import NoGPUError as NoGPUError
     from ._finite import NonFiniteError as NonFiniteError
-    from ._kernels import ZeroVectorError as ZeroVectorError
     from ._plan import PlanError as PlanError
     from ._resources import GPURouting as GPURouting
     from ._resources import NoGPUWorkerError as NoGPUWorkerError
     from ._resources import ensure_gpu_routing as ensure_gpu_routing
     from ._zarr_guard import InputChunkError as InputChunkError
+    from ._zero_vector import ZeroVectorError as ZeroVectorError
     from .core import cosine_similarity as cosine_similarity
     from .dedup import duplicate_groups as duplicate_groups
     from .io import to_parquet as to_parquet

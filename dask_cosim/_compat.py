@@ -59,6 +59,7 @@ __all__ = [
     "graph_name",
     "local_scheduler",
     "map_blocks",
+    "map_partitions",
     "meta_of",
     "nprocesses_nthreads",
     "parse_memory_limit",
@@ -389,6 +390,20 @@ def delayed_from_graph(key, graph, layer: str | None = None):
     return Delayed(key, graph, layer=layer)
 
 
+def map_partitions(frame, func: Callable, *args, prefix: str, meta, **kwargs):
+    """``frame.map_partitions(func, *args, **kwargs)``, one task per partition, keys named
+    ``prefix-<token>``; ``meta`` describes the result (``func`` is never called on it) and
+    the tasks return what ``func`` returns (no metadata enforcement).
+
+    ``token=``: an undocumented keyword of dask-expr's ``map_partitions``, the head of the
+    result's name (the documented API names the keys after the function).
+    """
+    return frame.map_partitions(
+        func, *args, meta=meta, token=prefix, enforce_metadata=False, transform_divisions=False,
+        clear_divisions=True, **kwargs,
+    )  # fmt: skip
+
+
 def frame_from_graph(graph, meta, divisions, keys, prefix: str):
     """A dask DataFrame whose partitions are ``keys`` of ``graph``, renamed ``prefix-<token>``.
 
@@ -548,12 +563,18 @@ def block_delayeds(x) -> np.ndarray:
     """An object array of one ``Delayed`` per block of ``x`` (unoptimised graph).
 
     ``Array.to_delayed(optimize_graph=False)`` in the legacy mode; query planning has no
-    ``to_delayed``: ``Delayed(key, graph, layer=)`` over the lowered graph, all blocks sharing
-    it (one layer, so merging the blocks' graphs merges it once).
+    ``to_delayed``: ``Delayed(key, graph, layer=)`` over the lowered graph as one
+    ``HighLevelGraph`` layer, all blocks sharing it (merging the blocks' graphs merges it once).
+    Computing some of the blocks runs only what they need (dask culls the graph to them).
     """
     if not QUERY_PLANNING:
         return x.to_delayed(optimize_graph=False)
-    graph, name = x.__dask_graph__(), graph_name(x)
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = graph_name(x)
+    # one layer shared by all blocks: computing many of them merges it once, where a plain
+    # dict would be copied once per block (dask wraps each Delayed's dict in a layer of its own)
+    graph = HighLevelGraph.from_collections(name, dict(x.__dask_graph__()), dependencies=())
     out = np.empty(x.numblocks, dtype=object)
     for index in np.ndindex(*x.numblocks):
         out[index] = delayed_from_graph((name, *index), graph, layer=name)

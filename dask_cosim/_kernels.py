@@ -16,6 +16,7 @@ from ._backend import blas_threads_for_task, block_namespace, device_matmul, lim
 from ._finite import raise_nonfinite
 from ._options import CHOICES
 from ._sparse import is_sparse, sparse_similarity_block
+from ._zero_vector import ZeroVectorError, raise_zero_vector
 
 __all__ = [
     "ZeroVectorError",
@@ -25,10 +26,6 @@ __all__ = [
     "similarity_block",
     "cosine_block",
 ]
-
-
-class ZeroVectorError(ValueError):
-    """A zero vector was found while ``zero_vector="error"``."""
 
 
 def _dtype(xp, name: str):
@@ -101,7 +98,7 @@ def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batche
             if zero_vector == "error" and zero.any():
                 mask = np.zeros(x.shape[:-1] + (1,), dtype=bool)
                 mask[where] = zero
-                _raise_zero_vector(mask, input_name=input_name, offset=offset, batched=batched)
+                raise_zero_vector(mask, input_name=input_name, offset=offset, batched=batched)
             out[where] = unit
         return out
     sq = xp.sum(x * x, axis=-1, keepdims=True)
@@ -112,7 +109,7 @@ def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batche
             raise_nonfinite(to_numpy(x), input_name=input_name, offset=offset, batched=batched)
         unit, zero = _normalize_careful(xp, x, dtype, zero_vector)
         if zero_vector == "error" and bool(xp.any(zero)):
-            _raise_zero_vector(zero, input_name=input_name, offset=offset, batched=batched)
+            raise_zero_vector(zero, input_name=input_name, offset=offset, batched=batched)
         out = xp.where(bad, unit, out)
     return out
 
@@ -160,21 +157,6 @@ def _normalize_careful(xp, x, dtype, zero_vector):
     if zero_vector == "nan":
         unit = xp.where(zero, xp.full_like(scale, xp.nan), unit)
     return xp.astype(unit, dtype), zero
-
-
-def _raise_zero_vector(zero, *, input_name, offset, batched):
-    hits = np.argwhere(to_numpy(zero)[..., 0])
-    first = [int(v) for v in hits[0]]
-    b0, r0 = offset or (0, 0)
-    if batched:
-        where = f"batch {b0 + first[0]}, row {r0 + first[-1]}"
-    else:
-        where = f"row {r0 + first[-1]}"
-    raise ZeroVectorError(
-        f"{input_name}: zero vector at {where} ({len(hits)} zero vector(s) in this block) "
-        "while zero_vector='error'; use zero_vector='zero' (similarity 0, as scikit-learn) "
-        "or 'nan'"
-    )
 
 
 #: Product precisions: "float32" is the blocks' own dtype; the others round the operands.

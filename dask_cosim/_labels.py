@@ -18,7 +18,7 @@ from ._compat import from_array_named
 from ._options import check_choice
 
 if TYPE_CHECKING:
-    from .core import Prepared
+    from ._prepared import Prepared
 
 __all__ = ["LabelPairs", "check_label_pairs", "check_labels", "block_labels", "labels_token"]
 

@@ -26,7 +26,7 @@ from ._kernels import similarity_block
 from ._triangle import use_triangle
 
 if TYPE_CHECKING:
-    from .core import Prepared
+    from ._prepared import Prepared
 
 __all__ = ["SimilarityArray"]
 

@@ -169,7 +169,7 @@ def normalize_sparse_rows(
     accumulated in float64, and a row whose squared norm is zero, subnormal or not finite
     is scaled by ``max|x|`` first, as the dense kernel does (each row on its own path). Rows holding
     NaN or inf become all-NaN stored values; a zero row stores nothing (``"zero"``),
-    one NaN (``"nan"``) or raises :class:`~dask_cosim._kernels.ZeroVectorError` (``"error"``).
+    one NaN (``"nan"``) or raises :class:`~dask_cosim.ZeroVectorError` (``"error"``).
 
     Examples
     --------
@@ -204,9 +204,9 @@ def normalize_sparse_rows(
             inv = np.where(regular, inv, careful)  # each row's own path: equal rows, equal bits
         out = data * inv[rows]
     if zero is not None and zero_vector == "error" and zero.any():
-        from ._kernels import _raise_zero_vector
+        from ._zero_vector import raise_zero_vector
 
-        _raise_zero_vector(zero[:, None], input_name=input_name, offset=offset, batched=False)
+        raise_zero_vector(zero[:, None], input_name=input_name, offset=offset, batched=False)
     if bad is not None and bad.any():
         out[bad[rows]] = np.nan
     indptr, indices = x.indptr, x.indices

@@ -27,7 +27,7 @@ from ._resources import annotate_for, routed
 from ._select import topk_block
 
 if TYPE_CHECKING:
-    from .core import Prepared
+    from ._prepared import Prepared
 
 __all__ = [
     "use_triangle",

@@ -26,10 +26,11 @@ from ._compat import collection_name, delayed_from_graph
 from ._components import components, finish_forest, group_rows, merge_forests
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._options import check_threshold
+from ._prepared import Prepared
 from ._resources import routed
 from ._select import pairs_block
 from ._triangle import pairs_triangle_graph, use_triangle
-from .core import Device, Prepared, record_result
+from .core import Device, record_result
 from .reductions import _prepare, _row_and_col_indices
 
 if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light

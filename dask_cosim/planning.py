@@ -163,14 +163,15 @@ def plan(
     >>> p.total_tasks < 5000, p.plan.rows[0]
     (True, 20000)
     """
-    import dask_cosim as dcs
+    from .core import cosine_similarity
+    from .reductions import pairs_above, topk
 
     if op == "similarity":
-        result = dcs.cosine_similarity(a, b, **options)
+        result = cosine_similarity(a, b, **options)
     elif op == "topk":
-        result = dcs.topk(a, b, k, exclude_self=exclude_self, **options)
+        result = topk(a, b, k, exclude_self=exclude_self, **options)
     elif op == "pairs":
-        result = dcs.pairs_above(a, b, threshold, exclude_self=exclude_self, **options)
+        result = pairs_above(a, b, threshold, exclude_self=exclude_self, **options)
     else:
         raise ValueError(f"op: expected 'similarity', 'topk' or 'pairs', received {op!r}")
     return plan_of(result)

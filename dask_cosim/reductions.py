@@ -21,13 +21,14 @@ from dask.core import flatten
 from ._compat import collection_name, column_blocks, frame_from_graph, map_blocks, tree_reduce
 from ._labels import LabelPairs, block_labels, check_label_pairs, check_labels, labels_token
 from ._options import check_flag, check_k, check_threshold
+from ._prepared import Prepared
 from ._resources import annotate_for, routed
 from ._select import finish_topk, merge_topk, pairs_block, topk_block
 from ._sizing import SPLIT_EVERY
 from ._topk_store import INPUT_PRIORITY, TopkSource, priority_of
 from ._topk_store import register as register_topk
 from ._triangle import pairs_triangle_graph, topk_triangle_parts, use_triangle
-from .core import Device, Like, Precision, Prepared, ZeroVector, prepare, record_result
+from .core import Device, Like, Precision, ZeroVector, prepare, record_result
 
 if TYPE_CHECKING:  # imported where used: ``import dask_cosim`` stays light
     import dask.dataframe as dd

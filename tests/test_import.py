@@ -44,7 +44,7 @@ def test_every_public_name_resolves_and_is_listed():
         "assert d.cosine_similarity.__module__ == 'dask_cosim.core'\n"
         "assert d.topk.__module__ == 'dask_cosim.reductions' and d.plan.__module__ == 'dask_cosim.planning'\n"
         "from dask_cosim import ZeroVectorError, to_zarr\n"
-        "assert ZeroVectorError.__module__ == 'dask_cosim._kernels' and to_zarr is d.to_zarr"
+        "assert ZeroVectorError.__module__ == 'dask_cosim._zero_vector' and to_zarr is d.to_zarr"
     )
     _loaded_after(code)
     with pytest.raises(AttributeError, match="no attribute 'cosine'"):
@@ -110,3 +110,110 @@ def test_every_extra_named_in_messages_is_declared():
     text = (ROOT / "pyproject.toml").read_text()
     for extra, _ in _extras.EXTRAS.values():
         assert f"\n{extra} = [" in text, extra
+
+
+# --------------------------------------------------------------------------- import cycles
+
+
+def package_imports(sources: dict[str, str], package: str = "dask_cosim") -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``"__init__"`` for the package itself).
+
+    Every import counts: at module level, inside a function and under ``if TYPE_CHECKING``.
+    An import deferred into a function (to keep ``import dask_cosim`` light) or made for
+    type hints only still makes one module depend on the other, so a cycle through one
+    is a cycle of the design (``_demo`` and ``cli`` calling each other, ``core`` and
+    ``_result`` needing each other's classes), whether or not Python would trip on it.
+    """
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for name, source in sources.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == package:
+                        deps.add(parts[1] if len(parts) > 1 else "__init__")
+            elif isinstance(node, ast.ImportFrom):
+                parts = (node.module or "").split(".") if node.module else []
+                if node.level == 0 and parts[:1] == [package]:
+                    parts = parts[1:]
+                elif node.level != 1:
+                    continue  # another package's module
+                if parts:
+                    deps.add(parts[0])
+                else:  # ``from . import x``: the module x, or a name of the package
+                    deps.update(a.name if a.name in sources else "__init__" for a in node.names)
+        graph[name] = {d for d in deps if d in sources and d != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """A shortest cycle (``[a, b, ..., a]``) through each group of modules that import each other."""
+    cycles, seen = [], set()
+    for start in sorted(graph):
+        if start in seen or start not in _reachable(graph, start):
+            continue
+        seen |= {m for m in _reachable(graph, start) if start in _reachable(graph, m)}
+        cycles.append(_shortest_cycle(graph, start))
+    return cycles
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Modules ``start`` imports, directly or through others."""
+    seen, stack = set(), [start]
+    while stack:
+        for dep in graph[stack.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+    return seen
+
+
+def _shortest_cycle(graph: dict[str, set[str]], start: str) -> list[str]:
+    parents, queue = {start: None}, [start]
+    while queue:
+        node = queue.pop(0)
+        for dep in sorted(graph[node]):
+            if dep == start:
+                path = [node]
+                while parents[path[-1]] is not None:
+                    path.append(parents[path[-1]])
+                return [*reversed(path), start]
+            if dep not in parents:
+                parents[dep] = node
+                queue.append(dep)
+    raise AssertionError(f"{start} is on no cycle")
+
+
+def test_the_checker_finds_cycles_through_deferred_and_type_checking_imports():
+    sources = {
+        "__init__": "from .core import f\n",
+        "core": "from ._result import R\ndef f():\n    from .cli import main\n",
+        "_result": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .core import Prepared\n",
+        "cli": "import argparse\n",
+        "_demo": "def run():\n    from dask_cosim.cli import main\n",
+        "planning": "def plan():\n    import dask_cosim as dcs\n",
+        "_leaf": "import numpy\nfrom . import _demo\n",
+    }
+    graph = package_imports(sources)
+    assert graph["_result"] == {"core"} and graph["_demo"] == {"cli"} and graph["planning"] == {"__init__"}
+    assert graph["_leaf"] == {"_demo"}
+    assert import_cycles(graph) == [["_result", "core", "_result"]]
+    sources["cli"] = "def demo():\n    from . import _demo\n"
+    assert import_cycles(package_imports(sources)) == [
+        ["_demo", "cli", "_demo"],
+        ["_result", "core", "_result"],
+    ]
+    sources["__init__"] += "from .planning import plan\n"
+    assert ["__init__", "planning", "__init__"] in import_cycles(package_imports(sources))
+
+
+def test_the_package_has_no_import_cycles():
+    package = Path(dcs.__file__).parent
+    sources = {p.stem: p.read_text() for p in sorted(package.glob("*.py"))}
+    cycles = import_cycles(package_imports(sources))
+    assert cycles == [], "modules that import each other (directly or through others):\n" + "\n".join(
+        " -> ".join(c) for c in cycles
+    )

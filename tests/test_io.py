@@ -12,6 +12,8 @@ import dask
 import numpy as np
 import pytest
 import zarr
+from dask.callbacks import Callback
+from dask.utils import key_split
 
 import dask_cosim as dcs
 from dask_cosim.io import (
@@ -139,6 +141,100 @@ def test_resume_recomputes_exactly_the_unmarked_blocks(tmp_path):
     assert not list(out.rglob("*.partial"))
     np.testing.assert_allclose(zarr.open_group(out)["similarity"][...], reference_cosine(a), atol=1e-12)
     assert zarr.open_group(out).attrs["dask_cosim"]["complete"] is True
+
+
+class _GraphsRun(Callback):
+    """The keys of every graph the local scheduler runs (as dask culled it for the computed keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list = []
+
+    def _start(self, dsk):
+        self.keys += list(dsk)
+
+    def stage(self, prefix: str) -> set[tuple]:
+        """Block indices of the tasks of one stage that ran."""
+        return {tuple(k[1:]) for k in self.keys if key_split(k) == prefix}
+
+
+def _spy(monkeypatch, module) -> list:
+    """Record what ``module._write_tasks`` returns on each call."""
+    built, real = [], module._write_tasks
+    monkeypatch.setattr(module, "_write_tasks", lambda *args: built.append(real(*args)) or built[-1])
+    return built
+
+
+def _one_write_layer(tasks, prefix: str) -> None:
+    """The write tasks share one key name (``prefix-<token>``) and one graph layer."""
+    from dask.highlevelgraph import HighLevelGraph
+
+    names = {t.key[0] for t in tasks}
+    assert len(names) == 1 and key_split(names.pop()) == prefix, names
+    layers = {layer for t in tasks for layer in t.__dask_layers__()}
+    assert len(layers) == 1, f"{len(layers)} layers for {len(tasks)} write tasks"
+    merged = HighLevelGraph.merge(*(t.__dask_graph__() for t in tasks))
+    assert len([name for name in merged.layers if prefix in str(name)]) == 1
+
+
+@pytest.mark.parametrize("self_similar", [False, True])
+def test_writes_are_one_layer_and_a_resume_runs_nothing_of_a_finished_block(
+    tmp_path, monkeypatch, self_similar
+):
+    """One ``blockwise`` layer writes every block; resumed, only the unmarked blocks' writes run,
+    and of the products only those they read (in the triangle: the upper block a lower one
+    transposes), never a finished block's."""
+    from dask_cosim import _zarr_writer
+
+    built = _spy(monkeypatch, _zarr_writer)
+    a = _data((2, 60, 5))
+    S = dcs.cosine_similarity(a, None if self_similar else a.copy(), chunks=(1, 20, 20))
+    out = tmp_path / "s.zarr"
+    dcs.to_zarr(S, out)
+    tasks, pending = built[-1]
+    assert len(tasks) == len(pending) == math.prod(S.numblocks) == 18
+    _one_write_layer(tasks, "cosine-write")
+    lost = [(0, 1, 2), (1, 0, 0), (1, 2, 1)]
+    g = zarr.open_group(out, mode="r+")
+    for ix in lost:
+        g[MARKERS][ix] = 0
+    g.attrs["dask_cosim"] = dict(g.attrs["dask_cosim"], complete=False)
+    with _GraphsRun() as run, dask.config.set(scheduler="sync"):
+        report = dcs.to_zarr(S, out, resume=True)
+    tasks, pending = built[-1]
+    assert sorted(pending) == sorted(lost) == sorted(t.key[1:] for t in tasks) and report.blocks_written == 3
+    _one_write_layer(tasks, "cosine-write")
+    assert run.stage("cosine-write") == set(lost)
+    upper = {(kb, min(i, j), max(i, j)) for kb, i, j in lost}
+    assert run.stage("cosine-block") == (upper if self_similar else set(lost))
+    np.testing.assert_allclose(g["similarity"][...], reference_cosine(a), atol=1e-12)
+
+
+def test_parquet_writes_are_one_layer_and_a_resume_runs_nothing_of_a_finished_partition(
+    tmp_path, monkeypatch
+):
+    import pandas as pd
+
+    from dask_cosim import _parquet_writer
+
+    built = _spy(monkeypatch, _parquet_writer)
+    a = _data((2, 40, 3), "float32")
+    pairs = dcs.pairs_above(a, a.copy(), threshold=0.5, chunks=(1, 20, 20))
+    out = tmp_path / "pairs"
+    dcs.to_parquet(pairs, out)
+    whole = pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True)
+    assert len(built[-1]) == pairs.npartitions == 8
+    _one_write_layer(built[-1], "cosine-parquet")
+    for n in (1, 6):
+        (out / "_dask_cosim" / "done" / f"{n:06d}").unlink()
+    with _GraphsRun() as run, dask.config.set(scheduler="sync"):
+        report = dcs.to_parquet(pairs, out, resume=True)
+    assert report.blocks_written == len(built[-1]) == 2
+    _one_write_layer(built[-1], "cosine-parquet")
+    assert run.stage("cosine-parquet") == {(1,), (6,)}
+    assert len(run.stage("cosine-pairs")) == 2  # the two partitions' blocks, no other
+    got = pd.read_parquet(out).sort_values(["batch", "i", "j"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, whole)
 
 
 def test_failed_run_leaves_half_written_output_that_must_be_resumed_or_overwritten(tmp_path):
@@ -377,7 +473,7 @@ def client():
 
 
 def test_distributed_write_with_progress_bar(tmp_path, client, capsys, monkeypatch):
-    monkeypatch.setattr("dask_cosim.io._is_terminal", lambda stream: True)  # as in a terminal
+    monkeypatch.setattr("dask_cosim._execution._is_terminal", lambda stream: True)  # as in a terminal
     a = _data((2, 64, 8), "float32")
     S = dcs.cosine_similarity(a, chunks=(1, 32, 32))
     with dask.config.set(scheduler=None):
@@ -506,7 +602,7 @@ def test_summary_counts_the_products_computed_and_what_was_found(tmp_path):
 
 
 def test_plain_progress_prints_a_line_every_interval_and_at_the_end(capsys):
-    from dask_cosim.io import _PlainProgress
+    from dask_cosim._execution import _PlainProgress
 
     done, seen = [3], []
     with _PlainProgress(lambda: done[0], 12, interval=0.01) as bar:
