@@ -66,10 +66,11 @@ REDUCTION_TASKS_PER_CORE = 8
 #: Fewest rows a whole-row block of a reduction on a GPU may have.
 MIN_GPU_ROWS = 1024
 #: Self-similarity reductions: blocks per axis, as long as each task keeps
-#: :data:`MIN_TASK_FLOPS`. The triangle computes (nb + 1) / (2 nb) of the blocks (0.54 with
-#: 12); more blocks bring that closer to half but cost more per block than they save
+#: :data:`MIN_TASK_FLOPS`. The triangle computes (nb + 1) / (2 nb) of the blocks (0.56 with
+#: 8); more blocks bring that closer to half but cost more than they save: every block
+#: scores its rows' and its columns' candidates, and each row gets one more part to merge
 #: (``benchmarks/bench_topk.py --part self``; the README's performance section).
-MIN_TRIANGLE_BLOCKS = 12
+MIN_TRIANGLE_BLOCKS = 8
 #: Floating-point operations below which a task is mostly per-task overhead.
 MIN_TASK_FLOPS = 1e9
 #: Parts merged by one ``cosine-merge`` task (dask's tree reduction).
