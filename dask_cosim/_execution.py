@@ -110,7 +110,11 @@ def products(facts: Mapping[str, Any], share: float) -> int | None:
 
 
 def dim_of(facts: Mapping[str, Any]) -> int | None:
-    """D, the vector length (for GFLOP/s); read from the input's metadata if not recorded."""
+    """D, the vector length (for GFLOP/s); read from the input's metadata if not recorded.
+    ``None`` (no GFLOP/s) for sparse inputs: their products cost per stored value, not
+    ``2 D`` per pair."""
+    if any((facts.get(x) or {}).get("sparse") for x in ("a", "b")):
+        return None
     return _input_shape(facts.get("a") or {}, -1)
 
 

@@ -24,7 +24,17 @@ def describe_input(x: Any) -> dict[str, Any]:
     for key in ("shape", "dtype"):
         if hasattr(x, key):
             info[key] = list(x.shape) if key == "shape" else str(x.dtype)
+    if _is_sparse(x):
+        info["sparse"] = True  # its work is not 2 N M D (no dense-equivalent GFLOP/s)
     return info
+
+
+def _is_sparse(x: Any) -> bool:
+    from ._sparse import is_sparse, is_sparse_dask
+
+    if isinstance(x, (str, os.PathLike)):
+        return os.fspath(x).endswith(".npz")
+    return is_sparse(x) or is_sparse_dask(x)
 
 
 _PLANS: dict[str, Any] = {}

@@ -508,3 +508,13 @@ def test_reductions_on_sparse_blocks_score_without_dense_panels(monkeypatch):
         runs.append((vals.compute(), idx.compute(), pairs["score"].to_numpy()))
     for a, b in zip(runs[0], runs[1], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_write_reports_give_no_dense_equivalent_gflops_for_sparse_inputs(tmp_path):
+    """A sparse product costs per stored value, not 2 D per pair: the summary says pairs/s only."""
+    X = tfidf_like(60, 2**16, seed=21)
+    report = dcs.to_zarr(dcs.cosine_similarity(X), tmp_path / "sparse.zarr")
+    assert report.gflops is None and "GFLOP/s" not in report.summary()
+    dense = dcs.to_zarr(dcs.cosine_similarity(X.toarray()[:, :64]), tmp_path / "dense.zarr")
+    assert dense.gflops is not None and "GFLOP/s" in dense.summary()
+    assert "pairs/s" in report.summary()
