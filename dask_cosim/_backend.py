@@ -193,6 +193,15 @@ def _dask_threads_here() -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
+def threads_sharing_this_process() -> int:
+    """Tasks that may run at once in this process's threads (sharing its GIL): a dask
+    worker's or the threaded scheduler's pool size, 1 on the synchronous scheduler and in
+    a process-pool worker."""
+    if multiprocessing.parent_process() is not None:
+        return 1
+    return _dask_threads_here()
+
+
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
 

@@ -518,3 +518,37 @@ def test_write_reports_give_no_dense_equivalent_gflops_for_sparse_inputs(tmp_pat
     dense = dcs.to_zarr(dcs.cosine_similarity(X.toarray()[:, :64]), tmp_path / "dense.zarr")
     assert dense.gflops is not None and "GFLOP/s" in dense.summary()
     assert "pairs/s" in report.summary()
+
+
+def test_many_threads_take_the_gil_free_sparse_product_with_the_same_bits(monkeypatch):
+    """With GIL_FREE_THREADS or more tasks sharing a process, sparse products go through
+    SciPy (which releases the GIL), not scikit-learn's kernel (which holds it); both sum
+    each pair in index order, so top-k and pairs are bitwise the same."""
+    from dask_cosim import _backend, _sparse
+
+    X = tfidf_like(300, 2**12, nnz=12, seed=23).tolil()
+    X[40] = X[7]  # an exact copy: its tie order must not change
+    X = X.tocsr()
+    with dask.config.set(scheduler="sync"):
+        want = dask.compute(*dcs.topk(X, k=5, exclude_self=True, chunks=(100, 100)))
+        want_pairs = dcs.pairs_above(X, threshold=0.3, chunks=(100, 100)).compute()
+    calls = []
+    import sklearn.utils.sparsefuncs as skf
+
+    real = skf.sparse_matmul_to_dense
+    monkeypatch.setattr(skf, "sparse_matmul_to_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with dask.config.set(scheduler="sync"):
+        dask.compute(*dcs.topk(X, k=5, exclude_self=True, chunks=(100, 100)))
+    assert calls  # one task at a time: scikit-learn's kernel
+    calls.clear()
+    monkeypatch.setattr(_backend, "threads_sharing_this_process", lambda: _sparse.GIL_FREE_THREADS)
+    with dask.config.set(scheduler="sync"):
+        got = dask.compute(*dcs.topk(X, k=5, exclude_self=True, chunks=(100, 100)))
+        got_pairs = dcs.pairs_above(X, threshold=0.3, chunks=(100, 100)).compute()
+    assert not calls
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    pd.testing.assert_frame_equal(got_pairs.reset_index(drop=True), want_pairs.reset_index(drop=True))
+    ref = dense_ref(X.toarray())
+    np.fill_diagonal(ref, -np.inf)
+    np.testing.assert_allclose(got[0], -np.sort(-ref, axis=1)[:, :5], rtol=0, atol=1e-12)
