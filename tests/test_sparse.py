@@ -552,3 +552,45 @@ def test_many_threads_take_the_gil_free_sparse_product_with_the_same_bits(monkey
     ref = dense_ref(X.toarray())
     np.fill_diagonal(ref, -np.inf)
     np.testing.assert_allclose(got[0], -np.sort(-ref, axis=1)[:, :5], rtol=0, atol=1e-12)
+
+
+class _DeviceCSR:
+    """Stands in for a ``cupyx.scipy.sparse.csr_matrix`` (no GPU on the test host): the
+    type's module is cupyx's, slicing stays "on the device", ``get()`` copies to the host."""
+
+    copies: list[tuple[int, int]] = []  # shapes copied to the host
+
+    def __init__(self, m):
+        self.m = m
+
+    shape = property(lambda self: self.m.shape)
+    dtype = property(lambda self: self.m.dtype)
+    nnz = property(lambda self: self.m.nnz)
+    ndim = 2
+    format = "csr"
+
+    def __getitem__(self, key):
+        return _DeviceCSR(self.m[key])
+
+    def get(self):
+        _DeviceCSR.copies.append(self.m.shape)
+        return self.m.copy()
+
+
+_DeviceCSR.__module__ = "cupyx.scipy.sparse._csr"
+
+
+def test_cupyx_sparse_inputs_are_copied_to_the_host_once_when_computed():
+    host = tfidf_like(80, 2**10, nnz=8, seed=31)
+    x = _DeviceCSR(host)
+    _DeviceCSR.copies.clear()
+    S = dcs.cosine_similarity(x, chunks=(30, 30))
+    assert _DeviceCSR.copies == []  # nothing is copied when the graph is built
+    np.testing.assert_allclose(S.compute(), dense_ref(host.toarray()), rtol=0, atol=1e-12)
+    assert _DeviceCSR.copies == [host.shape]  # once, on the first block read (then sliced on the host)
+    vals, idx = dask.compute(*dcs.topk(x, k=3, exclude_self=True, chunks=(30, 30)))
+    want_vals, want_idx = dask.compute(*dcs.topk(host, k=3, exclude_self=True, chunks=(30, 30)))
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(vals, want_vals)
+    with pytest.raises(ValueError, match="gpu"):
+        dcs.cosine_similarity(x, device="gpu")
