@@ -69,6 +69,8 @@ class SimilarityArray(da.Array):
         scheduler and NumPy output, the result is allocated first and each block is
         written into it by its own task (no assembly copy; peak memory is the result
         plus the blocks in flight, not the result twice); otherwise dask's compute.
+        A small call's one-task array (:mod:`dask_cosim._small`) runs its task in this
+        thread instead, when only ``scheduler=`` is given.
         """
         run = getattr(self, "_run", None)
         if run is not None and _only_scheduler(kwargs) and local_scheduler(self, kwargs.get("scheduler")):
