@@ -1017,13 +1017,14 @@ class _RowBand:
     def bound(self):
         """Per row, a bound for the next tiles as the tiles take it (a bound ``b`` keeps
         products ``>= b - margin``): the ``kk``-th best product less the margin, so that
-        products within ``2 margin`` of it stay candidates; ``None`` until every row has
-        ``kk`` candidates."""
+        products within ``2 margin`` of it stay candidates; ``-inf`` for a row with fewer
+        than ``kk`` candidates so far."""
         counts = np.bincount(self.group, minlength=self.n)
-        if (counts < self.kk).any():
-            return None
         starts = np.cumsum(counts) - counts
-        return self.vals[starts + self.kk - 1] - self.margin
+        out = np.full(self.n, -np.inf, dtype=self.vals.dtype)
+        full = counts >= self.kk
+        out[full] = self.vals[starts[full] + self.kk - 1] - self.margin
+        return out
 
     def part(self, bound, score):
         """The rows part ``(keys, local columns)``: the band ranked by score."""
