@@ -66,17 +66,19 @@ def small_similarity(
     op_b = Operand.from_shape("b", b.shape, b.dtype)
     batch = check_pair(op_a, op_b)
     out_bytes = batch * op_a.rows * op_b.rows * 8
+    held = a.nbytes + (0 if self_similar else b.nbytes) + out_bytes
     if (
         0 in (batch, op_a.rows, op_b.rows, op_a.dim)
         or 2 * batch * op_a.rows * op_b.rows * op_a.dim > SMALL_FLOPS
-        or a.nbytes + (0 if self_similar else b.nbytes) + out_bytes > SMALL_BYTES
+        or held > SMALL_BYTES
         or out_bytes > _config.target_block_bytes()  # array.chunk-size asks for smaller blocks
     ):
         return None
     zero_vector = check_choice("zero_vector", zero_vector)
     check_finite = check_flag("check_finite", check_finite)
-    out = output_dtype(dtype, result_dtype(op_a.dtype, op_b.dtype))
-    work = compute_dtype(result_dtype(op_a.dtype, op_b.dtype), out)
+    default = result_dtype(op_a.dtype, op_b.dtype)
+    out = output_dtype(dtype, default)
+    work = compute_dtype(default, out)
     batched = a.ndim == 3 or b.ndim == 3
     norm = {"compute_dtype": work.name, "zero_vector": zero_vector}
     if check_finite:
@@ -102,7 +104,7 @@ def small_similarity(
         out_itemsize=out.itemsize, self_similar=self_similar, batched=batched,
     )  # fmt: skip
     plan = Plan(
-        (batch,), (op_a.rows,), (op_b.rows,), out_bytes + a.nbytes + b.nbytes, job=job,
+        (batch,), (op_a.rows,), (op_b.rows,), held, job=job,
         notes=(f"one task: a small call (at most {SMALL_FLOPS:.3g} FLOP and {SMALL_BYTES} bytes)",),
     )  # fmt: skip
     facts = {"run": task, "self_similar": self_similar, "out_shape": out_shape, "out_dtype": out}
