@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -178,12 +179,12 @@ def to_host_like(x, like: str):
 
 def _dask_threads_here() -> int:
     """How many dask tasks may run at once in this process."""
-    try:
-        from distributed import get_worker
-
-        return max(1, get_worker().nthreads)
-    except (ImportError, ValueError, AttributeError):
-        pass
+    distributed = sys.modules.get("distributed")  # a dask worker has imported it: never import it here
+    if distributed is not None:
+        try:
+            return max(1, distributed.get_worker().nthreads)
+        except (ValueError, AttributeError):
+            pass
     if multiprocessing.parent_process() is not None:
         return os.cpu_count() or 1  # a process-pool worker: one task per process
     if threading.current_thread() is threading.main_thread():

@@ -399,6 +399,7 @@ def topk_block(
     row_labels=None,
     col_labels=None,
     label_pairs: str = "different",
+    symmetric: bool = False,
 ):
     """Product of two normalised blocks and its local top-``k``, without keeping the product.
 
@@ -413,6 +414,9 @@ def topk_block(
     ``row_labels`` / ``col_labels``: 1-D integer labels of the block's rows and columns;
     pairs the mask ``label_pairs`` drops (:func:`label_excluded`) rank last like the
     excluded diagonal.
+    ``symmetric``: ``an`` and ``bn`` are the same vectors (a diagonal block of a
+    self-similarity, ``row_offset == col_offset``): a 2-D NumPy block is then computed
+    as the upper triangle of its tiles (:func:`_topk_diagonal_tiled`), the same part.
 
     Examples
     --------
@@ -453,8 +457,14 @@ def topk_block(
         margin = score_margin(an.shape[-1], np.result_type(an, bn))
         small = _is_small_numpy(an, bn, device)
         with nullcontext() if small else limit_blas(blas_threads_for_task(blas_threads)):
-            bounds = {"row_bound": row_bound, "col_bound": col_bound}
-            parts = _topk_block_tiled(an, bn, k, both=both, labels=labels, margin=margin, **bounds, **offsets)
+            if symmetric and _diagonal_fits(an, bn, both, labels, row_bound, col_bound, offsets):
+                diagonal = {"offset": row_offset, "exclude_self": exclude_self, "margin": margin}
+                parts = (_topk_diagonal_tiled(an, k, **diagonal),)
+            else:
+                bounds = {"row_bound": row_bound, "col_bound": col_bound}
+                parts = _topk_block_tiled(
+                    an, bn, k, both=both, labels=labels, margin=margin, **bounds, **offsets
+                )
     else:
         s = similarity_block(
             an, bn, device=device, blas_threads=blas_threads, like="input", precision=precision
@@ -467,6 +477,21 @@ def topk_block(
         del s
     parts = tuple(_cast_part(p, out_dtype, like) for p in parts)
     return parts if both else parts[0]
+
+
+def _diagonal_fits(an, bn, both: bool, labels, row_bound, col_bound, offsets) -> bool:
+    """A diagonal block :func:`_topk_diagonal_tiled` computes: 2-D, rows part only, no
+    label mask or pivot, wider than one diagonal tile (the caller vouches ``an == bn``)."""
+    return (
+        an.shape == bn.shape
+        and an.ndim == 2
+        and not both
+        and labels is None
+        and row_bound is None
+        and col_bound is None
+        and offsets["row_offset"] == offsets["col_offset"]
+        and an.shape[0] > DIAGONAL_TILE
+    )
 
 
 def _is_small_numpy(an, bn, device: str) -> bool:
@@ -596,6 +621,54 @@ def _topk_block_tiled(
     return rows_part, (keys, idx)
 
 
+#: Widest row (and column) tile of a diagonal block of a self-similarity top-k: the block
+#: is computed as the upper triangle of these tiles, (T + 1) / (2 T) of its products.
+DIAGONAL_TILE = 2048
+
+
+def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin: float, most: int = 0):
+    """Rows part of the diagonal block ``an @ an.T`` of a self-similarity (2-D, NumPy),
+    from the upper triangle of its tiles only: the same part as the whole block gives.
+
+    Tile pair ``(p, q)``, ``p < q``, is one product whose rows' candidates go to the rows
+    of tile ``p`` and whose columns' candidates (the transposed entries) to the rows of
+    tile ``q``; the diagonal tiles run first, so every later product is pruned by both
+    tiles' running bounds (:class:`_RowBand`). Each row's candidates are scored once.
+    """
+    n = an.shape[0]
+    kk = min(k, n)
+    tiles = _even_tiles(n, most or DIAGONAL_TILE)
+    bands = [_RowBand(p1 - p0, kk, margin) for p0, p1 in tiles]
+    at = np.ascontiguousarray(an.T)  # cheaper GEMM packing per strip
+    dtype = an.dtype
+
+    def run(p, q):
+        (p0, p1), (q0, q1) = tiles[p], tiles[q]
+        bound_p = bands[p].bound() if bands[p].vals is not None else None
+        bound_q = None if p == q else bands[q].bound()
+
+        def product(r0, r1, out):
+            np.matmul(an[p0 + r0 : p0 + r1], at[:, q0:q1], out=out)
+
+        _topk_pair_numpy(
+            an[p0:p1], an[q0:q1], k, p != q, (offset + p0, offset + q0, exclude_self), product, dtype,
+            bound_p, bound_q, None, margin, _TileBand(bands[p], q0),
+            None if p == q else _TileBand(bands[q], p0),
+        )  # fmt: skip
+
+    for p in range(len(tiles)):  # diagonal tiles first: the bounds of every later product
+        run(p, p)
+    for p in range(len(tiles)):
+        for q in range(p + 1, len(tiles)):
+            run(p, q)
+    keys, idx = [], []
+    for (p0, p1), band in zip(tiles, bands, strict=True):
+        part = band.part(None, Rescorer(an[p0:p1], an, margin, dtype).rows)
+        keys.append(part[0])
+        idx.append(np.where(part[1] < 0, -1, part[1] + offset))
+    return np.concatenate(keys), np.concatenate(idx)
+
+
 # --------------------------------------------------------------------------- NumPy fast path
 #
 # The same selection as :func:`select_topk`, fused with the product and organised for
@@ -691,14 +764,27 @@ def _stack_parts(parts, lead):
 
 
 def _topk_pair_numpy(
-    an, bn, k, both, offsets, product, dtype, row_bound, col_bound, labels=None, margin=None, band=None
+    an,
+    bn,
+    k,
+    both,
+    offsets,
+    product,
+    dtype,
+    row_bound,
+    col_bound,
+    labels=None,
+    margin=None,
+    band=None,
+    col_band=None,
 ):
     """Rows part (and with ``both`` the columns part) of one 2-D block.
 
     ``margin``: rank by scores (:mod:`dask_cosim._rescore`), the products of this block
     being within ``margin`` of them; ``None``: rank by the products themselves.
     ``band``: a :class:`_RowBand` that takes the rows' candidates unscored (columns
-    local to this block); the rows part is then ``None``.
+    local to this block); the rows part is then ``None``. ``col_band``: the same for the
+    columns' candidates (rows local to this block; needs ``both`` and ``col_bound``).
     """
     row_offset, col_offset, exclude_self = offsets
     rescorer = None if margin is None else Rescorer(an, bn, margin, dtype)
@@ -736,7 +822,7 @@ def _topk_pair_numpy(
             rows.add(strip, t[:, None], r0, mask)
         else:  # one scan for both bounds, then split the (few) hits
             lower = np.minimum(t, floor)
-            flat = np.flatnonzero(np.greater_equal(strip, lower[:, None], out=mask[: r1 - r0]))
+            flat = _sparse_flatnonzero(np.greater_equal(strip, lower[:, None], out=mask[: r1 - r0]))
             if low is not None:  # entries of the low columns under `lower`, against their own bounds
                 lv = np.take(strip, low, axis=1)
                 lr, lc = np.divmod(np.flatnonzero((lv >= t_c[low]) & (lv < lower[:, None])), low.size)
@@ -766,6 +852,9 @@ def _topk_pair_numpy(
         cols = _Candidates(n, m)
         for r0 in range(0, n, step):
             cols.add(full[r0 : r0 + step], t[None, :], r0, mask)
+    if col_band is not None:
+        col_band.add(*cols.trimmed_cols(kk_c, col_bound, margin))
+        return out_rows, None
     keys, idx = cols.rank_cols(kk_c, col_bound, rescorer)
     return out_rows, (keys, np.where(idx < 0, -1, idx + row_offset))
 
@@ -779,7 +868,7 @@ class _Candidates:
         self.vals: list[np.ndarray] = []
 
     def add(self, strip, bound, r0: int, mask) -> None:
-        hit = np.flatnonzero(np.greater_equal(strip, bound, out=mask[: strip.shape[0]]))
+        hit = _sparse_flatnonzero(np.greater_equal(strip, bound, out=mask[: strip.shape[0]]))
         self.extend(hit + r0 * self.m, strip.reshape(-1)[hit])
 
     def extend(self, flat, vals) -> None:
@@ -807,10 +896,42 @@ class _Candidates:
         r, c, vals = _sort_candidates(r, c, vals, self.n)
         return _band(r, c, vals, np.bincount(r, minlength=self.n), kk, margin)
 
+    def trimmed_cols(self, kk: int, bound=None, margin: float = 0.0):
+        """:meth:`trimmed_rows` of the transposed block: (column, row, clipped product)."""
+        (r, c), vals = self._gather()
+        vals = _clip_candidates(vals)
+        if bound is not None:
+            keep = vals >= bound[c] - margin
+            r, c, vals = r[keep], c[keep], vals[keep]
+        c, r, vals = _sort_candidates(c, r, vals, self.m)
+        return _band(c, r, vals, np.bincount(c, minlength=self.m), kk, margin)
+
     def rank_cols(self, kk: int, bound=None, rescorer=None):
         (r, c), vals = self._gather()
         score = None if rescorer is None else rescorer.cols
         return _rank(c, r, vals, kk, self.m, bound, score, _margin_of(rescorer))
+
+
+_BYTE_LANES = np.arange(8)
+
+
+def _sparse_flatnonzero(mask):
+    """``np.flatnonzero`` of a contiguous boolean array with few true entries, faster.
+
+    NumPy's ``nonzero`` visits every byte; here the mask is read 8 bytes at a time, and
+    only the words holding a true byte are expanded (same result, same order).
+
+    >>> _sparse_flatnonzero(np.arange(20) % 7 == 3)
+    array([ 3, 10, 17])
+    """
+    flat = mask.reshape(-1)
+    whole = flat.size // 8 * 8
+    words = np.flatnonzero(flat[:whole].view(np.uint64) != 0)
+    hits = ((words * 8)[:, None] + _BYTE_LANES).reshape(-1)
+    hits = hits[flat[hits]]
+    if whole < flat.size:
+        hits = np.concatenate([hits, whole + np.flatnonzero(flat[whole:])])
+    return hits
 
 
 def _margin_of(rescorer) -> float:
@@ -983,7 +1104,7 @@ def _rescore(group, member, vals, score):
 
 
 class _TileBand:
-    """A :class:`_RowBand` seen from one column tile starting at column ``c0``."""
+    """A :class:`_RowBand` seen from one tile whose members (columns) start at ``c0``."""
 
     def __init__(self, band: _RowBand, c0: int):
         self.band, self.c0 = band, c0

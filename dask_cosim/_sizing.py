@@ -66,11 +66,12 @@ REDUCTION_TASKS_PER_CORE = 8
 #: Fewest rows a whole-row block of a reduction on a GPU may have.
 MIN_GPU_ROWS = 1024
 #: Self-similarity reductions: blocks per axis, as long as each task keeps
-#: :data:`MIN_TASK_FLOPS`. The triangle computes (nb + 1) / (2 nb) of the blocks (0.56 with
-#: 8); more blocks bring that closer to half but cost more than they save: every block
-#: scores its rows' and its columns' candidates, and each row gets one more part to merge
+#: :data:`MIN_TASK_FLOPS`. The off-diagonal blocks of the triangle are one product each and
+#: a diagonal block computes the upper triangle of its own tiles, so the triangle runs about
+#: half the products whatever the count; fewer blocks mean fewer parts per row to select,
+#: score and merge, while every thread still has a block to run after the diagonal ones
 #: (``benchmarks/bench_topk.py --part self``; the README's performance section).
-MIN_TRIANGLE_BLOCKS = 8
+MIN_TRIANGLE_BLOCKS = 4
 #: Floating-point operations below which a task is mostly per-task overhead.
 MIN_TASK_FLOPS = 1e9
 #: Parts merged by one ``cosine-merge`` task (dask's tree reduction).

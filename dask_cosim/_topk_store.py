@@ -25,7 +25,8 @@ this module instead:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,9 @@ class TopkSource:
     triangle: bool
     where: str
     upper: str | None = None  # the triangle's block layer: links take its halves directly
+    #: the triangle's ``(parts, upper)`` again, with a barrier over only the given diagonal
+    #: blocks (:func:`~dask_cosim._triangle.topk_triangle_parts`): what a resumed job runs
+    rebuild: Callable[[frozenset], tuple[Any, str]] | None = None
 
     def part(self, panel: tuple[int, ...], j: int, parts_name: str | None = None):
         """The task argument of part ``(*panel, j)``: a key, or a getitem on an upper block
@@ -189,12 +193,13 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     """
     import dask
 
+    linked = group[LINKS][...]
+    source = _without_finished_diagonals(source, done, linked)
     parts, k = source.parts, source.k
     parts_name = None if source.upper is not None else graph_name(parts)
     grid = values.numblocks[:-1]
     ncols = parts.numblocks[-1]
     offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in values.chunks[:-1]]
-    linked = group[LINKS][...]
     state = (group[STATE[0]], group[STATE[1]])
     outputs = (group["values"], group["indices"])
     marker, links = group[marker_name], group[LINKS]
@@ -220,6 +225,26 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     with dask.annotate(priority=1):  # a ready link runs before any block: progress is saved early
         graph = graph_from_collections(name, dsk, [parts], priority=priority)
     return [delayed_from_graph(key, graph, layer=name) for key in finals], pending
+
+
+def _without_finished_diagonals(source: TopkSource, done: np.ndarray, linked: np.ndarray) -> TopkSource:
+    """``source``, or (a resumed triangle job) its parts rebuilt so that the off-diagonal
+    tasks wait only for the diagonal blocks some pending link still needs: the others
+    belong to finished panels and are not run again."""
+    if not (source.triangle and source.rebuild is not None and done.any()):
+        return source
+    ncols = source.parts.numblocks[-1]
+    needed = set()
+    for panel in np.ndindex(*done.shape):
+        if done[panel]:
+            continue
+        *batch, i = panel
+        start = min(int(linked[panel]), ncols - 1)
+        needed |= {(*batch, x) for link in links_of(ncols)[start:] for j in link for x in (i, j)}
+    if len(needed) == done.size:  # every panel's diagonal
+        return source
+    parts, upper = source.rebuild(frozenset(needed))
+    return replace(source, parts=parts, upper=upper)
 
 
 #: Key prefixes of a top-k graph's input tasks (read, rechunk and normalise the inputs).

@@ -12,7 +12,7 @@ per upper block, and hand them to dask as ordinary collections.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -146,19 +146,26 @@ def similarity_triangle(prep: Prepared) -> da.Array:
 # --------------------------------------------------------------------------- top-k
 
 
-def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> tuple[da.Array, str]:
+def topk_triangle_parts(
+    prep: Prepared, k: int, exclude_self: bool, diagonals: Collection[tuple[int, ...]] | None = None
+) -> tuple[da.Array, str]:
     """Local top-k parts ``(keys, idx)`` for every output block, from the upper blocks only.
 
     Upper block ``(i, j)`` runs one product and selects both the best columns of its
     rows (part ``(i, j)``) and, when ``i < j``, the best rows of its columns (part
     ``(j, i)``). The diagonal blocks run first: their parts bound the k-th best values of
-    rows ``i`` and ``j``, which prunes the off-diagonal tasks. Returns an object array
+    rows ``i`` and ``j``, which prunes the off-diagonal tasks, and the off-diagonal tasks
+    of a batch block wait for all of them (a barrier, so that no scheduler runs a
+    diagonal block late and leaves its row's tasks for the end). ``diagonals``: the
+    barrier waits only for these diagonal blocks ``(*batch block, i)`` (a resumed job
+    that needs no other). Returns an object array
     indexed like the output whose block ``(i, j)`` is that part; its chunks along the
     last axis are the parts' widths ``min(k, m_j)``. Also returns the name of the upper
     blocks' layer (``cosine-topk-*``), whose tasks return both halves.
     """
     kwargs = prep.product_kwargs()
-    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, "topk-triangle")
+    waits = None if diagonals is None else sorted(diagonals)
+    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, waits, "topk-triangle")
     up, parts = f"cosine-topk-{token}", f"cosine-pick-{token}"
     starts = _offsets(prep.plan.rows)
 
@@ -176,11 +183,19 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> tuple[da.
 
     an = graph_name(prep.an)
     upper = _upper_layer(prep, an, up, task_for)
-    for kb in _batch_blocks(prep):  # off-diagonal tasks are pruned by both diagonal parts
-        for i, j in upper_blocks(len(prep.plan.rows)):
-            if i < j:
-                upper[_key(up, kb, i, j)] += (_key(up, kb, i, i), _key(up, kb, j, j))
     nb = len(prep.plan.rows)
+    for kb in _batch_blocks(prep):  # off-diagonal tasks are pruned by both diagonal parts
+        # ... and start once every diagonal task has run (see _ran): the parts are the
+        # best they can be, and no thread waits at the end for a late diagonal's row
+        ran, barrier = f"cosine-diagonal-ran-{token}", _key(f"cosine-diagonals-{token}", kb, 0, 0)
+        batch = () if kb is None else (kb,)
+        wait = [i for i in range(nb) if waits is None or (*batch, i) in diagonals]
+        for i in wait:
+            upper[_key(ran, kb, i, i)] = (_ran, _key(up, kb, i, i))
+        upper[barrier] = (_ran, *(_key(ran, kb, i, i) for i in wait))
+        for i, j in upper_blocks(nb):
+            if i < j:
+                upper[_key(up, kb, i, j)] += (_key(up, kb, i, i), _key(up, kb, j, j), barrier)
     get = routed(operator.getitem, prep.device if prep.like == "cupy" else "cpu")
     pick: dict[Any, Any] = {}
     for kb in _batch_blocks(prep):
@@ -205,10 +220,18 @@ def topk_triangle_parts(prep: Prepared, k: int, exclude_self: bool) -> tuple[da.
 
 def _diagonal_topk_block(an, bn, **kwargs):
     """:func:`~dask_cosim._select.topk_block` of a diagonal block (looked up when the task runs)."""
-    return topk_block(an, bn, **kwargs)
+    return topk_block(an, bn, symmetric=True, **kwargs)
 
 
-def _pivoted_topk_block(an, bn, row_pivot, col_pivot, **kwargs):
+def _ran(*results) -> None:
+    """``None`` once ``results`` exist: the barrier after the diagonal tasks.
+
+    One such task per diagonal block runs where its part is (its only input), and the
+    barrier takes those, so a cluster moves no part to build the barrier.
+    """
+
+
+def _pivoted_topk_block(an, bn, row_pivot, col_pivot, *after, **kwargs):
     """:func:`~dask_cosim._select.topk_block` pruned by the diagonal blocks' parts."""
     return topk_block(an, bn, row_pivot=row_pivot, col_pivot=col_pivot, **kwargs)
 

@@ -221,7 +221,14 @@ def topk(
                 meta=prep.meta.astype(np.int64),
                 prefix="cosine-indices",
             )
-        register_topk(vals.name, TopkSource(parts, k, triangle, where, upper))
+        rebuild = None
+        if triangle:
+
+            def rebuild(diagonals: frozenset) -> tuple[da.Array, str]:
+                with dask.annotate(priority=priority_of(True, len(prep.plan.rows))):
+                    return topk_triangle_parts(prep, k, exclude_self, diagonals)
+
+        register_topk(vals.name, TopkSource(parts, k, triangle, where, upper, rebuild))
     for result in (vals, idx):
         record_result(
             result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, zero_vector=zero_vector,

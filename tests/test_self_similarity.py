@@ -109,9 +109,22 @@ def test_upper_blocks_and_transpose_block():
     np.testing.assert_array_equal(np.asarray(transpose_block(xps.asarray(x))), np.swapaxes(x, -1, -2))
 
 
+@pytest.fixture(params=["whole", "tiles"])
+def diagonal_tiles(request, monkeypatch):
+    """Diagonal blocks of the triangle as one product ("whole") or as the upper triangle of
+    3-row tiles ("tiles", the path of blocks wider than ``DIAGONAL_TILE``)."""
+    from dask_cosim import _select
+
+    if request.param == "tiles":
+        monkeypatch.setattr(_select, "DIAGONAL_TILE", 3)
+    return request.param
+
+
 @pytest.mark.parametrize(("shape", "chunks"), CASES)
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_topk_triangle_equals_the_copy_path_with_half_the_products(shape, chunks, exclude_self):
+def test_topk_triangle_equals_the_copy_path_with_half_the_products(
+    shape, chunks, exclude_self, diagonal_tiles
+):
     a = rng(3).standard_normal(shape)
     k = 7
     self_graph = dcs.topk(a, k=k, exclude_self=exclude_self, chunks=chunks)
@@ -132,7 +145,7 @@ def test_topk_triangle_equals_the_copy_path_with_half_the_products(shape, chunks
     np.testing.assert_allclose(vals, np.take_along_axis(s, ref_idx, axis=-1), atol=1e-12)
 
 
-def test_topk_triangle_with_ties_nan_and_zero_vectors():
+def test_topk_triangle_with_ties_nan_and_zero_vectors(diagonal_tiles):
     a = rng(4).standard_normal((26, 4))
     a[[3, 17, 22]] = a[9]  # four identical vectors
     a[5] = 0.0
@@ -148,6 +161,30 @@ def test_topk_triangle_with_ties_nan_and_zero_vectors():
         vals_c, idx_c = dask.compute(*dcs.topk(a, a.copy(), k=6, exclude_self=True, chunks=chunks))
         np.testing.assert_array_equal(idx, idx_c)  # the same bits as the copy path (any BLAS)
         np.testing.assert_array_equal(vals, vals_c)
+
+
+def test_topk_triangle_runs_every_diagonal_block_before_any_other():
+    """The diagonal parts prune every other block: on the threaded scheduler no off-diagonal
+    task starts before the last diagonal one has finished (a barrier task, not dask.order)."""
+    from dask.callbacks import Callback
+
+    events = []
+
+    class Record(Callback):
+        def _pretask(self, key, dsk, state):
+            events.append(("start", key))
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            events.append(("end", key))
+
+    a = rng(6).standard_normal((60, 5))
+    vals, idx = dcs.topk(a, k=4, chunks=(10, 10))
+    with Record():
+        dask.compute(vals, idx, scheduler="threads", num_workers=2)
+    blocks = [(ev, key) for ev, key in events if isinstance(key, tuple) and key_split(key) == "cosine-topk"]
+    last_diagonal_end = max(n for n, (ev, key) in enumerate(blocks) if ev == "end" and key[-1] == key[-2])
+    first_other_start = min(n for n, (ev, key) in enumerate(blocks) if ev == "start" and key[-1] != key[-2])
+    assert len(blocks) == 2 * 21 and last_diagonal_end < first_other_start
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])

@@ -221,6 +221,30 @@ def test_column_tiles_score_each_row_once_and_give_the_same_bits(monkeypatch, dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_diagonal_tiles_give_the_whole_blocks_bits_and_score_each_row_once(monkeypatch, dtype, exclude_self):
+    """A self-similarity's diagonal block computed as the upper triangle of its tiles gives
+    the bits of the whole block (copies, a zero and a NaN vector spread over the tiles,
+    tiles narrower than k too), and scores each row's candidates once per task."""
+    _, b, copies = with_copies(dtype, seed=9, m=400)
+    x = unit(b, dtype)
+    kw = {"k": 6, "row_offset": 30, "col_offset": 30, "exclude_self": exclude_self}
+    want = topk_block(x, x, **kw)
+    scored = []
+    real = Rescorer.scores
+    monkeypatch.setattr(Rescorer, "scores", lambda self, ia, ib: scored.append(len(ia)) or real(self, ia, ib))
+    for tile in (4, 7, 64, 150, 399):
+        monkeypatch.setattr(_select, "DIAGONAL_TILE", tile)
+        scored.clear()
+        got = topk_block(x, x, symmetric=True, **kw)
+        assert bits_equal(got[0], want[0]) and bits_equal(got[1], want[1]), tile
+        assert 0 < sum(scored) <= 3 * 6 * len(x), (tile, sum(scored))
+    ref_vals, ref_idx = contract_topk(all_scores(b, b, dtype), 6, exclude_self)
+    row = copies[1]  # its best are the other copies (and itself unless excluded)
+    assert bits_equal(want[0][row], ref_vals[row]) and list(want[1][row] - 30) == list(ref_idx[row])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_block_fast_and_generic_paths_give_the_same_bits(dtype):
     gen = rng(17)
     an = unit(gen.standard_normal((3, 70, 12)), dtype)
