@@ -47,6 +47,7 @@ from ._backend import (
 from ._kernels import matmul_clip_numpy, similarity_block
 from ._options import CHOICES
 from ._rescore import Rescorer, score_margin, score_operands
+from ._scan import row_col_hits, row_hits, sparse_flatnonzero
 from ._sparse import SparseProduct, is_sparse, sparse_similarity_block
 from ._sparse import nan_rows as find_nan_rows
 
@@ -805,9 +806,6 @@ def _topk_pair_numpy(
     full = np.empty((n, m), dtype=dtype) if group_cols else None
     buf = None if group_cols else np.empty((min(step, n), m), dtype=dtype)
     mask = np.empty((min(step, n), m), dtype=bool)
-    floor = low = None
-    if both and not group_cols:  # one scan for both bounds (see _column_floor)
-        floor, low = _column_floor(t_c)
     rows = _Candidates(n, m)
     cols = _Candidates(n, m) if both and not group_cols else None
     for r0 in range(0, n, step):
@@ -819,19 +817,11 @@ def _topk_pair_numpy(
             strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
         t = _group_threshold(strip, kk_r, g_r, margin) if t_r is None else t_r[r0:r1]
         if cols is None:
-            rows.add(strip, t[:, None], r0, mask)
-        else:  # one scan for both bounds, then split the (few) hits
-            lower = np.minimum(t, floor)
-            flat = _sparse_flatnonzero(np.greater_equal(strip, lower[:, None], out=mask[: r1 - r0]))
-            if low is not None:  # entries of the low columns under `lower`, against their own bounds
-                lv = np.take(strip, low, axis=1)
-                lr, lc = np.divmod(np.flatnonzero((lv >= t_c[low]) & (lv < lower[:, None])), low.size)
-                flat = np.concatenate([flat, lr * m + low[lc]])
-            vals = strip.reshape(-1)[flat]
-            r, c = np.divmod(flat, m)
-            row_hit, col_hit = vals >= t[r], vals >= t_c[c]
-            rows.extend(flat[row_hit] + r0 * m, vals[row_hit])
-            cols.extend(flat[col_hit] + r0 * m, vals[col_hit])
+            rows.add(strip, t, r0, mask[: r1 - r0])
+        else:  # one scan for both bounds
+            flat, vals, flat_c, vals_c = row_col_hits(strip, t, t_c, mask[: r1 - r0])
+            rows.extend(flat + r0 * m, vals)
+            cols.extend(flat_c + r0 * m, vals_c)
         if group_cols:
             whole = (r1 - r0) // g_c * g_c
             if whole:
@@ -851,7 +841,8 @@ def _topk_pair_numpy(
         t = _threshold(np.partition(col_max, g_c - kk_c, axis=0)[g_c - kk_c], 2 * margin)
         cols = _Candidates(n, m)
         for r0 in range(0, n, step):
-            cols.add(full[r0 : r0 + step], t[None, :], r0, mask)
+            part = full[r0 : r0 + step]
+            cols.add_by_column(part, t, r0, mask[: part.shape[0]])
     if col_band is not None:
         col_band.add(*cols.trimmed_cols(kk_c, col_bound, margin))
         return out_rows, None
@@ -867,8 +858,14 @@ class _Candidates:
         self.flat: list[np.ndarray] = []
         self.vals: list[np.ndarray] = []
 
-    def add(self, strip, bound, r0: int, mask) -> None:
-        hit = _sparse_flatnonzero(np.greater_equal(strip, bound, out=mask[: strip.shape[0]]))
+    def add(self, strip, bound, r0: int, mask=None) -> None:
+        """The entries of ``strip`` (rows ``r0:``) at or above their row's ``bound``."""
+        hit, vals = row_hits(strip, bound, mask)
+        self.extend(hit + r0 * self.m, vals)
+
+    def add_by_column(self, strip, bound, r0: int, mask=None) -> None:
+        """The entries of ``strip`` (rows ``r0:``) at or above their column's ``bound``."""
+        hit = sparse_flatnonzero(np.greater_equal(strip, bound[None, :], out=mask))
         self.extend(hit + r0 * self.m, strip.reshape(-1)[hit])
 
     def extend(self, flat, vals) -> None:
@@ -912,28 +909,6 @@ class _Candidates:
         return _rank(c, r, vals, kk, self.m, bound, score, _margin_of(rescorer))
 
 
-_BYTE_LANES = np.arange(8)
-
-
-def _sparse_flatnonzero(mask):
-    """``np.flatnonzero`` of a contiguous boolean array with few true entries, faster.
-
-    NumPy's ``nonzero`` visits every byte; here the mask is read 8 bytes at a time, and
-    only the words holding a true byte are expanded (same result, same order).
-
-    >>> _sparse_flatnonzero(np.arange(20) % 7 == 3)
-    array([ 3, 10, 17])
-    """
-    flat = mask.reshape(-1)
-    whole = flat.size // 8 * 8
-    words = np.flatnonzero(flat[:whole].view(np.uint64) != 0)
-    hits = ((words * 8)[:, None] + _BYTE_LANES).reshape(-1)
-    hits = hits[flat[hits]]
-    if whole < flat.size:
-        hits = np.concatenate([hits, whole + np.flatnonzero(flat[whole:])])
-    return hits
-
-
 def _margin_of(rescorer) -> float:
     return 0.0 if rescorer is None else rescorer.margin
 
@@ -948,33 +923,6 @@ def _mark_strip(strip, nan_rows, nan_cols, row_offset: int, col_offset: int, exc
         n, m = strip.shape
         r = np.arange(max(0, col_offset - row_offset), min(n, m + col_offset - row_offset))
         strip[r, r + row_offset - col_offset] = EXCLUDED_KEY
-
-
-#: The single scan of a block whose rows and columns both have bounds compares each row
-#: against the lower of its bound and the columns' floor: this quantile of the column
-#: bounds. The columns below the floor (this share of them) are compared on their own.
-_LOW_COLUMNS = 1 / 32
-
-
-def _column_floor(t_c):
-    """``(floor, low)``: a value at most every column bound but those of ``low`` (an index
-    array of at most :data:`_LOW_COLUMNS` of the columns, or ``None``).
-
-    An entry at or above its column's bound is at or above the floor, or in a low column:
-    comparing rows against ``min(row bound, floor)`` and the low columns against their own
-    bounds finds every entry either bound keeps, in about one pass over the strip.
-
-    >>> floor, low = _column_floor(np.array([0.5, 0.4, -np.inf, 0.6] * 16, dtype=np.float32))
-    >>> float(floor), low[:6]
-    (0.4000000059604645, array([ 2,  6, 10, 14, 18, 22]))
-    """
-    bounded = t_c[t_c > -np.inf]  # columns without a bound are low whatever the floor
-    if not bounded.size:
-        return t_c.dtype.type(np.inf), np.arange(t_c.shape[0])
-    kth = int(bounded.size * _LOW_COLUMNS)
-    floor = np.partition(bounded, kth)[kth]
-    low = np.flatnonzero(t_c < floor)
-    return floor, (low if low.size else None)
 
 
 def _group_threshold(strip, kk: int, g: int, margin: float = 0.0):

@@ -797,19 +797,3 @@ def test_topk_benchmark_quick():
     ).stdout  # fmt: skip
     for key in ('"bench": "topk"', '"bench": "self_similarity"', '"bench": "memory"', "ratio_to_dense_limit"):
         assert key in out, out
-
-
-@given(
-    shape=st.tuples(st.integers(0, 5), st.integers(0, 70)),
-    density=st.sampled_from([0.0, 0.002, 0.05, 0.5, 1.0]),
-    seed=st.integers(0, 2**16),
-)
-@settings(max_examples=60, deadline=None)
-def test_sparse_flatnonzero_equals_numpys(shape, density, seed):
-    """The selection scans' word-wise nonzero: NumPy's result for any size (tails of fewer
-    than 8 bytes included) and any density, on whole masks and on leading-row slices."""
-    from dask_cosim._select import _sparse_flatnonzero
-
-    mask = np.random.default_rng(seed).random(shape) < density
-    np.testing.assert_array_equal(_sparse_flatnonzero(mask), np.flatnonzero(mask))
-    np.testing.assert_array_equal(_sparse_flatnonzero(mask[:2]), np.flatnonzero(mask[:2]))
