@@ -14,10 +14,6 @@ import numpy as np
 
 __all__ = ["row_hits", "row_col_hits", "sparse_flatnonzero"]
 
-#: The scan of two bounds compares each row against the lower of its bound and the
-#: columns' floor: this quantile of the column bounds. The columns below the floor (this
-#: share of them) are compared on their own.
-LOW_COLUMNS = 1 / 32
 _BYTE_LANES = np.arange(8)
 
 
@@ -37,47 +33,18 @@ def row_col_hits(strip, t, t_c, mask=None):
     """``(rows_flat, rows_vals, cols_flat, cols_vals)``: the entries of ``strip`` at or
     above their row's bound ``t[i]``, and those at or above their column's bound ``t_c[j]``.
 
-    One comparison pass against each row's ``min(t, floor)`` (:func:`_column_floor`), the
-    few low columns on their own, then the (few) hits split by the two bounds.
+    Two comparison passes, one per bound: the column bounds broadcast along the strip's
+    contiguous axis, which NumPy compares faster than a per-row bound, and each pass finds
+    only its own hits (a single pass against ``min(t[i], t_c[j])`` cannot be broadcast and
+    finds more).
 
     >>> s = np.array([[0.1, 0.9], [0.5, 0.4]], dtype=np.float32)
     >>> row_col_hits(s, np.array([0.5, 0.45]), np.array([0.05, 0.95]))
     (array([1, 2]), array([0.9, 0.5], dtype=float32), array([0, 2]), array([0.1, 0.5], dtype=float32))
     """
-    t, t_c = np.asarray(t), np.asarray(t_c)
-    m = strip.shape[1]
-    floor, low = _column_floor(t_c)
-    lower = np.minimum(t, floor)
-    flat = sparse_flatnonzero(np.greater_equal(strip, lower[:, None], out=mask))
-    if low is not None:  # entries of the low columns under `lower`, against their own bounds
-        lv = np.take(strip, low, axis=1)
-        lr, lc = np.divmod(np.flatnonzero((lv >= t_c[low]) & (lv < lower[:, None])), low.size)
-        flat = np.sort(np.concatenate([flat, lr * m + low[lc]]))
-    vals = strip.reshape(-1)[flat]
-    r, c = np.divmod(flat, m)
-    row_hit, col_hit = vals >= t[r], vals >= t_c[c]
-    return flat[row_hit], vals[row_hit], flat[col_hit], vals[col_hit]
-
-
-def _column_floor(t_c):
-    """``(floor, low)``: a value at most every column bound but those of ``low`` (an index
-    array of at most :data:`LOW_COLUMNS` of the columns, or ``None``).
-
-    An entry at or above its column's bound is at or above the floor, or in a low column:
-    comparing rows against ``min(row bound, floor)`` and the low columns against their own
-    bounds finds every entry either bound keeps, in about one pass over the strip.
-
-    >>> floor, low = _column_floor(np.array([0.5, 0.4, -np.inf, 0.6] * 16, dtype=np.float32))
-    >>> float(floor), low[:6]
-    (0.4000000059604645, array([ 2,  6, 10, 14, 18, 22]))
-    """
-    bounded = t_c[t_c > -np.inf]  # columns without a bound are low whatever the floor
-    if not bounded.size:
-        return t_c.dtype.type(np.inf), np.arange(t_c.shape[0])
-    kth = int(bounded.size * LOW_COLUMNS)
-    floor = np.partition(bounded, kth)[kth]
-    low = np.flatnonzero(t_c < floor)
-    return floor, (low if low.size else None)
+    flat, vals = row_hits(strip, t, mask)
+    flat_c = sparse_flatnonzero(np.greater_equal(strip, np.asarray(t_c)[None, :], out=mask))
+    return flat, vals, flat_c, strip.reshape(-1)[flat_c]
 
 
 def sparse_flatnonzero(mask):
