@@ -35,8 +35,8 @@ def row_col_hits(strip, t, t_c, mask=None):
 
     Two comparison passes, one per bound: the column bounds broadcast along the strip's
     contiguous axis, which NumPy compares faster than a per-row bound, and each pass finds
-    only its own hits (a single pass against ``min(t[i], t_c[j])`` cannot be broadcast and
-    finds more).
+    only its own hits (a single pass against ``min(t[i], t_c[j])`` would need that
+    full-size array).
 
     >>> s = np.array([[0.1, 0.9], [0.5, 0.4]], dtype=np.float32)
     >>> row_col_hits(s, np.array([0.5, 0.45]), np.array([0.05, 0.95]))
