@@ -623,8 +623,10 @@ def _topk_block_tiled(
 
 
 #: Widest row (and column) tile of a diagonal block of a self-similarity top-k: the block
-#: is computed as the upper triangle of these tiles, (T + 1) / (2 T) of its products.
-DIAGONAL_TILE = 2048
+#: is computed as the upper triangle of its T tiles, (T + 1) / (2 T) of its products.
+#: Narrower tiles save products, but each tile pair is pruned only by the bounds of the
+#: tiles done so far (over fewer columns: more candidates), which costs more than that.
+DIAGONAL_TILE = 4096
 
 
 def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin: float, most: int = 0):
