@@ -187,7 +187,7 @@ def topk_triangle_parts(
     for kb in _batch_blocks(prep):  # off-diagonal tasks are pruned by both diagonal parts
         # ... and start once every diagonal task has run (see _ran): the parts are the
         # best they can be, and no thread waits at the end for a late diagonal's row
-        ran, barrier = f"cosine-diagonal-ran-{token}", _key(f"cosine-diagonals-{token}", kb, 0, 0)
+        ran, barrier = f"cosine-diagonals-done-{token}", _key(f"cosine-diagonals-{token}", kb, 0, 0)
         batch = () if kb is None else (kb,)
         wait = [i for i in range(nb) if waits is None or (*batch, i) in diagonals]
         for i in wait:
