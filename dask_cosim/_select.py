@@ -820,7 +820,7 @@ def _topk_pair_numpy(
         t = _group_threshold(strip, kk_r, g_r, margin) if t_r is None else t_r[r0:r1]
         if cols is None:
             rows.add(strip, t, r0, mask[: r1 - r0])
-        else:  # one scan for both bounds
+        else:  # the rows' and the columns' bounds (a self-similarity's off-diagonal block)
             flat, vals, flat_c, vals_c = row_col_hits(strip, t, t_c, mask[: r1 - r0])
             rows.extend(flat + r0 * m, vals)
             cols.extend(flat_c + r0 * m, vals_c)
