@@ -153,10 +153,37 @@ def dask_client(
     ...     client.submit(sum, [1, 2]).result()
     3
     """
-    with cluster_logs(log_file):
+    with cluster_logs(log_file), _environment_kept():
         yield from _dask_client(
             scheduler, workers, threads_per_worker, memory_limit, processes, timeout, echo, quiet, log_file
         )
+
+
+@contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Leave this process's environment as the embedded cluster found it.
+
+    distributed's nanny sets ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
+    ``OPENBLAS_NUM_THREADS=1``, ...) in *this* process's ``os.environ`` before it spawns a
+    worker, and never undoes it: afterwards, local computations would read a one-thread
+    BLAS setting the user never made (:func:`~dask_cosim._backend.blas_threads_for_task`).
+    Each such variable the nanny left at its value goes back to what it was.
+    """
+    import os
+
+    import dask
+
+    before = dict(os.environ)
+    try:
+        yield
+    finally:  # distributed (and its config) is loaded by now
+        spawned = dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}
+        for key, value in ((str(k), str(v)) for k, v in spawned.items()):
+            if os.environ.get(key) == value and before.get(key) != value:
+                if key in before:
+                    os.environ[key] = before[key]
+                else:
+                    del os.environ[key]
 
 
 def _dask_client(

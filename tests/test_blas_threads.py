@@ -173,3 +173,22 @@ def test_environment_caps_blas_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what distributed's nanny gives its workers
     assert dask.delayed(blas_threads_for_task)().compute(scheduler="sync") == 1
     assert blas_threads_for_task(2) == 2  # an explicit cosine.blas-threads still wins
+
+
+def test_the_embedded_cluster_leaves_the_blas_environment_as_it_found_it(monkeypatch):
+    """distributed's nanny sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in this process before it
+    spawns a worker and never undoes it; after the embedded cluster, local computations
+    must not read a one-thread BLAS setting the user never made."""
+    from dask_cosim.cluster import dask_client
+
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting comes back as it was
+    with dask_client(None, workers=1, threads_per_worker=1, echo=None, quiet=True) as client:
+        assert client.run(lambda: os.environ["OPENBLAS_NUM_THREADS"]) == {
+            w: "1" for w in client.scheduler_info()["workers"]
+        }
+        assert os.environ.get("OPENBLAS_NUM_THREADS") == "1"  # the nanny's doing, while it runs
+    assert "OPENBLAS_NUM_THREADS" not in os.environ and "MKL_NUM_THREADS" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert blas_threads_for_task() == min(CORES, 3)  # main thread: the synchronous scheduler's
