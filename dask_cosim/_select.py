@@ -629,7 +629,7 @@ def _topk_block_tiled(
 DIAGONAL_TILE = 4096
 
 
-def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin: float, most: int = 0):
+def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin: float):
     """Rows part of the diagonal block ``an @ an.T`` of a self-similarity (2-D, NumPy),
     from the upper triangle of its tiles only: the same part as the whole block gives.
 
@@ -640,7 +640,7 @@ def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin:
     """
     n = an.shape[0]
     kk = min(k, n)
-    tiles = _even_tiles(n, most or DIAGONAL_TILE)
+    tiles = _even_tiles(n, DIAGONAL_TILE)
     bands = [_RowBand(p1 - p0, kk, margin) for p0, p1 in tiles]
     at = np.ascontiguousarray(an.T)  # cheaper GEMM packing per strip
     dtype = an.dtype
@@ -888,27 +888,28 @@ class _Candidates:
         """Row candidates (row, column, clipped product) at or above ``bound - margin``,
         sorted, within the band of their row's ``kk``-th best (:func:`_band`)."""
         (r, c), vals = self._gather()
-        vals = _clip_candidates(vals)
-        if bound is not None:
-            keep = vals >= bound[r] - margin
-            r, c, vals = r[keep], c[keep], vals[keep]
-        r, c, vals = _sort_candidates(r, c, vals, self.n)
-        return _band(r, c, vals, np.bincount(r, minlength=self.n), kk, margin)
+        return _trimmed(r, c, vals, self.n, kk, bound, margin)
 
     def trimmed_cols(self, kk: int, bound=None, margin: float = 0.0):
         """:meth:`trimmed_rows` of the transposed block: (column, row, clipped product)."""
         (r, c), vals = self._gather()
-        vals = _clip_candidates(vals)
-        if bound is not None:
-            keep = vals >= bound[c] - margin
-            r, c, vals = r[keep], c[keep], vals[keep]
-        c, r, vals = _sort_candidates(c, r, vals, self.m)
-        return _band(c, r, vals, np.bincount(c, minlength=self.m), kk, margin)
+        return _trimmed(c, r, vals, self.m, kk, bound, margin)
 
     def rank_cols(self, kk: int, bound=None, rescorer=None):
         (r, c), vals = self._gather()
         score = None if rescorer is None else rescorer.cols
         return _rank(c, r, vals, kk, self.m, bound, score, _margin_of(rescorer))
+
+
+def _trimmed(group, member, vals, ngroups: int, kk: int, bound, margin: float):
+    """Candidates of each group at or above ``bound - margin``, clipped and sorted, within
+    the band of the group's ``kk``-th best (:func:`_band`)."""
+    vals = _clip_candidates(vals)
+    if bound is not None:
+        keep = vals >= bound[group] - margin
+        group, member, vals = group[keep], member[keep], vals[keep]
+    group, member, vals = _sort_candidates(group, member, vals, ngroups)
+    return _band(group, member, vals, np.bincount(group, minlength=ngroups), kk, margin)
 
 
 def _margin_of(rescorer) -> float:
