@@ -81,6 +81,10 @@ _GROUPS = 128
 _STRIP_BYTES = 4 * 2**20
 #: ... and at least this many rows (small GEMMs are inefficient).
 _MIN_STRIP_ROWS = 256
+#: Where every row's bound is known before its strip is computed, strips are computed
+#: and scanned in tiles of :data:`_MIN_STRIP_ROWS` rows and about this many bytes, which
+#: the core's L2 cache holds from the GEMM that writes them to the scans that read them.
+_GEMM_TILE_BYTES = 2 * 2**20
 #: OpenBLAS runs a product with fewer multiply-adds than this on one thread anyway
 #: (``GEMM_MULTITHREAD_THRESHOLD`` x 65536), so such blocks skip the process-wide BLAS
 #: thread limit, whose changes cost more than the product.
@@ -650,13 +654,13 @@ def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin:
         bound_p = bands[p].bound() if bands[p].vals is not None else None
         bound_q = None if p == q else bands[q].bound()
 
-        def product(r0, r1, out):
-            np.matmul(an[p0 + r0 : p0 + r1], at[:, q0:q1], out=out)
+        def product(r0, r1, out, c0=0, c1=None):
+            np.matmul(an[p0 + r0 : p0 + r1], at[:, q0:q1][:, c0:c1], out=out)
 
         _topk_pair_numpy(
             an[p0:p1], an[q0:q1], k, p != q, (offset + p0, offset + q0, exclude_self), product, dtype,
             bound_p, bound_q, None, margin, _TileBand(bands[p], q0),
-            None if p == q else _TileBand(bands[q], p0),
+            None if p == q else _TileBand(bands[q], p0), tiles=True,
         )  # fmt: skip
 
     for p in range(len(tiles)):  # diagonal tiles first: the bounds of every later product
@@ -701,6 +705,7 @@ def _topk_block_numpy(
     labels=None,
     margin=None,
     band=None,
+    tiles=None,
 ):
     """NumPy twin of :func:`select_topk` on ``an @ bn.T`` (raw), one 2-D block at a time.
 
@@ -710,6 +715,8 @@ def _topk_block_numpy(
 
     ``product(b, r0, r1, out)`` writes rows ``r0:r1`` of batch element ``b`` of the raw
     product into ``out`` (default: the GEMM); tests pass synthetic products through it.
+    ``tiles``: ``product`` also takes a column range, ``product(b, r0, r1, out, c0, c1)``
+    (see :func:`_topk_pair_numpy`); default: only the GEMM does.
     ``band``: 2-D blocks only; the rows' candidates go to it unscored (see
     :class:`_RowBand`) and the rows part is ``None``.
     """
@@ -725,11 +732,12 @@ def _topk_block_numpy(
     n, m = an.shape[-2], bn.shape[-2]
     a3 = np.broadcast_to(an, lead + an.shape[-2:]).reshape(-1, n, an.shape[-1])
     b3 = np.broadcast_to(bn, lead + bn.shape[-2:]).reshape(-1, m, bn.shape[-1])
+    tiles = product is None if tiles is None else tiles
     if product is None:
         bt = np.ascontiguousarray(np.swapaxes(b3, -1, -2))  # cheaper GEMM packing per strip
 
-        def product(b, r0, r1, out):
-            np.matmul(a3[b, r0:r1], bt[b], out=out)
+        def product(b, r0, r1, out, c0=0, c1=None):
+            np.matmul(a3[b, r0:r1], bt[b][:, c0:c1], out=out)
 
     def flat_bound(bound, size):
         return None if bound is None else np.broadcast_to(bound, lead + (size,)).reshape(-1, size)
@@ -751,6 +759,7 @@ def _topk_block_numpy(
             labels,
             margin,
             band,  # only for 2-D blocks (one batch element)
+            tiles=tiles,
         )  # fmt: skip
         for b in range(len(a3))
     ]
@@ -780,6 +789,7 @@ def _topk_pair_numpy(
     margin=None,
     band=None,
     col_band=None,
+    tiles=False,
 ):
     """Rows part (and with ``both`` the columns part) of one 2-D block.
 
@@ -788,6 +798,9 @@ def _topk_pair_numpy(
     ``band``: a :class:`_RowBand` that takes the rows' candidates unscored (columns
     local to this block); the rows part is then ``None``. ``col_band``: the same for the
     columns' candidates (rows local to this block; needs ``both`` and ``col_bound``).
+    ``tiles``: ``product(r0, r1, out, c0, c1)`` also takes a column range; with the rows'
+    bounds known (and the columns', with ``both``) the block is then computed in tiles
+    (:func:`_scan_tiles`) instead of whole-width strips.
     """
     row_offset, col_offset, exclude_self = offsets
     rescorer = None if margin is None else Rescorer(an, bn, margin, dtype)
@@ -800,34 +813,37 @@ def _topk_pair_numpy(
     g_c = _group_count(n, kk_c)
     t_r = None if row_bound is None else _threshold(row_bound.astype(dtype), margin)
     t_c = None if col_bound is None else _threshold(col_bound.astype(dtype), margin)
-    step = max(_MIN_STRIP_ROWS, _STRIP_BYTES // max(1, m * dtype.itemsize))
     group_cols = both and t_c is None
-    if group_cols:
-        step = -(-step // g_c) * g_c  # whole row groups per strip
-        col_max = np.full((g_c, m), -np.inf, dtype=dtype)
-    full = np.empty((n, m), dtype=dtype) if group_cols else None
-    buf = None if group_cols else np.empty((min(step, n), m), dtype=dtype)
-    mask = np.empty((min(step, n), m), dtype=bool)
     rows = _Candidates(n, m)
     cols = _Candidates(n, m) if both and not group_cols else None
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        strip = full[r0:r1] if group_cols else buf[: r1 - r0]
-        product(r0, r1, strip)
-        _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
-        if labels is not None:
-            strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
-        t = _group_threshold(strip, kk_r, g_r, margin) if t_r is None else t_r[r0:r1]
-        if cols is None:
-            rows.add(strip, t, r0, mask[: r1 - r0])
-        else:  # the rows' and the columns' bounds (a self-similarity's off-diagonal block)
-            flat, vals, flat_c, vals_c = row_col_hits(strip, t, t_c, mask[: r1 - r0])
-            rows.extend(flat + r0 * m, vals)
-            cols.extend(flat_c + r0 * m, vals_c)
+    if tiles and t_r is not None and not group_cols:
+        _scan_tiles(product, (n, m), dtype, t_r, t_c, rows, cols, (nan_rows, nan_cols, offsets, labels))
+    else:
+        step = max(_MIN_STRIP_ROWS, _STRIP_BYTES // max(1, m * dtype.itemsize))
         if group_cols:
-            whole = (r1 - r0) // g_c * g_c
-            if whole:
-                np.maximum(col_max, strip[:whole].reshape(-1, g_c, m).max(axis=0), out=col_max)
+            step = -(-step // g_c) * g_c  # whole row groups per strip
+            col_max = np.full((g_c, m), -np.inf, dtype=dtype)
+        full = np.empty((n, m), dtype=dtype) if group_cols else None
+        buf = None if group_cols else np.empty((min(step, n), m), dtype=dtype)
+        mask = np.empty((min(step, n), m), dtype=bool)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            strip = full[r0:r1] if group_cols else buf[: r1 - r0]
+            product(r0, r1, strip)
+            _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
+            if labels is not None:
+                strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
+            t = _group_threshold(strip, kk_r, g_r, margin) if t_r is None else t_r[r0:r1]
+            if cols is None:
+                rows.add(strip, t, r0, mask[: r1 - r0])
+            else:  # the rows' and the columns' bounds (a self-similarity's off-diagonal block)
+                flat, vals, flat_c, vals_c = row_col_hits(strip, t, t_c, mask[: r1 - r0])
+                rows.extend(flat + r0 * m, vals)
+                cols.extend(flat_c + r0 * m, vals_c)
+            if group_cols:
+                whole = (r1 - r0) // g_c * g_c
+                if whole:
+                    np.maximum(col_max, strip[:whole].reshape(-1, g_c, m).max(axis=0), out=col_max)
     if band is not None:
         band.add(*rows.trimmed_rows(kk_r, row_bound, margin))
         out_rows = None
@@ -850,6 +866,56 @@ def _topk_pair_numpy(
         return out_rows, None
     keys, idx = cols.rank_cols(kk_c, col_bound, rescorer)
     return out_rows, (keys, np.where(idx < 0, -1, idx + row_offset))
+
+
+def _scan_tiles(product, shape, dtype, t_r, t_c, rows, cols, marks) -> None:
+    """The candidates of a block whose bounds are known in advance, computed in tiles.
+
+    Each tile (:data:`_MIN_STRIP_ROWS` rows, :data:`_GEMM_TILE_BYTES`) is one GEMM,
+    ``product(r0, r1, out, c0, c1)``, scanned at once against the rows' bounds ``t_r``
+    into ``rows`` and, with ``cols``, against the columns' bounds ``t_c`` into ``cols``.
+    ``marks``: ``(nan_rows, nan_cols, offsets, labels)`` of :func:`_topk_pair_numpy`.
+    Column tiles run in the outer loop, so one tile of the block's columns is reused from
+    cache by every row strip.
+    """
+    n, m = shape
+    nan_rows, nan_cols, (row_offset, col_offset, exclude_self), labels = marks
+    step = min(n, _MIN_STRIP_ROWS)
+    col_tiles = _even_tiles(m, max(1, _GEMM_TILE_BYTES // (step * dtype.itemsize)))
+    widest = col_tiles[0][1] - col_tiles[0][0]
+    buf = np.empty(step * widest, dtype=dtype)
+    mask = np.empty(step * widest, dtype=bool)
+    for c0, c1 in col_tiles:
+        w = c1 - c0
+        tile_nan = None
+        if nan_cols is not None:
+            tile_nan = nan_cols[(nan_cols >= c0) & (nan_cols < c1)] - c0
+            tile_nan = tile_nan if tile_nan.size else None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            tile = buf[: (r1 - r0) * w].reshape(r1 - r0, w)
+            product(r0, r1, tile, c0, c1)
+            _mark_strip(tile, nan_rows[r0:r1], tile_nan, row_offset + r0, col_offset + c0, exclude_self)
+            if labels is not None:
+                tile[label_excluded(labels[0][r0:r1], labels[1][c0:c1], labels[2])] = EXCLUDED_KEY
+            tile_mask = mask[: tile.size].reshape(tile.shape)
+            if cols is None:
+                flat, vals = row_hits(tile, t_r[r0:r1], tile_mask)
+            else:
+                flat, vals, flat_c, vals_c = row_col_hits(tile, t_r[r0:r1], t_c[c0:c1], tile_mask)
+                cols.extend(_block_flat(flat_c, w, r0, c0, m), vals_c)
+            rows.extend(_block_flat(flat, w, r0, c0, m), vals)
+
+
+def _block_flat(flat, width: int, r0: int, c0: int, m: int):
+    """Flat indices into a tile of ``width`` columns at ``(r0, c0)`` as flat indices into
+    its block of ``m`` columns.
+
+    >>> _block_flat(np.array([0, 5]), 3, 2, 4, 10)
+    array([24, 35])
+    """
+    r, c = np.divmod(flat, width)
+    return (r + r0) * m + (c + c0)
 
 
 class _Candidates:

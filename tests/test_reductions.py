@@ -550,12 +550,12 @@ def test_numpy_fast_path_equals_generic_on_ties_clipping_and_bounds(
     col_bound = key_levels[gen.integers(0, 8, size=m)] if bounds in ("cols", "both") else None
     kw = {"row_offset": row_offset, "col_offset": col_offset, "exclude_self": exclude_self}
 
-    def product(b, r0, r1, out):
-        out[...] = s[r0:r1]
+    def product(b, r0, r1, out, c0=0, c1=None):
+        out[...] = s[r0:r1, c0:c1]
 
     with strip_rows(strip):
         fast_rows, fast_cols = _select._topk_block_numpy(
-            an, bn, k, both=True, row_bound=row_bound, col_bound=col_bound, product=product, **kw
+            an, bn, k, both=True, row_bound=row_bound, col_bound=col_bound, product=product, tiles=True, **kw
         )
     for axis, fast, bound in ((-1, fast_rows, row_bound), (-2, fast_cols, col_bound)):
         generic = select_topk(s, k, axis=axis, bound=bound, **kw)
@@ -585,14 +585,42 @@ def test_numpy_fast_path_equals_generic_on_ties_clipping_and_bounds(
 
 @contextmanager
 def strip_rows(rows):
-    """Set the fast path's row strips to ``rows`` (None: the default) for one call."""
-    saved = _select._STRIP_BYTES, _select._MIN_STRIP_ROWS
+    """Set the fast path's row strips to ``rows`` (None: the default) and its tiles to
+    ``rows`` x 5 float32 columns for one call."""
+    saved = _select._STRIP_BYTES, _select._MIN_STRIP_ROWS, _select._GEMM_TILE_BYTES
     if rows is not None:
-        _select._STRIP_BYTES, _select._MIN_STRIP_ROWS = 1, rows
+        _select._STRIP_BYTES, _select._MIN_STRIP_ROWS, _select._GEMM_TILE_BYTES = 1, rows, rows * 4 * 5
     try:
         yield
     finally:
-        _select._STRIP_BYTES, _select._MIN_STRIP_ROWS = saved
+        _select._STRIP_BYTES, _select._MIN_STRIP_ROWS, _select._GEMM_TILE_BYTES = saved
+
+
+@pytest.mark.parametrize("strip", [None, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_block_tiles_with_pivots_labels_nan_and_the_diagonal(strip, dtype):
+    """Pruned blocks (pivot bounds known) are computed in tiles: the same parts as the
+    generic path, with NaN rows and columns, labels and the excluded diagonal crossing
+    several tiles (``strip=8``: 8-row strips of 5-column tiles)."""
+    gen = rng(23)
+    an = gen.standard_normal((70, 12)).astype(dtype)
+    bn = gen.standard_normal((90, 12)).astype(dtype)
+    other = gen.standard_normal((40, 12)).astype(dtype)
+    for x in (an, bn, other):
+        x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    an[5] = np.nan
+    bn[[7, 33]] = np.nan
+    kw = {"k": 6, "row_offset": 10, "col_offset": 0, "exclude_self": True, "both": True}
+    kw["row_pivot"] = topk_block(an, other, k=6)
+    kw["col_pivot"] = topk_block(bn, other, k=6)
+    kw["row_labels"], kw["col_labels"] = gen.integers(0, 4, 70), gen.integers(0, 4, 90)
+    with strip_rows(strip):
+        fast = topk_block(an, bn, **kw)
+    generic = topk_block(an, bn, fast=False, **kw)
+    for f, g in zip(fast, generic, strict=True):
+        np.testing.assert_array_equal(f[0], g[0])
+        np.testing.assert_array_equal(f[1], g[1])
+    assert (fast[0][1] >= 0).sum() > 70  # the pivots left candidates to find
 
 
 def test_topk_block_fast_and_generic_agree_on_real_products():
