@@ -900,7 +900,7 @@ def _scan_tiles(product, shape, dtype, t_r, t_c, rows, cols, marks) -> None:
                 tile[label_excluded(labels[0][r0:r1], labels[1][c0:c1], labels[2])] = EXCLUDED_KEY
             tile_mask = mask[: tile.size].reshape(tile.shape)
             if cols is None:
-                flat, vals = row_hits(tile, t_r[r0:r1], tile_mask)
+                flat, vals = row_hits(tile, t_r[r0:r1], tile_mask, lowest_first=True)
             else:
                 flat, vals, flat_c, vals_c = row_col_hits(tile, t_r[r0:r1], t_c[c0:c1], tile_mask)
                 cols.extend(_block_flat(flat_c, w, r0, c0, m), vals_c)

@@ -10,6 +10,13 @@ from hypothesis import strategies as st
 from dask_cosim import _scan
 
 
+@pytest.fixture(params=[1, 64, 2**40], ids=["one-pass", "default", "two-pass"])
+def shared(request, monkeypatch):
+    """The lowest-bound pass kept always (1), as by default, or never (unless it finds nothing)."""
+    monkeypatch.setattr(_scan, "_MOST_SHARED", request.param)
+    return request.param
+
+
 def reference(strip, t, t_c=None):
     rows = np.flatnonzero(strip >= t[:, None])
     out = (rows, strip.reshape(-1)[rows])
@@ -46,18 +53,20 @@ def case(r, m, dtype, seed, spread=0.05):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("r", "m"), [(1, 1), (3, 31), (5, 32), (7, 33), (40, 100), (64, 257)])
-def test_scans_find_exactly_the_entries_at_or_above_their_bounds(dtype, r, m):
+def test_scans_find_exactly_the_entries_at_or_above_their_bounds(dtype, r, m, shared):
     strip, t, t_c = case(r, m, dtype, seed=r * 1000 + m)
     assert_same(_scan.row_hits(strip, t), reference(strip, t))
+    assert_same(_scan.row_hits(strip, t, lowest_first=True), reference(strip, t))
     assert_same(_scan.row_col_hits(strip, t, t_c), reference(strip, t, t_c))
     mask = np.empty(strip.shape, dtype=bool)  # the scratch the kernels pass
     assert_same(_scan.row_col_hits(strip, t, t_c, mask), reference(strip, t, t_c))
 
 
-def test_scans_when_every_entry_is_a_hit():
+def test_scans_when_every_entry_is_a_hit(shared):
     strip, t, t_c = case(50, 300, np.float32, seed=3)
     low = np.full(50, -np.inf, dtype=np.float32)
     assert_same(_scan.row_hits(strip, low), reference(strip, low))
+    assert_same(_scan.row_hits(strip, low, lowest_first=True), reference(strip, low))
     assert len(_scan.row_hits(strip, low)[0]) == strip.size
     assert_same(_scan.row_col_hits(strip, low, t_c), reference(strip, low, t_c))
 
@@ -71,11 +80,39 @@ def test_scans_when_every_entry_is_a_hit():
 )
 @settings(max_examples=40, deadline=None)
 def test_scans_on_any_shape_and_bound_spread(r, m, dtype, spread, seed):
-    """Any strip shape (empty, narrower than 8 bytes of mask), bounds tight or spread out."""
+    """Any strip shape (empty, narrower than 8 bytes of mask), bounds tight or spread out,
+    whichever pass finds the hits."""
     strip, t, t_c = case(r, m, dtype, seed, spread)
     want = reference(strip, t, t_c)
-    assert_same(_scan.row_hits(strip, t), want[:2])
-    assert_same(_scan.row_col_hits(strip, t, t_c), want)
+    for most_shared in (1, 64, 2**40):
+        _scan._MOST_SHARED = most_shared
+        try:
+            assert_same(_scan.row_hits(strip, t), want[:2])
+            assert_same(_scan.row_hits(strip, t, lowest_first=True), want[:2])
+            assert_same(_scan.row_col_hits(strip, t, t_c), want)
+        finally:
+            _scan._MOST_SHARED = 64
+
+
+def test_the_lowest_bound_pass_is_kept_for_alike_bounds_and_dropped_for_spread_ones(monkeypatch):
+    """Bounds near each row's best in a wide strip: one pass; one very low bound: two."""
+    strip, t, t_c = case(64, 4096, np.float32, seed=5, spread=0.0)
+    t = np.sort(strip, axis=1)[:, -3]
+    t_c = np.full(4096, np.median(t), dtype=np.float32)
+    passes = []
+    real = np.greater_equal
+
+    def counting(x, bound, out=None):
+        passes.append(np.ndim(bound))
+        return real(x, bound, out=out)
+
+    monkeypatch.setattr(_scan.np, "greater_equal", counting)
+    assert_same(_scan.row_col_hits(strip, t, t_c), reference(strip, t, t_c))
+    assert passes == [0]  # one pass against a scalar
+    passes.clear()
+    t[7] = -0.9
+    assert_same(_scan.row_col_hits(strip, t, t_c), reference(strip, t, t_c))
+    assert passes == [0, 2, 2]  # too many hits: one pass per bound
 
 
 @given(
