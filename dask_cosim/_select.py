@@ -630,7 +630,7 @@ def _topk_block_tiled(
 #: is computed as the upper triangle of its T tiles, (T + 1) / (2 T) of its products.
 #: Narrower tiles save products, but each tile pair is pruned only by the bounds of the
 #: tiles done so far (over fewer columns: more candidates), which costs more than that.
-DIAGONAL_TILE = 4096
+DIAGONAL_TILE = 2048
 
 
 def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin: float):
