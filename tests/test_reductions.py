@@ -598,29 +598,31 @@ def strip_rows(rows):
 
 @pytest.mark.parametrize("strip", [None, 8])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_topk_block_tiles_with_pivots_labels_nan_and_the_diagonal(strip, dtype):
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_topk_block_tiles_with_pivots_labels_nan_and_the_diagonal(strip, dtype, batch):
     """Pruned blocks (pivot bounds known) are computed in tiles: the same parts as the
-    generic path, with NaN rows and columns, labels and the excluded diagonal crossing
-    several tiles (``strip=8``: 8-row strips of 5-column tiles)."""
+    generic path, with NaN rows and columns, labels (2-D blocks) and the excluded diagonal
+    crossing several tiles (``strip=8``: 8-row strips of 5-column tiles)."""
     gen = rng(23)
-    an = gen.standard_normal((70, 12)).astype(dtype)
-    bn = gen.standard_normal((90, 12)).astype(dtype)
-    other = gen.standard_normal((40, 12)).astype(dtype)
+    an = gen.standard_normal((*batch, 70, 12)).astype(dtype)
+    bn = gen.standard_normal((*batch, 90, 12)).astype(dtype)
+    other = gen.standard_normal((*batch, 40, 12)).astype(dtype)
     for x in (an, bn, other):
         x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    an[5] = np.nan
-    bn[[7, 33]] = np.nan
+    an[..., 5, :] = np.nan
+    bn[..., [7, 33], :] = np.nan
     kw = {"k": 6, "row_offset": 10, "col_offset": 0, "exclude_self": True, "both": True}
     kw["row_pivot"] = topk_block(an, other, k=6)
     kw["col_pivot"] = topk_block(bn, other, k=6)
-    kw["row_labels"], kw["col_labels"] = gen.integers(0, 4, 70), gen.integers(0, 4, 90)
+    if not batch:
+        kw["row_labels"], kw["col_labels"] = gen.integers(0, 4, 70), gen.integers(0, 4, 90)
     with strip_rows(strip):
         fast = topk_block(an, bn, **kw)
     generic = topk_block(an, bn, fast=False, **kw)
     for f, g in zip(fast, generic, strict=True):
         np.testing.assert_array_equal(f[0], g[0])
         np.testing.assert_array_equal(f[1], g[1])
-    assert (fast[0][1] >= 0).sum() > 70  # the pivots left candidates to find
+    assert (fast[0][1] >= 0).sum() > 70 * int(np.prod(batch))  # the pivots left candidates to find
 
 
 def test_topk_block_fast_and_generic_agree_on_real_products():
