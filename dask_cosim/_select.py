@@ -679,9 +679,11 @@ def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin:
 # --------------------------------------------------------------------------- NumPy fast path
 #
 # The same selection as :func:`select_topk`, fused with the product and organised for
-# speed on the CPU: the block is computed in row strips that are scanned while they are
-# in cache; candidates come from one comparison pass per strip against each row's bound
-# (a pivot's, or the k-th best of the row's column-group maxima); the few candidates are
+# speed on the CPU: the block is computed in row strips (in cache-sized tiles of them where
+# the bounds are known first, :func:`_scan_tiles`) that are scanned while they are in
+# cache; candidates come from one comparison pass per strip against each row's bound (a
+# pivot's, or the k-th best of the row's column-group maxima; :mod:`dask_cosim._scan`
+# compares against the lowest bound first where that pays); the few candidates are
 # ranked by sorting one packed integer (row, key descending, column). NaN similarities
 # only come from NaN vectors, so they are marked from ``an``/``bn`` rather than found by
 # scanning; clipping is applied to candidates only (see :func:`_threshold`).
