@@ -914,7 +914,7 @@ def _block_flat(flat, width: int, r0: int, c0: int, m: int):
     its block of ``m`` columns.
 
     >>> _block_flat(np.array([0, 5]), 3, 2, 4, 10)
-    array([24, 35])
+    array([24, 36])
     """
     r, c = np.divmod(flat, width)
     return (r + r0) * m + (c + c0)
