@@ -84,14 +84,15 @@ def test_scans_on_any_shape_and_bound_spread(r, m, dtype, spread, seed):
     whichever pass finds the hits."""
     strip, t, t_c = case(r, m, dtype, seed, spread)
     want = reference(strip, t, t_c)
-    for most_shared in (1, 64, 2**40):
+    saved = _scan._MOST_SHARED
+    for most_shared in (1, saved, 2**40):
         _scan._MOST_SHARED = most_shared
         try:
             assert_same(_scan.row_hits(strip, t), want[:2])
             assert_same(_scan.row_hits(strip, t, lowest_first=True), want[:2])
             assert_same(_scan.row_col_hits(strip, t, t_c), want)
         finally:
-            _scan._MOST_SHARED = 64
+            _scan._MOST_SHARED = saved
 
 
 def test_the_lowest_bound_pass_is_kept_for_alike_bounds_and_dropped_for_spread_ones(monkeypatch):
