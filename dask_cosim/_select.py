@@ -832,9 +832,7 @@ def _topk_pair_numpy(
             r1 = min(n, r0 + step)
             strip = full[r0:r1] if group_cols else buf[: r1 - r0]
             product(r0, r1, strip)
-            _mark_strip(strip, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset, exclude_self)
-            if labels is not None:
-                strip[label_excluded(labels[0][r0:r1], labels[1], labels[2])] = EXCLUDED_KEY
+            _mark_tile(strip, (nan_rows, nan_cols, offsets, labels), r0, r1, 0, m)
             t = _group_threshold(strip, kk_r, g_r, margin) if t_r is None else t_r[r0:r1]
             if cols is None:
                 rows.add(strip, t, r0, mask[: r1 - r0])
@@ -881,7 +879,7 @@ def _scan_tiles(product, shape, dtype, t_r, t_c, rows, cols, marks) -> None:
     cache by every row strip.
     """
     n, m = shape
-    nan_rows, nan_cols, (row_offset, col_offset, exclude_self), labels = marks
+    nan_rows, nan_cols, offsets, labels = marks
     step = min(n, _MIN_STRIP_ROWS)
     col_tiles = _even_tiles(m, max(1, _GEMM_TILE_BYTES // (step * dtype.itemsize)))
     widest = col_tiles[0][1] - col_tiles[0][0]
@@ -897,9 +895,7 @@ def _scan_tiles(product, shape, dtype, t_r, t_c, rows, cols, marks) -> None:
             r1 = min(n, r0 + step)
             tile = buf[: (r1 - r0) * w].reshape(r1 - r0, w)
             product(r0, r1, tile, c0, c1)
-            _mark_strip(tile, nan_rows[r0:r1], tile_nan, row_offset + r0, col_offset + c0, exclude_self)
-            if labels is not None:
-                tile[label_excluded(labels[0][r0:r1], labels[1][c0:c1], labels[2])] = EXCLUDED_KEY
+            _mark_tile(tile, (nan_rows, tile_nan, offsets, labels), r0, r1, c0, c1)
             tile_mask = mask[: tile.size].reshape(tile.shape)
             if cols is None:
                 flat, vals = row_hits(tile, t_r[r0:r1], tile_mask, lowest_first=True)
@@ -907,6 +903,16 @@ def _scan_tiles(product, shape, dtype, t_r, t_c, rows, cols, marks) -> None:
                 flat, vals, flat_c, vals_c = row_col_hits(tile, t_r[r0:r1], t_c[c0:c1], tile_mask)
                 cols.extend(_block_flat(flat_c, w, r0, c0, m), vals_c)
             rows.extend(_block_flat(flat, w, r0, c0, m), vals)
+
+
+def _mark_tile(tile, marks, r0: int, r1: int, c0: int, c1: int) -> None:
+    """Mark NaN, the excluded diagonal and label-masked pairs in the raw tile of rows
+    ``r0:r1`` and columns ``c0:c1`` of a block; ``marks``: ``(nan_rows, nan_cols, offsets,
+    labels)`` as in :func:`_scan_tiles`, ``nan_cols`` local to the tile (or ``None``)."""
+    nan_rows, nan_cols, (row_offset, col_offset, exclude_self), labels = marks
+    _mark_strip(tile, nan_rows[r0:r1], nan_cols, row_offset + r0, col_offset + c0, exclude_self)
+    if labels is not None:
+        tile[label_excluded(labels[0][r0:r1], labels[1][c0:c1], labels[2])] = EXCLUDED_KEY
 
 
 def _block_flat(flat, width: int, r0: int, c0: int, m: int):
