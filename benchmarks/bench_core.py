@@ -12,6 +12,9 @@ On the threaded scheduler ``S.compute()`` allocates the result and each block ta
 into its region (no assembly copy afterwards, see README: Performance);
 ``ratio_store_into_out`` is the same graph written by ``S.store(out)`` into a result buffer the
 caller keeps and reuses (dask's ``store``: each block is computed, then copied in).
+``ratio_normalised_copies`` is the graph whose normalise tasks write normalised copies of
+the inputs (the products then read them back) instead of handing the products raw blocks
+and inverse norms; ``copies_over_ours_paired`` is its time over ours, round by round.
 Fresh memory is slow to fault in on some Linux machines (transparent huge pages with
 ``defrag=madvise``, which NumPy requests for large arrays): compare a run with
 ``NUMPY_MADVISE_HUGEPAGE=0``.
@@ -35,6 +38,8 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 import dask_cosim as dcs
+from dask_cosim._result import SimilarityArray
+from dask_cosim.core import prepare, similarity_from
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -99,11 +104,12 @@ def workload(name, a, b, repeat, with_sklearn=False):
         lambda: dcs.cosine_similarity(a, b).compute(),  # the whole call: graph built each time
         S_over.compute,
         lambda: S.store(out, lock=False),
+        normalised_copies_graph(a, b).compute,
     ]
     if with_sklearn:
         fns.append(lambda: sklearn_loop(a, b))
     times = paired_times(fns, repeat)
-    t_limit, t_ours, t_call, t_over, t_store, *t_sk = (statistics.median(ts) for ts in times)
+    t_limit, t_ours, t_call, t_over, t_store, t_copies, *t_sk = (statistics.median(ts) for ts in times)
     got = S.compute()
     ref = np.matmul(an, bnt)
     err = float(max(np.max(np.abs(got - ref)), np.max(np.abs(out - ref))))
@@ -121,6 +127,10 @@ def workload(name, a, b, repeat, with_sklearn=False):
         "gflops_dask_cosim": round(flops / t_ours / 1e9, 1),
         "ratio_oversubscribed_blas": round(t_limit / t_over, 3),
         "ratio_store_into_out": round(t_limit / t_store, 3),
+        "ratio_normalised_copies": round(t_limit / t_copies, 3),
+        "copies_over_ours_paired": round(
+            statistics.median(tc / to for tc, to in zip(times[5], times[1], strict=True)), 3
+        ),
         "max_abs_err_vs_limit": err,
     }
     if with_sklearn:
@@ -129,6 +139,13 @@ def workload(name, a, b, repeat, with_sklearn=False):
         row["call_speedup_vs_sklearn_loop"] = round(t_sk[0] / t_call, 2)
     print(json.dumps(row), flush=True)
     return row
+
+
+def normalised_copies_graph(a, b):
+    """The same graph with normalise tasks that write normalised copies of their blocks
+    (dask_cosim before its products normalised in cache: README, Performance)."""
+    prep = prepare(a, b, scaled=False)
+    return SimilarityArray.wrap(similarity_from(prep), prep)
 
 
 def tiny_call(repeat: int, calls: int = 200) -> dict:

@@ -12,9 +12,17 @@ import math
 import array_api_compat
 import numpy as np
 
-from ._backend import blas_threads_for_task, block_namespace, device_matmul, limit_blas, to_numpy
+from ._backend import (
+    blas_threads_for_task,
+    block_namespace,
+    choose_backend,
+    device_matmul,
+    limit_blas,
+    to_numpy,
+)
 from ._finite import raise_nonfinite
 from ._options import CHOICES
+from ._scaled import ScaledBlock, as_unit
 from ._sparse import is_sparse, sparse_similarity_block
 from ._zero_vector import ZeroVectorError, raise_zero_vector
 
@@ -42,6 +50,7 @@ def normalize_rows(
     offset: tuple[int, int] | None = None,
     batched: bool = False,
     check_finite: bool = False,
+    scaled: bool = False,
 ):
     """Scale every vector (last axis) of a block to unit L2 length.
 
@@ -69,6 +78,11 @@ def normalize_rows(
     check_finite
         Raise :class:`~dask_cosim.NonFiniteError` if the block holds NaN or inf (checked
         only on the careful path: the fast path is taken only when every value is finite).
+    scaled
+        On NumPy, when no vector needs the careful path, return a
+        :class:`~dask_cosim._scaled.ScaledBlock` instead: the block itself and its rows'
+        inverse norms, nothing written the size of the block (a dense product scales the
+        rows in cache, :func:`similarity_block`). Otherwise as without it.
 
     Examples
     --------
@@ -77,18 +91,25 @@ def normalize_rows(
            [0. , 0. ]])
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # handled per row below
-        return _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite)
+        return _normalize(
+            x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite, scaled
+        )
 
 
 #: Values of a NumPy block normalised together (rows of it): the scratch arrays stay in cache.
 _NORM_CHUNK = 2**16
 
 
-def _normalize(x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite=False):
+def _normalize(
+    x, compute_dtype, zero_vector, device, input_name, offset, batched, check_finite=False, scaled=False
+):
     xp, x = block_namespace(x, device)
     dtype = _dtype(xp, compute_dtype)
     x = xp.astype(x, dtype) if x.dtype != dtype else x
     if isinstance(x, np.ndarray):
+        block = _scaled_numpy(x) if scaled else None
+        if block is not None:
+            return block
         out, bad = _normalize_numpy(x)
         if bad.any():  # only the rows that need it take the careful path
             if check_finite:  # the cast above never narrows (the work dtype is at least the input's)
@@ -127,21 +148,45 @@ def _normalize_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the careful path). NumPy's pairwise sum along the contiguous vector axis depends only
     on the row, never on the chunk it is computed in.
     """
-    shape, d = x.shape, max(1, x.shape[-1])
+    shape = x.shape
     x2 = x.reshape(math.prod(shape[:-1]), shape[-1])
     out = np.empty_like(x2)
-    rows = max(1, min(len(x2), _NORM_CHUNK // d))
-    squares = np.empty((rows, shape[-1]), dtype=x.dtype)
-    sq = np.empty(len(x2), dtype=x.dtype)
-    inv = np.empty(rows, dtype=x.dtype)
-    for r0 in range(0, len(x2), rows):
-        chunk, s = x2[r0 : r0 + rows], sq[r0 : r0 + rows]
-        np.add.reduce(np.multiply(chunk, chunk, out=squares[: len(chunk)]), axis=-1, out=s)
-        t = inv[: len(chunk)]
-        np.divide(1, np.sqrt(s, out=t), out=t)
-        np.multiply(chunk, t[:, None], out=out[r0 : r0 + rows])
+    sq, _ = _row_norms(x2, out)
     bad = ~_regular(np, sq)
     return out.reshape(shape), bad.reshape(shape[:-1])
+
+
+def _scaled_numpy(x: np.ndarray) -> ScaledBlock | None:
+    """``x`` with its rows' inverse norms (the fast path's), when the fast path is exact
+    for every row (no row needs the careful path); else ``None``. Reads ``x`` only."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    if not d:
+        return None
+    sq = np.empty(lead, dtype=x.dtype)
+    inv = np.empty(lead, dtype=x.dtype)
+    if x.flags.c_contiguous:  # one 2-D view
+        _row_norms(x.reshape(-1, d), None, sq.reshape(-1), inv.reshape(-1))
+    else:  # 2-D views: reshaping a strided block would copy it
+        for k in np.ndindex(lead[:-1]):
+            _row_norms(x[k], None, sq[k], inv[k])
+    return ScaledBlock(x, inv) if _regular(np, sq).all() else None
+
+
+def _row_norms(x2: np.ndarray, out: np.ndarray | None, sq=None, inv=None):
+    """``(squared norms, inverse norms)`` of the rows of the 2-D ``x2``, a chunk of rows at
+    a time (the chunk's squares stay in cache); ``out``: also write the unit rows there."""
+    d = max(1, x2.shape[-1])
+    rows = max(1, min(len(x2), _NORM_CHUNK // d))
+    squares = np.empty((rows, x2.shape[-1]), dtype=x2.dtype)
+    sq = np.empty(len(x2), dtype=x2.dtype) if sq is None else sq
+    inv = np.empty(len(x2), dtype=x2.dtype) if inv is None else inv
+    for r0 in range(0, len(x2), rows):
+        chunk, s, t = x2[r0 : r0 + rows], sq[r0 : r0 + rows], inv[r0 : r0 + rows]
+        np.add.reduce(np.multiply(chunk, chunk, out=squares[: len(chunk)]), axis=-1, out=s)
+        np.divide(1, np.sqrt(s, out=t), out=t)
+        if out is not None:
+            np.multiply(chunk, t[:, None], out=out[r0 : r0 + rows])
+    return sq, inv
 
 
 def _normalize_careful(xp, x, dtype, zero_vector):
@@ -214,7 +259,12 @@ PANEL_BYTES = 4 * 2**20
 
 
 def matmul_clip_numpy(
-    an: np.ndarray, bn: np.ndarray, out_dtype: str | None = None, out: np.ndarray | None = None
+    an: np.ndarray,
+    bn: np.ndarray,
+    out_dtype: str | None = None,
+    out: np.ndarray | None = None,
+    a_scale: np.ndarray | None = None,
+    b_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """NumPy twin of ``clip(an @ bn.T, -1, 1)`` that clips (and casts) each panel while hot.
 
@@ -223,12 +273,20 @@ def matmul_clip_numpy(
     each panel of rows of at most :data:`PANEL_BYTES`, is clipped and cast right after
     its GEMM, while it is still in cache. Results equal the generic path's up to the
     rounding of a differently-blocked GEMM. ``out``: write into this array (for instance
-    a region of a larger result) instead of a new one.
+    a region of a larger result) instead of a new one. ``a_scale`` / ``b_scale``
+    (shapes ``(..., n)`` / ``(..., m)``): ``an`` / ``bn`` are raw blocks whose rows are
+    multiplied by these (their inverse norms, :mod:`dask_cosim._scaled`) into scratch
+    memory, a batch element of ``bn`` and a panel of ``an`` at a time, right before the
+    product reads them from cache: the same unit rows, bit for bit, as the normalise task's.
     """
     work = np.result_type(an, bn)
     batch = np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])
     an = np.broadcast_to(an, batch + an.shape[-2:])  # views: no copies
     bn = np.broadcast_to(bn, batch + bn.shape[-2:])
+    if a_scale is not None:
+        a_scale = np.broadcast_to(a_scale, batch + a_scale.shape[-1:])
+    if b_scale is not None:
+        b_scale = np.broadcast_to(b_scale, batch + b_scale.shape[-1:])
     shape = batch + (an.shape[-2], bn.shape[-2])
     if out is None:
         out = np.empty(shape, dtype=out_dtype or work)
@@ -240,12 +298,21 @@ def matmul_clip_numpy(
     m = bn.shape[-2]
     rows = max(1, PANEL_BYTES // max(1, m * work.itemsize))
     scratch = None if out.dtype == work else np.empty((min(rows, an.shape[-2]), m), dtype=work)
+    d = an.shape[-1]
+    unit_a = None if a_scale is None else np.empty((min(rows, an.shape[-2]), d), dtype=work)
+    unit_b = None if b_scale is None else np.empty((m, d), dtype=work)
     for k in np.ndindex(out.shape[:-2]):
-        ak, bt = an[k], bn[k].T
+        ak, bk = an[k], bn[k]
+        if b_scale is not None:  # unit rows of b, while they are in cache
+            bk = np.multiply(bk, b_scale[k][:, None], out=unit_b)
+        bt = bk.T
         for r0 in range(0, an.shape[-2], rows):
             dest = out[k][r0 : r0 + rows]
             panel = dest if scratch is None else scratch[: dest.shape[0]]
-            np.matmul(ak[r0 : r0 + rows], bt, out=panel)
+            a_rows = ak[r0 : r0 + rows]
+            if a_scale is not None:
+                a_rows = np.multiply(a_rows, a_scale[k][r0 : r0 + rows, None], out=unit_a[: len(a_rows)])
+            np.matmul(a_rows, bt, out=panel)
             np.clip(panel, -1.0, 1.0, out=panel)
             if scratch is not None:
                 dest[...] = panel
@@ -296,6 +363,12 @@ def similarity_block(
         raise ValueError(f"precision: expected one of {PRECISIONS}, received {precision!r}")
     if is_sparse(an) or is_sparse(bn):  # normalised CSR blocks: a sparse product, a dense block
         return sparse_similarity_block(an, bn, out_dtype=out_dtype, out=out)
+    scaled = _scales(an, bn, device, precision)
+    if scaled is not None:  # raw NumPy blocks: the product scales its rows and columns
+        (an, a_scale), (bn, b_scale) = scaled
+        with limit_blas(blas_threads_for_task(blas_threads)):
+            return matmul_clip_numpy(an, bn, out_dtype, out=out, a_scale=a_scale, b_scale=b_scale)
+    an, bn = as_unit(an), as_unit(bn)
     xp, an = block_namespace(an, device)
     if array_api_compat.is_cupy_array(an):
         import cupy
@@ -322,6 +395,18 @@ def similarity_block(
         out[...] = to_numpy(s)
         return out
     return to_numpy(s) if like == "numpy" and array_api_compat.is_cupy_array(s) else s
+
+
+def _scales(an, bn, device: str, precision: str):
+    """``((an, its rows' scales), (bn, its rows' scales))`` when at least one block is a
+    :class:`~dask_cosim._scaled.ScaledBlock` and the product runs on NumPy in the blocks'
+    own precision (a block already normalised gets ``None``); else ``None``."""
+    if not (isinstance(an, ScaledBlock) or isinstance(bn, ScaledBlock)) or precision != "float32":
+        return None
+    pairs = [(x.raw, x.inv) if isinstance(x, ScaledBlock) else (x, None) for x in (an, bn)]
+    if not all(isinstance(x, np.ndarray) and choose_backend(x, device) == "numpy" for x, _ in pairs):
+        return None
+    return tuple(pairs)
 
 
 def cosine_block(a, b, *, zero_vector: str = "zero", out_dtype: str | None = None, device: str = "cpu"):

@@ -130,7 +130,7 @@ class _OneBlock:
 
     def _normalized(self, x: np.ndarray, name: str) -> np.ndarray:
         return normalize_rows(
-            x, **self.norm, device="cpu", input_name=name, offset=(0, 0), batched=x.ndim == 3
+            x, **self.norm, device="cpu", input_name=name, offset=(0, 0), batched=x.ndim == 3, scaled=True
         )
 
     def __dask_tokenize__(self) -> tuple:

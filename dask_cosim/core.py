@@ -45,6 +45,7 @@ def prepare(
     like: Like | None = None,
     op: str = "similarity",
     k: int | None = None,
+    scaled: bool = False,
 ) -> Prepared:
     """Validate the inputs, plan the blocks and build the normalised inputs (lazily).
 
@@ -54,6 +55,8 @@ def prepare(
     ``op`` (``"similarity"``, ``"topk"``, ``"pairs"``) and ``k`` tell the sizing policy
     (:mod:`dask_cosim._sizing`) what the blocks are for; it is asked once, with the
     active cluster's layout (one call to its scheduler) or this machine's.
+    ``scaled``: the blocks feed dense products only, which may take them raw with their
+    rows' inverse norms (:mod:`dask_cosim._scaled`) instead of normalised copies.
     """
     device = check_choice("device", device)
     zero_vector = check_choice("zero_vector", zero_vector)
@@ -104,6 +107,9 @@ def prepare(
     }
     if check_finite:  # checked by the normalise tasks (sparse inputs refuse the option above)
         norm["check_finite"] = True
+    rechunked = self_similar and plan.cols != plan.rows  # the normalised blocks are rechunked
+    if scaled and precision == "float32" and not (sparse or on_device or rechunked or device == "gpu"):
+        norm["scaled"] = True  # raw NumPy blocks and their inverse norms (dask_cosim._scaled)
     an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
     if self_similar:
         bn, b_index = an, a_index.replace("i", "j")
@@ -425,7 +431,7 @@ def cosine_similarity(
             device, a, b, zero_vector=zero_vector, precision=precision,
         )  # fmt: skip
         return result
-    prep = prepare(a, b, **options)
+    prep = prepare(a, b, **options, scaled=True)
     result = SimilarityArray.wrap(similarity_from(prep), prep)
     record_result(result.name, "similarity", prep, a, b, zero_vector=zero_vector, precision=precision)
     return result
