@@ -364,7 +364,7 @@ def similarity_block(
     if is_sparse(an) or is_sparse(bn):  # normalised CSR blocks: a sparse product, a dense block
         return sparse_similarity_block(an, bn, out_dtype=out_dtype, out=out)
     scaled = _scales(an, bn, device, precision)
-    if scaled is not None:  # raw NumPy blocks: the product scales its rows and columns
+    if scaled is not None:  # raw NumPy blocks: their unit rows are written in cache, per panel
         (an, a_scale), (bn, b_scale) = scaled
         with limit_blas(blas_threads_for_task(blas_threads)):
             return matmul_clip_numpy(an, bn, out_dtype, out=out, a_scale=a_scale, b_scale=b_scale)

@@ -246,8 +246,10 @@ def task_memory(
     """Peak bytes one task holds: the worst of a normalise task and a product task.
 
     A normalise task holds its raw input block, a float64 working copy, its scale
-    temporaries and the normalised result. A product task holds two normalised blocks,
-    the product in the compute dtype and, if the output dtype differs, its cast.
+    temporaries and the normalised result. A product task holds two normalised blocks
+    (or two raw ones and the unit rows of one batch element of each, written in cache:
+    :mod:`dask_cosim._scaled`), the product in the compute dtype and, if the output dtype
+    differs, its cast.
     With ``reduce=True`` (top-k and pairs on the CPU) the product is never held whole:
     the kernels compute it in tiles of at most :data:`REDUCE_TILE_BYTES` (plus their
     masks and candidates), and keep a transposed copy of the column block.
@@ -270,7 +272,7 @@ def task_memory(
         tile = min(block, REDUCE_TILE_BYTES // compute_itemsize)
         product = bc * (nc + 2 * mc) * unit_row + tile * (compute_itemsize + 2 + sparse_entry)
         return max(normalize, product + bc * nc * _CANDIDATE_BYTES)
-    product = bc * (nc + mc) * unit_row + block * (compute_itemsize + sparse_entry)
+    product = (bc + 1) * (nc + mc) * unit_row + block * (compute_itemsize + sparse_entry)
     if out_itemsize != compute_itemsize:
         product += block * out_itemsize
     return max(normalize, product)
@@ -398,6 +400,10 @@ def plan_blocks(
         input_rows = target_bytes // max(1, unit_row)
         if capped:  # the task-count cap outranks the target size of input blocks (not the budget)
             input_rows = max(input_rows, math.isqrt(elems))
+        # a product's inputs and its batch element of unit rows, (bc + 1) (nc + mc) unit rows,
+        # stay within half the budget: with bc * max(nc, mc) and max(nc, mc) both at most
+        # budget / (8 unit_row), below (the output and its cast take a quarter each)
+        input_rows = min(input_rows, budget_bytes // max(1, 8 * unit_row))
     max_rows = max(1, min(normalise_rows, input_rows))
 
     nc = max(n_spec) if n_spec else None

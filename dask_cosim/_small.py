@@ -27,6 +27,7 @@ from ._inputs import input_token
 from ._kernels import normalize_rows, similarity_block
 from ._options import check_choice, check_flag
 from ._plan import Operand, Plan, check_pair, compute_dtype, output_dtype, result_dtype
+from ._scaled import ScaledBlock
 from ._sizing import Job
 
 __all__ = ["SMALL_FLOPS", "SMALL_BYTES", "small_similarity"]
@@ -128,7 +129,7 @@ class _OneBlock:
         bn = an if self.b is None else self._normalized(self.b, "b")
         return similarity_block(an, bn, **self.product)
 
-    def _normalized(self, x: np.ndarray, name: str) -> np.ndarray:
+    def _normalized(self, x: np.ndarray, name: str) -> np.ndarray | ScaledBlock:
         return normalize_rows(
             x, **self.norm, device="cpu", input_name=name, offset=(0, 0), batched=x.ndim == 3, scaled=True
         )

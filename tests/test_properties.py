@@ -71,7 +71,7 @@ def test_planner_covers_axes_and_respects_budget(batch, n, m, dim, data, target,
 def test_task_memory_counts_inputs_output_and_cast():
     same = task_memory(1, 100, 200, 10, in_itemsize=4, compute_itemsize=4, out_itemsize=4)
     cast = task_memory(1, 100, 200, 10, in_itemsize=4, compute_itemsize=4, out_itemsize=2)
-    assert same == (100 + 200) * 10 * 4 + 100 * 200 * 4
+    assert same == 2 * (100 + 200) * 10 * 4 + 100 * 200 * 4  # inputs and one batch element of unit rows
     assert cast == same + 100 * 200 * 2
 
 
