@@ -272,7 +272,8 @@ def task_memory(
         tile = min(block, REDUCE_TILE_BYTES // compute_itemsize)
         product = bc * (nc + 2 * mc) * unit_row + tile * (compute_itemsize + 2 + sparse_entry)
         return max(normalize, product + bc * nc * _CANDIDATE_BYTES)
-    product = (bc + 1) * (nc + mc) * unit_row + block * (compute_itemsize + sparse_entry)
+    scratch = (nc + mc) * unit_row if nnz_per_row is None else 0  # dense: one batch element's unit rows
+    product = (bc * (nc + mc) * unit_row + scratch) + block * (compute_itemsize + sparse_entry)
     if out_itemsize != compute_itemsize:
         product += block * out_itemsize
     return max(normalize, product)
@@ -400,10 +401,11 @@ def plan_blocks(
         input_rows = target_bytes // max(1, unit_row)
         if capped:  # the task-count cap outranks the target size of input blocks (not the budget)
             input_rows = max(input_rows, math.isqrt(elems))
-        # a product's inputs and its batch element of unit rows, (bc + 1) (nc + mc) unit rows,
-        # stay within half the budget: with bc * max(nc, mc) and max(nc, mc) both at most
-        # budget / (8 unit_row), below (the output and its cast take a quarter each)
-        input_rows = min(input_rows, budget_bytes // max(1, 8 * unit_row))
+        if nnz_per_row is None:
+            # a dense product's inputs and its batch element of unit rows, (bc + 1) (nc + mc)
+            # unit rows, stay within half the budget: with bc * max(nc, mc) and max(nc, mc)
+            # both at most budget / (8 unit_row), below (the output and its cast: a quarter each)
+            input_rows = min(input_rows, budget_bytes // max(1, 8 * unit_row))
     max_rows = max(1, min(normalise_rows, input_rows))
 
     nc = max(n_spec) if n_spec else None

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dask_cosim as dcs
-from dask_cosim._plan import PlanError, plan_blocks, task_memory
+from dask_cosim._plan import PlanError, plan_blocks, row_bytes, task_memory
 from dask_cosim.testing import reference_cosine
 
 from .strategies import axis_chunks, problems
@@ -73,6 +73,10 @@ def test_task_memory_counts_inputs_output_and_cast():
     cast = task_memory(1, 100, 200, 10, in_itemsize=4, compute_itemsize=4, out_itemsize=2)
     assert same == 2 * (100 + 200) * 10 * 4 + 100 * 200 * 4  # inputs and one batch element of unit rows
     assert cast == same + 100 * 200 * 2
+    sizes = {"in_itemsize": 4, "compute_itemsize": 4, "out_itemsize": 4}
+    sparse = task_memory(1, 100, 200, 1000, **sizes, nnz_per_row=5.0)
+    # sparse blocks are never scaled: no unit rows; each stored value carries an int64 index
+    assert sparse == (100 + 200) * row_bytes(1000, 4, 5.0) + 100 * 200 * (4 + 4 + 8)
 
 
 @settings(max_examples=300, deadline=None)
