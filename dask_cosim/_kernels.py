@@ -301,10 +301,11 @@ def matmul_clip_numpy(
     d = an.shape[-1]
     unit_a = None if a_scale is None else np.empty((min(rows, an.shape[-2]), d), dtype=work)
     unit_b = None if b_scale is None else np.empty((m, d), dtype=work)
-    for k in np.ndindex(out.shape[:-2]):
-        ak, bk = an[k], bn[k]
-        if b_scale is not None:  # unit rows of b, while they are in cache
-            bk = np.multiply(bk, b_scale[k][:, None], out=unit_b)
+    b_shared = all(step == 0 for step in bn.strides[:-2])  # one b for every batch element
+    for i, k in enumerate(np.ndindex(out.shape[:-2])):
+        ak, bk = an[k], bn[k] if unit_b is None else unit_b
+        if unit_b is not None and (i == 0 or not b_shared):  # unit rows of b, while they are in cache
+            np.multiply(bn[k], b_scale[k][:, None], out=unit_b)
         bt = bk.T
         for r0 in range(0, an.shape[-2], rows):
             dest = out[k][r0 : r0 + rows]

@@ -35,19 +35,8 @@ class ScaledBlock:
     def __init__(self, raw: np.ndarray, inv: np.ndarray):
         self.raw, self.inv = raw, inv
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.raw.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.raw.dtype
-
     def __sizeof__(self) -> int:  # what dask's sizeof (and so the dashboard) reports
         return self.raw.nbytes + self.inv.nbytes
-
-    def __reduce__(self):
-        return ScaledBlock, (self.raw, self.inv)
 
 
 def as_unit(x):
