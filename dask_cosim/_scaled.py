@@ -35,6 +35,15 @@ class ScaledBlock:
     def __init__(self, raw: np.ndarray, inv: np.ndarray):
         self.raw, self.inv = raw, inv
 
+    # as a dask chunk it stands for the normalised block: code that inspects chunks sees its shape
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.raw.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.raw.dtype
+
     def __sizeof__(self) -> int:  # what dask's sizeof (and so the dashboard) reports
         return self.raw.nbytes + self.inv.nbytes
 

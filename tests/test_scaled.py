@@ -46,7 +46,8 @@ def test_scaled_block_unit_rows_are_the_normalised_bits(dtype, contiguous):
     block = x if contiguous else x[:, 10:50]
     scaled = normalize_rows(block, compute_dtype=dtype, scaled=True)
     assert isinstance(scaled, ScaledBlock) and scaled.raw is block  # nothing copied
-    assert scaled.inv.shape == block.shape[:-1] and scaled.raw.dtype == block.dtype
+    assert scaled.inv.shape == block.shape[:-1]
+    assert scaled.shape == block.shape and scaled.dtype == block.dtype  # it stands for the block
     np.testing.assert_array_equal(as_unit(scaled), normalize_rows(block, compute_dtype=dtype))
 
 
