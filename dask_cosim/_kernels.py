@@ -256,6 +256,19 @@ def _clip_unit(xp, s):
 #: Output panel size for the NumPy fast path: small enough to stay in cache between the
 #: product and the clip/cast that follow it, large enough for efficient GEMMs.
 PANEL_BYTES = 4 * 2**20
+#: Fewest rows of a panel, whatever its width: each GEMM packs all the columns of ``b``
+#: again, so a wide block in thin panels loses more to that than its clip gains in cache.
+MIN_PANEL_ROWS = 1024
+
+
+def panel_rows(m: int, itemsize: int) -> int:
+    """Rows of ``a`` per GEMM of :func:`matmul_clip_numpy` for ``m`` columns of ``itemsize``
+    bytes: a :data:`PANEL_BYTES` panel, but never fewer than :data:`MIN_PANEL_ROWS` rows.
+
+    >>> panel_rows(256, 4), panel_rows(2048, 4), panel_rows(50_000, 4)
+    (4096, 1024, 1024)
+    """
+    return max(MIN_PANEL_ROWS, PANEL_BYTES // max(1, m * itemsize))
 
 
 def matmul_clip_numpy(
@@ -270,8 +283,9 @@ def matmul_clip_numpy(
 
     The generic path makes one pass for the product, then a second pass over the whole
     block in memory for the clip (and a third for a cast); here each batch element, or
-    each panel of rows of at most :data:`PANEL_BYTES`, is clipped and cast right after
-    its GEMM, while it is still in cache. Results equal the generic path's up to the
+    each panel of its rows (:func:`panel_rows`), is clipped and cast right after its
+    GEMM, while it is still in cache (or, for a wide block, at least while the clip is
+    the only pass after the GEMM). Results equal the generic path's up to the
     rounding of a differently-blocked GEMM. ``out``: write into this array (for instance
     a region of a larger result) instead of a new one. ``a_scale`` / ``b_scale``
     (shapes ``(..., n)`` / ``(..., m)``): ``an`` / ``bn`` are raw blocks whose rows are
@@ -296,7 +310,7 @@ def matmul_clip_numpy(
             f"received shape {out.shape} and dtype {out.dtype}"
         )
     m = bn.shape[-2]
-    rows = max(1, PANEL_BYTES // max(1, m * work.itemsize))
+    rows = panel_rows(m, work.itemsize)
     scratch = None if out.dtype == work else np.empty((min(rows, an.shape[-2]), m), dtype=work)
     d = an.shape[-1]
     unit_a = None if a_scale is None else np.empty((min(rows, an.shape[-2]), d), dtype=work)

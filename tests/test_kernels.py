@@ -16,7 +16,8 @@ def generic(an, bn, out_dtype=None):
     return s.astype(out_dtype) if out_dtype else s
 
 
-@pytest.mark.parametrize("panel_bytes", [64, 1000, 2**22])  # many panels, a few, one per batch
+@pytest.mark.parametrize("panel_bytes, min_rows", [(64, 1), (64, 7), (1000, 1), (2**22, 1)])  # many
+# panels (of one row, or of the fewest rows the panels keep), a few, one per batch element
 @pytest.mark.parametrize(
     "shape_a, shape_b",
     [((3, 37, 5), (3, 29, 5)), ((37, 5), (3, 29, 5)), ((3, 37, 5), (29, 5)), ((1, 37, 5), (4, 29, 5)),
@@ -24,8 +25,11 @@ def generic(an, bn, out_dtype=None):
 )  # fmt: skip
 @pytest.mark.parametrize("dtype, out", [("float64", None), ("float32", None), ("float32", "float16"),
                                         ("float64", "float32")])  # fmt: skip
-def test_numpy_fast_path_equals_generic_product(monkeypatch, panel_bytes, shape_a, shape_b, dtype, out):
+def test_numpy_fast_path_equals_generic_product(
+    monkeypatch, panel_bytes, min_rows, shape_a, shape_b, dtype, out
+):
     monkeypatch.setattr(_kernels, "PANEL_BYTES", panel_bytes)
+    monkeypatch.setattr(_kernels, "MIN_PANEL_ROWS", min_rows)
     gen = np.random.default_rng(0)
     an = normalize_rows(gen.standard_normal(shape_a), compute_dtype=dtype)
     bn = normalize_rows(gen.standard_normal(shape_b), compute_dtype=dtype)
@@ -35,6 +39,16 @@ def test_numpy_fast_path_equals_generic_product(monkeypatch, panel_bytes, shape_
     tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-14}[str(got.dtype)]
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
     assert not np.any(got > 1)
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("m", [1, 64, 1000, 2048, 12_500, 10**6])
+def test_panels_hold_panel_bytes_but_never_fewer_than_the_fewest_rows(m, itemsize):
+    rows, fewest, most_bytes = _kernels.panel_rows(m, itemsize), _kernels.MIN_PANEL_ROWS, _kernels.PANEL_BYTES
+    if fewest * m * itemsize >= most_bytes:  # wide: thin panels would waste the GEMM's packing
+        assert rows == fewest
+    else:  # narrow: as many rows as a panel's bytes hold
+        assert rows * m * itemsize <= most_bytes < (rows + 1) * m * itemsize
 
 
 def test_normalize_fast_and_careful_paths_agree():

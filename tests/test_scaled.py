@@ -89,6 +89,7 @@ def test_scaled_product_matches_the_reference(dtype, out, sides):
 def test_scaled_product_writes_into_out(monkeypatch, panel_bytes):
     """The scaled kernel writes a region of a larger result in panels, as the normalised one."""
     monkeypatch.setattr(_kernels, "PANEL_BYTES", panel_bytes)
+    monkeypatch.setattr(_kernels, "MIN_PANEL_ROWS", 1)
     gen = np.random.default_rng(3)
     a, b = gen.standard_normal((3, 25, 8)), gen.standard_normal((3, 30, 8))
     result = np.full((3, 40, 30), 7.0)
