@@ -177,6 +177,61 @@ def tiny_call(repeat: int, calls: int = 200) -> dict:
     return row
 
 
+def task_kernel(dim: int, repeat: int, quick: bool = False) -> dict:
+    """One product task of a cluster job, on one thread, next to the limit on that thread.
+
+    The block is the planner's for the self-similarity of ``(10^6, dim)`` float32 (what each
+    worker thread of such a job computes, one task at a time): ``t_limit_s`` is NumPy's
+    matmul of the pre-normalised blocks into a kept buffer, ``t_task_s`` the product task's
+    kernel (:func:`dask_cosim._kernels.similarity_block` on raw blocks with their inverse
+    norms, into a kept buffer), ``t_thin_panels_s`` the same kernel in panels of
+    ``PANEL_BYTES`` only, however few rows that leaves a wide block (``MIN_PANEL_ROWS = 1``:
+    this package before the panels kept a floor of rows).
+    """
+    import dask.array as da
+    from threadpoolctl import threadpool_limits
+
+    from dask_cosim import _kernels
+
+    n = 1000 if quick else 1_000_000
+    a = da.zeros((n, dim), dtype="float32", chunks=(max(1, n // 10), dim))
+    side = dcs.plan(a, op="similarity").plan.rows[0]
+    gen = np.random.default_rng(4)
+    x, y = (gen.standard_normal((side, dim), dtype=np.float32) for _ in range(2))
+    xs, ys = (_kernels.normalize_rows(v, compute_dtype="float32", scaled=True) for v in (x, y))
+    xn, ynt = unit(x), np.ascontiguousarray(unit(y).T)
+    out = np.empty((side, side), np.float32)
+    floor = _kernels.MIN_PANEL_ROWS
+
+    def task(min_rows: int):
+        _kernels.MIN_PANEL_ROWS = min_rows
+        try:
+            _kernels.similarity_block(xs, ys, out=out, blas_threads=1)
+        finally:
+            _kernels.MIN_PANEL_ROWS = floor
+
+    with threadpool_limits(1):
+        limit = lambda: np.matmul(xn, ynt, out=out)  # noqa: E731
+        times = paired_times([limit, lambda: task(floor), lambda: task(1)], repeat)
+    t_limit, t_task, t_thin = (statistics.median(ts) for ts in times)
+    row = {
+        "workload": f"task_{dim}",
+        "block": [side, side, dim],
+        "dtype": "float32",
+        "panel_rows": _kernels.panel_rows(side, 4),
+        "t_limit_s": round(t_limit, 4),
+        "t_task_s": round(t_task, 4),
+        "t_thin_panels_s": round(t_thin, 4),
+        "ratio_to_limit": round(t_limit / t_task, 3),
+        "ratio_thin_panels": round(t_limit / t_thin, 3),
+        "thin_over_task_paired": round(
+            statistics.median(tt / to for tt, to in zip(times[2], times[1], strict=True)), 3
+        ),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def hash_function() -> str:
     """The hash dask's tokenize uses on this machine (the first of its fast hashers installed)."""
     from dask import hashing
@@ -212,6 +267,8 @@ def main(argv=None):
     b = np.random.default_rng(2).random((n_batch, 500 // scale, 200 // scale))
     rows.append(workload("W1", a, b, args.repeat, with_sklearn=True))
     rows.append(tiny_call(args.repeat, calls=10 if args.quick else 200))
+    for dim in (128, 768):
+        rows.append(task_kernel(dim // scale, args.repeat, quick=args.quick))
     return rows
 
 
