@@ -47,6 +47,10 @@ class Prepared:
     on_device: bool  # inputs are CuPy arrays: keep CuPy chunks
     precision: str = "float32"  # product precision (see similarity_block)
     like: str = "numpy"  # output blocks on the host ("numpy") or left on the device ("cupy")
+    #: No input is a dask array: every layer of the graph is this package's own (inputs
+    #: read block by block, normalise and product tasks), which dask's graph optimisation
+    #: has nothing to fuse or cull in.
+    own_graph: bool = False
 
     @property
     def meta(self):

@@ -78,7 +78,7 @@ class SimilarityArray(da.Array):
         if not self._writes_in_place(kwargs.get("scheduler")):
             return super().compute(**kwargs)
         result = np.empty(self.shape, dtype=self.dtype)
-        dask.compute(self._written_into(result), **kwargs)  # each task returns a one-element marker
+        dask.compute(self._written_into(result), **self._local_options(kwargs))  # one-element markers
         return result
 
     if QUERY_PLANNING:  # dask's expression-backed arrays have no __array__ nor store(): this one does
@@ -113,7 +113,17 @@ class SimilarityArray(da.Array):
             if run is not None and _only_scheduler(kwargs):
                 target[...] = run()
                 return
-            dask.compute(self._written_into(target), **kwargs)
+            dask.compute(self._written_into(target), **self._local_options(kwargs))
+
+    def _local_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` for computing this array's own graph in this process: unless the
+        caller says otherwise, no graph optimisation where the graph is all this package's
+        (:attr:`Prepared.own_graph`): its layers are already one task per block, and
+        optimising them would only delay the first task."""
+        prep = getattr(self, "_prepared", None)
+        if prep is not None and prep.own_graph:
+            return {"optimize_graph": False, **kwargs}
+        return kwargs
 
     def _writes_in_place(self, scheduler) -> bool:
         """Whether this compute can write into one result buffer of this process."""

@@ -126,6 +126,7 @@ def prepare(
     return Prepared(
         an, bn, a_index, b_index, out_index, out_shape, out, work, plan, device,
         _config.blas_threads_setting(), self_similar, on_device, precision, like,
+        own_graph=not (isinstance(a_in, da.Array) or isinstance(b_in, da.Array)),
     )  # fmt: skip
 
 

@@ -112,6 +112,41 @@ def test_scheduler_options_pass_through(in_place_calls):
     np.testing.assert_allclose(got, reference_cosine(a), rtol=0, atol=1e-12)
 
 
+@pytest.fixture
+def compute_keywords(monkeypatch):
+    """The keywords of every ``dask.compute`` call."""
+    seen = []
+    real = dask.compute
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dask, "compute", spy)
+    return seen
+
+
+@pytest.mark.parametrize("source", ["numpy", "zarr", "dask"])
+def test_only_a_dask_input_gets_dask_graph_optimisation(source, compute_keywords, tmp_path):
+    """A graph of this package's layers only (no input is a dask array) runs without dask's
+    graph optimisation, which has nothing to fuse or cull in it; a dask input's layers keep
+    it. The caller's ``optimize_graph`` wins either way."""
+    import zarr
+
+    a = rng(12).standard_normal((2, 9, 4))
+    if source == "zarr":
+        x = zarr.create_array(str(tmp_path / "a.zarr"), shape=a.shape, chunks=(1, 5, 4), dtype=a.dtype)
+        x[...] = a
+    else:
+        x = da.from_array(a, chunks=(1, 5, 4)) if source == "dask" else a
+    S = dcs.cosine_similarity(x, rng(13).standard_normal((2, 7, 4)), chunks=(1, 4, 3))
+    want = reference_cosine(a, rng(13).standard_normal((2, 7, 4)))
+    np.testing.assert_allclose(S.compute(), want, rtol=0, atol=1e-12)
+    assert compute_keywords[-1].get("optimize_graph", True) is (source == "dask")
+    np.testing.assert_allclose(S.compute(optimize_graph=True), want, rtol=0, atol=1e-12)
+    assert compute_keywords[-1]["optimize_graph"] is True
+
+
 def test_processes_scheduler_uses_dask_compute(in_place_calls):
     a, b = rng(8).standard_normal((2, 9, 4)), rng(9).standard_normal((2, 7, 4))
     got = dcs.cosine_similarity(a, b, chunks=(1, 4, 3)).compute(scheduler="processes")
