@@ -15,6 +15,9 @@ caller keeps and reuses (dask's ``store``: each block is computed, then copied i
 ``ratio_normalised_copies`` is the graph whose normalise tasks write normalised copies of
 the inputs (the products then read them back) instead of handing the products raw blocks
 and inverse norms; ``copies_over_ours_paired`` is its time over ours, round by round.
+``ratio_dask_optimized`` is ``S.compute(optimize_graph=True)``: dask's graph optimisation,
+which a graph of in-memory inputs skips by default (nothing in it to fuse or cull);
+``optimized_over_ours_paired`` is its time over ours, round by round.
 Fresh memory is slow to fault in on some Linux machines (transparent huge pages with
 ``defrag=madvise``, which NumPy requests for large arrays): compare a run with
 ``NUMPY_MADVISE_HUGEPAGE=0``.
@@ -105,11 +108,14 @@ def workload(name, a, b, repeat, with_sklearn=False):
         S_over.compute,
         lambda: S.store(out, lock=False),
         normalised_copies_graph(a, b).compute,
+        lambda: S.compute(optimize_graph=True),  # dask's graph optimisation, which ours skips
     ]
     if with_sklearn:
         fns.append(lambda: sklearn_loop(a, b))
     times = paired_times(fns, repeat)
-    t_limit, t_ours, t_call, t_over, t_store, t_copies, *t_sk = (statistics.median(ts) for ts in times)
+    t_limit, t_ours, t_call, t_over, t_store, t_copies, t_optimized, *t_sk = (
+        statistics.median(ts) for ts in times
+    )
     got = S.compute()
     ref = np.matmul(an, bnt)
     err = float(max(np.max(np.abs(got - ref)), np.max(np.abs(out - ref))))
@@ -130,6 +136,10 @@ def workload(name, a, b, repeat, with_sklearn=False):
         "ratio_normalised_copies": round(t_limit / t_copies, 3),
         "copies_over_ours_paired": round(
             statistics.median(tc / to for tc, to in zip(times[5], times[1], strict=True)), 3
+        ),
+        "ratio_dask_optimized": round(t_limit / t_optimized, 3),
+        "optimized_over_ours_paired": round(
+            statistics.median(tc / to for tc, to in zip(times[6], times[1], strict=True)), 3
         ),
         "max_abs_err_vs_limit": err,
     }
