@@ -68,7 +68,9 @@ class SimilarityArray(da.Array):
         ``optimize_graph=``, scheduler options). With the threaded or synchronous
         scheduler and NumPy output, the result is allocated first and each block is
         written into it by its own task (no assembly copy; peak memory is the result
-        plus the blocks in flight, not the result twice); otherwise dask's compute.
+        plus the blocks in flight, not the result twice), and without
+        ``optimize_graph=`` a graph with no dask-array input skips dask's graph
+        optimisation (nothing in it to fuse or cull); otherwise dask's compute.
         A small call's one-task array (:mod:`dask_cosim._small`) runs its task in this
         thread instead, when only ``scheduler=`` is given.
         """
