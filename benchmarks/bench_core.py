@@ -5,8 +5,10 @@ whole batch). ``dcs.cosine_similarity(...).compute()`` runs with the default (th
 scheduler and auto chunks: ``t_dask_cosim_s`` computes a result built once,
 ``t_call_s`` is the whole call (the graph built each time, as a script does). The
 ``tiny`` row is the round trip of a ``(2, 10, 5) x (2, 12, 5)`` call next to the seed's
-scikit-learn loop. Each figure is the median of ``--repeat`` runs (all variants
-interleaved) after a warm-up; ``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
+scikit-learn loop; the ``task_128`` and ``task_768`` rows are one product task of a
+10^6-vector job on one thread (see :func:`task_kernel`). Each figure is the median of
+``--repeat`` runs (all variants interleaved) after a warm-up;
+``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
 
 On the threaded scheduler ``S.compute()`` allocates the result and each block task writes
 into its region (no assembly copy afterwards, see README: Performance);
