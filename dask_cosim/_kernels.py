@@ -317,7 +317,7 @@ def matmul_clip_numpy(
     unit_b = None if b_scale is None else np.empty((m, d), dtype=work)
     b_shared = all(step == 0 for step in bn.strides[:-2])  # one b for every batch element
     for i, k in enumerate(np.ndindex(out.shape[:-2])):
-        ak, bk = an[k], bn[k] if unit_b is None else unit_b
+        ak, bk = an[k], (bn[k] if unit_b is None else unit_b)
         if unit_b is not None and (i == 0 or not b_shared):  # unit rows of b, while they are in cache
             np.multiply(bn[k], b_scale[k][:, None], out=unit_b)
         bt = bk.T
