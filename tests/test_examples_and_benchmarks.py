@@ -25,6 +25,7 @@ def test_core_benchmark_quick():
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert '"workload": "W2"' in out and '"workload": "W1"' in out and "ratio_to_limit" in out
+    assert "ratio_kept_buffers" in out  # both sides without faulting in fresh output
     assert '"workload": "tiny"' in out and "t_call_ms" in out and "tokenize hash" in out
 
 
