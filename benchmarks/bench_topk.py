@@ -1,6 +1,6 @@
 """top-k neighbours vs the dense limit, faiss and scikit-learn; self-similarity; peak memory.
 
-Three parts, each reported as JSON lines (``"bench": ...``):
+Three parts (four rows), each reported as JSON lines (``"bench": ...``):
 
 1. ``topk``: 2-D, N = M = 50,000, D = 128, float32, k = 10. ``dcs.topk`` (threaded
    scheduler, auto chunks) next to ``faiss.IndexFlatIP`` on normalised inputs,
@@ -14,6 +14,9 @@ Three parts, each reported as JSON lines (``"bench": ...``):
    faiss is also run in fresh processes with ``OPENBLAS_CORETYPE`` forced (its bundled
    OpenBLAS reads it at load time), each next to its own dense limit.
 2. ``self_similarity``: ``dcs.topk(a, k=10)`` vs ``dcs.topk(a, a.copy(), k=10)``, same data.
+   ``self_anatomy``: one task of each kind those two graphs run (diagonal, off-diagonal;
+   pivot, pruned), on one thread, and the same task's GEMMs replayed alone: the ratio
+   the tasks allow and the ratio of the products alone (:func:`part_anatomy`).
 3. ``memory``: N = M = 200,000, D = 64, float32 (S would be 160 GB), k = 10, in a fresh
    process: wall time and that process's peak RSS.
 
@@ -33,13 +36,16 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import dask
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import dask_cosim as dcs
+from dask_cosim import _select  # the per-block top-k kernels (part 4)
 from dask_cosim.reductions import _prepare as prepare  # the blocks topk uses
 
 CORES = len(os.sched_getaffinity(0))
@@ -300,6 +306,105 @@ def part_self(n: int, d: int, k: int, repeat: int) -> dict:
     )
 
 
+class RecordedGemms:
+    """While active, records the GEMMs of the top-k kernels (``np.matmul`` as
+    :mod:`dask_cosim._select` calls it) so that they can be replayed alone: the cost of
+    a task's products without its selection."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __enter__(self):
+        names = [name for name in dir(np) if not name.startswith("__")]
+        proxy = types.SimpleNamespace(**{name: getattr(np, name) for name in names})
+
+        def matmul(x, y, out=None):
+            self.calls.append((x, y, out))
+            return np.matmul(x, y, out=out)
+
+        proxy.matmul = matmul
+        self._patch = mock.patch.object(_select, "np", proxy)
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.stop()
+
+    def replay(self) -> None:
+        """The recorded GEMMs again, on one BLAS thread (as the tasks ran them)."""
+        with threadpool_limits(limits=1, user_api="blas"):
+            for x, y, out in self.calls:
+                np.matmul(x, y, out=out)
+
+
+def part_anatomy(n: int, d: int, k: int, repeat: int) -> dict:
+    """One task of each kind that parts 2's two graphs run, on one thread, next to its
+    GEMMs alone (the same calls replayed), interleaved; medians.
+
+    The self-similarity graph runs ``nb`` diagonal tasks and ``nb (nb - 1) / 2``
+    off-diagonal ones (both directions); the ``a.copy()`` graph runs ``nb`` pivots
+    (unpruned) and ``nb (nb - 1)`` pruned tasks. From these, ``tasks_ratio`` is the
+    copy/self ratio the tasks allow on one thread, and ``gemm_ratio`` the ratio of the
+    products alone: the ceiling that cheaper selection could approach.
+    """
+    a, _ = data(n, 1, d, seed=1)
+    rows = dcs.topk(a, k=k)[0].chunks[-2]
+    nb, r = max(2, len(rows)), min(rows[0], n // 2)
+    an = unit(a)
+    b0, b1 = an[:r], an[r : 2 * r]
+    c0, c1 = b0.copy(), b1.copy()  # the copy graph's column blocks
+    one = {"k": k, "blas_threads": 1}
+    d0 = _select.topk_block(b0, b0, symmetric=True, **one)
+    d1 = _select.topk_block(b1, b1, row_offset=r, col_offset=r, symmetric=True, **one)
+    p0 = _select.topk_block(b0, c0, **one)
+    kinds = {
+        "diagonal": lambda: _select.topk_block(b0, b0, symmetric=True, **one),
+        "off_diagonal": lambda: _select.topk_block(
+            b0, b1, col_offset=r, both=True, row_pivot=d0, col_pivot=d1, **one
+        ),
+        "copy_pivot": lambda: _select.topk_block(b0, c0, **one),
+        "copy_pruned": lambda: _select.topk_block(b0, c1, col_offset=r, row_pivot=p0, **one),
+    }
+    gemms = {}
+    for name, task in kinds.items():
+        with RecordedGemms() as gemms[name]:
+            task()
+    total: dict[str, list[float]] = {name: [] for name in kinds}
+    alone: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(repeat):
+        for name, task in kinds.items():
+            t0 = time.perf_counter()
+            task()
+            t1 = time.perf_counter()
+            gemms[name].replay()
+            total[name].append(t1 - t0)
+            alone[name].append(time.perf_counter() - t1)
+    t = {name: statistics.median(ts) for name, ts in total.items()}
+    g = {name: statistics.median(ts) for name, ts in alone.items()}
+    pairs = nb * (nb - 1) / 2
+
+    def ratio(x):
+        copy = nb * x["copy_pivot"] + 2 * pairs * x["copy_pruned"]
+        return copy / (nb * x["diagonal"] + pairs * x["off_diagonal"])
+
+    return log(
+        {
+            "bench": "self_anatomy",
+            "shape": [n, n, d],
+            "k": k,
+            "block_rows": r,
+            "row_blocks": nb,
+            **{f"t_{name}_s": round(v, 4) for name, v in t.items()},
+            **{f"t_{name}_gemm_s": round(v, 4) for name, v in g.items()},
+            **{f"t_{name}_rest_s": round(t[name] - g[name], 4) for name in kinds},
+            "gemm_calls": {name: len(rec.calls) for name, rec in gemms.items()},
+            "tasks_ratio": round(ratio(t), 3),
+            "gemm_ratio": round(ratio(g), 3),
+            "load_avg_after": os.getloadavg(),
+        }
+    )
+
+
 def part_memory(n: int, d: int, k: int, self_similar: bool) -> dict:
     cmd = [sys.executable, __file__, "--memory-worker", "--n", str(n), "--d", str(d), "--k", str(k)]
     if self_similar:
@@ -340,7 +445,7 @@ def memory_worker(n: int, d: int, k: int, self_similar: bool) -> None:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
-    p.add_argument("--part", choices=["all", "topk", "self", "memory"], default="all")
+    p.add_argument("--part", choices=["all", "topk", "self", "anatomy", "memory"], default="all")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--sklearn-repeat", type=int, default=5, help="repeats of the (slow) sklearn baseline")
     p.add_argument("--skip-sklearn", action="store_true", help="leave the (slow) sklearn baseline out")
@@ -372,6 +477,8 @@ def main(argv=None) -> list[dict]:
         rows.append(part_topk(n, 32 if args.quick else 128, args.k, repeat, sk_repeat, coretypes))
     if args.part in ("all", "self"):
         rows.append(part_self(n, 32 if args.quick else 128, args.k, repeat))
+    if args.part in ("all", "anatomy"):
+        rows.append(part_anatomy(n, 32 if args.quick else 128, args.k, 3 if args.quick else 2 * repeat))
     if args.part in ("all", "memory"):
         for self_similar in (True, False):
             rows.append(part_memory(n_mem, 16 if args.quick else 64, args.k, self_similar))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -827,3 +828,7 @@ def test_topk_benchmark_quick():
     ).stdout  # fmt: skip
     for key in ('"bench": "topk"', '"bench": "self_similarity"', '"bench": "memory"', "ratio_to_dense_limit"):
         assert key in out, out
+    (anatomy,) = [row for row in map(json.loads, out.splitlines()) if row["bench"] == "self_anatomy"]
+    kinds = ("diagonal", "off_diagonal", "copy_pivot", "copy_pruned")
+    assert set(anatomy["gemm_calls"]) == set(kinds) and min(anatomy["gemm_calls"].values()) > 0, anatomy
+    assert anatomy["tasks_ratio"] > 0 and anatomy["gemm_ratio"] > 0, anatomy
