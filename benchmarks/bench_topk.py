@@ -45,7 +45,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import dask_cosim as dcs
-from dask_cosim import _select  # the per-block top-k kernels (part 4)
+from dask_cosim import _select  # the per-block top-k kernels (the self-similarity anatomy)
 from dask_cosim.reductions import _prepare as prepare  # the blocks topk uses
 
 CORES = len(os.sched_getaffinity(0))
@@ -338,7 +338,7 @@ class RecordedGemms:
 
 
 def part_anatomy(n: int, d: int, k: int, repeat: int) -> dict:
-    """One task of each kind that parts 2's two graphs run, on one thread, next to its
+    """One task of each kind that part 2's two graphs run, on one thread, next to its
     GEMMs alone (the same calls replayed), interleaved; medians.
 
     The self-similarity graph runs ``nb`` diagonal tasks and ``nb (nb - 1) / 2``
