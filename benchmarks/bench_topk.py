@@ -1,6 +1,7 @@
 """top-k neighbours vs the dense limit, faiss and scikit-learn; self-similarity; peak memory.
 
-Three parts (four rows), each reported as JSON lines (``"bench": ...``):
+Three kinds of measurement (``--part topk``, ``self`` and ``anatomy``, ``memory``), each
+reported as JSON lines (``"bench": ...``):
 
 1. ``topk``: 2-D, N = M = 50,000, D = 128, float32, k = 10. ``dcs.topk`` (threaded
    scheduler, auto chunks) next to ``faiss.IndexFlatIP`` on normalised inputs,
@@ -36,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
@@ -306,6 +306,20 @@ def part_self(n: int, d: int, k: int, repeat: int) -> dict:
     )
 
 
+class _RecordingNumpy:
+    """NumPy as :mod:`dask_cosim._select` sees it, with every ``matmul`` call appended to ``calls``."""
+
+    def __init__(self, calls: list[tuple]):
+        self._calls = calls
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+    def matmul(self, x, y, out=None):
+        self._calls.append((x, y, out))
+        return np.matmul(x, y, out=out)
+
+
 class RecordedGemms:
     """While active, records the GEMMs of the top-k kernels (``np.matmul`` as
     :mod:`dask_cosim._select` calls it) so that they can be replayed alone: the cost of
@@ -315,15 +329,7 @@ class RecordedGemms:
         self.calls: list[tuple] = []
 
     def __enter__(self):
-        names = [name for name in dir(np) if not name.startswith("__")]
-        proxy = types.SimpleNamespace(**{name: getattr(np, name) for name in names})
-
-        def matmul(x, y, out=None):
-            self.calls.append((x, y, out))
-            return np.matmul(x, y, out=out)
-
-        proxy.matmul = matmul
-        self._patch = mock.patch.object(_select, "np", proxy)
+        self._patch = mock.patch.object(_select, "np", _RecordingNumpy(self.calls))
         self._patch.start()
         return self
 
