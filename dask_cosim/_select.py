@@ -44,7 +44,7 @@ from ._backend import (
     to_host_like,
     to_numpy,
 )
-from ._kernels import matmul_clip_numpy, similarity_block
+from ._kernels import matmul_clip_numpy, similarity_block, transposed_numpy
 from ._options import CHOICES
 from ._rescore import Rescorer, score_margin, score_operands
 from ._scan import row_col_hits, row_hits, sparse_flatnonzero
@@ -646,7 +646,8 @@ def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin:
     kk = min(k, n)
     tiles = _even_tiles(n, DIAGONAL_TILE)
     bands = [_RowBand(p1 - p0, kk, margin) for p0, p1 in tiles]
-    at = np.ascontiguousarray(an.T)  # cheaper GEMM packing per strip
+    at = transposed_numpy(an)  # cheaper GEMM packing per strip
+    nan = find_nan_rows(an)  # once for the block, not per tile pair
     dtype = an.dtype
 
     def run(p, q):
@@ -660,7 +661,7 @@ def _topk_diagonal_tiled(an, k: int, *, offset: int, exclude_self: bool, margin:
         _topk_pair_numpy(
             an[p0:p1], an[q0:q1], k, p != q, (offset + p0, offset + q0, exclude_self), product, dtype,
             bound_p, bound_q, None, margin, _TileBand(bands[p], q0),
-            None if p == q else _TileBand(bands[q], p0), tiles=True,
+            None if p == q else _TileBand(bands[q], p0), tiles=True, nan_masks=(nan[p0:p1], nan[q0:q1]),
         )  # fmt: skip
 
     for p in range(len(tiles)):  # diagonal tiles first: the bounds of every later product
@@ -736,7 +737,7 @@ def _topk_block_numpy(
     b3 = np.broadcast_to(bn, lead + bn.shape[-2:]).reshape(-1, m, bn.shape[-1])
     tiles = product is None if tiles is None else tiles
     if product is None:
-        bt = np.ascontiguousarray(np.swapaxes(b3, -1, -2))  # cheaper GEMM packing per strip
+        bt = transposed_numpy(b3)  # cheaper GEMM packing per strip
 
         def product(b, r0, r1, out, c0=0, c1=None):
             np.matmul(a3[b, r0:r1], bt[b][:, c0:c1], out=out)
@@ -792,6 +793,7 @@ def _topk_pair_numpy(
     band=None,
     col_band=None,
     tiles=False,
+    nan_masks=None,
 ):
     """Rows part (and with ``both`` the columns part) of one 2-D block.
 
@@ -803,13 +805,14 @@ def _topk_pair_numpy(
     ``tiles``: ``product(r0, r1, out, c0, c1)`` also takes a column range; with the rows'
     bounds known (and the columns', with ``both``) the block is then computed in tiles
     (:func:`_scan_tiles`) instead of whole-width strips.
+    ``nan_masks``: ``(find_nan_rows(an), find_nan_rows(bn))`` where the caller has them.
     """
     row_offset, col_offset, exclude_self = offsets
     rescorer = None if margin is None else Rescorer(an, bn, margin, dtype)
     margin = 0.0 if margin is None else margin
     n, m = an.shape[0], bn.shape[0]
     kk_r, kk_c = min(k, m), min(k, n)
-    nan_rows, nan_cols = find_nan_rows(an), find_nan_rows(bn)
+    nan_rows, nan_cols = (find_nan_rows(an), find_nan_rows(bn)) if nan_masks is None else nan_masks
     nan_cols = nan_cols.nonzero()[0] if nan_cols.any() else None
     g_r = _group_count(m, kk_r)
     g_c = _group_count(n, kk_c)

@@ -22,7 +22,7 @@ import numpy as np
 from dask.base import tokenize
 
 from ._compat import array_from_graph, graph_from_collections, graph_name
-from ._kernels import similarity_block
+from ._kernels import similarity_block, transposed_numpy
 from ._resources import annotate_for, routed
 from ._select import topk_block
 
@@ -69,7 +69,7 @@ def transpose_block(x):
            [2, 5]])
     """
     if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+        return transposed_numpy(x)
     if array_api_compat.is_cupy_array(x):
         import cupy
 

@@ -144,3 +144,25 @@ def test_normalize_float32_overflow_and_subnormal():
     got = normalize_rows(x, compute_dtype="float32")
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, [[0.6, 0.8], [0.6, 0.8]], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (3, 5), (63, 70), (300, 17), (2, 129, 65), (0, 4), (5, 0)], ids=str
+)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int64"])
+def test_transposed_numpy_equals_swapaxes(shape, dtype):
+    x = (np.arange(int(np.prod(shape))) * 7 % 101).astype(dtype).reshape(shape)
+    got = _kernels.transposed_numpy(x)
+    assert got.flags.c_contiguous and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, np.swapaxes(x, -1, -2))
+    strided = np.repeat(x, 2, axis=-1)[..., ::2]  # a non-contiguous view of the same values
+    np.testing.assert_array_equal(_kernels.transposed_numpy(strided), np.swapaxes(x, -1, -2))
+
+
+def test_transposed_numpy_writes_into_a_region():
+    x = np.random.default_rng(0).standard_normal((130, 70))
+    big = np.zeros((200, 300))
+    _kernels.transposed_numpy(x, out=big[10:80, 20:150])
+    np.testing.assert_array_equal(big[10:80, 20:150], x.T)
+    big[10:80, 20:150] = 0
+    assert not big.any()  # nothing outside the region was touched
