@@ -6,8 +6,9 @@ scheduler and auto chunks: ``t_dask_cosim_s`` computes a result built once,
 ``t_call_s`` is the whole call (the graph built each time, as a script does). The
 ``tiny`` row is the round trip of a ``(2, 10, 5) x (2, 12, 5)`` call next to the seed's
 scikit-learn loop; the ``task_128`` and ``task_768`` rows are one product task of a
-10^6-vector job on one thread (see :func:`task_kernel`). Each figure is the median of
-``--repeat`` runs (all variants interleaved) after a warm-up;
+10^6-vector job on one thread (see :func:`task_kernel`); the ``self_128`` and ``self_768``
+rows are a self-similarity's triangle against computing every block (:func:`self_similarity`).
+Each figure is the median of ``--repeat`` runs (all variants interleaved) after a warm-up;
 ``ratio_to_limit = t_limit / t_ours`` (higher is better, 1.0 = the limit).
 
 On the threaded scheduler ``S.compute()`` allocates the result and each block task writes
@@ -257,6 +258,43 @@ def task_kernel(dim: int, repeat: int, quick: bool = False) -> dict:
     return row
 
 
+def self_similarity(dim: int, repeat: int, quick: bool = False) -> dict:
+    """``cosine_similarity(a)`` (one input: the upper triangle of blocks is computed, the
+    blocks below the diagonal are its transposes) against ``cosine_similarity(a, a.copy())``
+    (every block computed) and the limit ``matmul(an, an.T)``, each a fresh result.
+
+    ``copy_over_self_paired`` is the time of the copy over the triangle, round by round:
+    what mirroring saves (the triangle computes (nb + 1) / (2 nb) of the products and
+    transposes the rest, which costs about as much as a product where ``dim`` is small).
+    """
+    n = 2048 if quick else 16384
+    a = np.random.default_rng(5).standard_normal((n, dim), dtype=np.float32)
+    an = unit(a)
+    S_self, S_copy = dcs.cosine_similarity(a), dcs.cosine_similarity(a, a.copy())
+    times = paired_times([lambda: np.matmul(an, an.T), S_self.compute, S_copy.compute], repeat)
+    t_limit, t_self, t_copy = (statistics.median(ts) for ts in times)
+    got = S_self.compute()
+    err = float(np.max(np.abs(got - np.matmul(an, an.T))))
+    row = {
+        "workload": f"self_{dim}",
+        "shape": [n, n, dim],
+        "dtype": "float32",
+        "row_blocks": len(S_self.chunks[0]),
+        "t_limit_s": round(t_limit, 4),
+        "t_self_s": round(t_self, 4),
+        "t_copy_s": round(t_copy, 4),
+        "ratio_self_to_limit": round(t_limit / t_self, 3),
+        "ratio_copy_to_limit": round(t_limit / t_copy, 3),
+        "copy_over_self_paired": round(
+            statistics.median(tc / ts for tc, ts in zip(times[2], times[1], strict=True)), 3
+        ),
+        "max_abs_err_vs_limit": err,
+        "symmetric": bool(np.array_equal(got, got.T)),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def hash_function() -> str:
     """The hash dask's tokenize uses on this machine (the first of its fast hashers installed)."""
     from dask import hashing
@@ -294,6 +332,8 @@ def main(argv=None):
     rows.append(tiny_call(args.repeat, calls=10 if args.quick else 200))
     for dim in (128, 768):
         rows.append(task_kernel(dim // scale, args.repeat, quick=args.quick))
+    for dim in (128, 768):
+        rows.append(self_similarity(dim // scale, args.repeat, quick=args.quick))
     return rows
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._compat import QUERY_PLANNING, block_slices, local_scheduler, meta_of, rewrap
 from ._kernels import similarity_block
-from ._triangle import use_triangle
+from ._triangle import similarity_triangle_into, use_triangle
 
 if TYPE_CHECKING:
     from ._prepared import Prepared
@@ -139,8 +139,9 @@ class SimilarityArray(da.Array):
         one-element markers (one per block of this array), so computing it copies nothing.
 
         A NumPy ``result`` of this array's shape and dtype is written by the product tasks
-        (``matmul(..., out=view)``); anything else (or a self-similarity, whose lower blocks
-        are transposes) gets each computed block assigned (``result[region] = block``).
+        (``matmul(..., out=view)``; for a self-similarity, the blocks below the diagonal are
+        then transposed region to region, :func:`~dask_cosim._triangle.similarity_triangle_into`);
+        anything else gets each computed block assigned (``result[region] = block``).
         """
         prep: Prepared | None = getattr(self, "_prepared", None)
         target = _Target(result)
@@ -150,7 +151,9 @@ class SimilarityArray(da.Array):
         in_place = (
             isinstance(result, np.ndarray) and result.shape == self.shape and result.dtype == self.dtype
         )
-        if prep is None or use_triangle(prep) or not in_place:
+        if prep is not None and in_place and use_triangle(prep):
+            return similarity_triangle_into(prep, target)
+        if prep is None or not in_place:
             return da.blockwise(
                 _store_into, index, self, index, block_slices(self.chunks), index,
                 token="store-map", align_arrays=False, adjust_chunks=markers,

@@ -143,6 +143,74 @@ def similarity_triangle(prep: Prepared) -> da.Array:
         )  # fmt: skip
 
 
+def similarity_triangle_into(prep: Prepared, target: Any) -> da.Array:
+    """The tasks of :func:`similarity_triangle` writing into ``target.array`` (a NumPy
+    array of the output's shape and dtype, this process's scheduler) in place.
+
+    Each upper product writes its block straight into its region; each block below the
+    diagonal is the transpose of the region above it, written region to region once that
+    product ran. Nothing is allocated per block and nothing copied twice. The blocks of
+    the returned array are one-element markers (``True``). ``target`` is tokenised (by
+    identity, see :class:`dask_cosim._result._Target`) into the tasks' names.
+    """
+    kwargs = prep.product_kwargs()
+    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, target, "triangle-into")
+    prod, out = f"cosine-block-{token}", f"cosine-similarity-{token}"
+    batch_blocks = _batch_blocks(prep)
+    batch_starts = _offsets(prep.plan.batch)
+    starts = _offsets(prep.plan.rows)
+
+    def region(kb: int | None, i: int, j: int) -> tuple[slice, ...]:
+        rows = slice(starts[i], starts[i] + prep.plan.rows[i])
+        cols = slice(starts[j], starts[j] + prep.plan.rows[j])
+        if kb is None:
+            return rows, cols
+        return slice(batch_starts[kb], batch_starts[kb] + prep.plan.batch[kb]), rows, cols
+
+    an = graph_name(prep.an)
+    upper = {
+        _key(prod, kb, i, j): (
+            partial(_product_into, target=target, region=region(kb, i, j), **kwargs),
+            _input_key(an, kb, i),
+            _input_key(an, kb, j),
+        )
+        for kb in batch_blocks
+        for i, j in upper_blocks(len(prep.plan.rows))
+    }
+    nb = len(prep.plan.rows)
+    markers = {
+        _key(out, kb, i, j): (
+            _key(prod, kb, i, j)
+            if j >= i
+            else (
+                partial(_mirror_into, target=target, src=region(kb, j, i), dst=region(kb, i, j)),
+                _key(prod, kb, j, i),
+            )
+        )
+        for kb in batch_blocks
+        for i in range(nb)
+        for j in range(nb)
+    }
+    chunks = tuple(
+        (1,) * len(c) for c in (prep.plan.chunks if len(prep.out_index) == 3 else prep.plan.chunks[1:])
+    )
+    meta = np.empty((0,) * len(chunks), dtype=bool)
+    return array_from_graph(out, {prod: (upper, {an}), out: (markers, {prod})}, [prep.an], chunks, meta)
+
+
+def _product_into(an, bn, *, target: Any, region: tuple[slice, ...], **kwargs) -> np.ndarray:
+    """One upper product written into ``target.array[region]``; a one-element marker."""
+    similarity_block(an, bn, out=target.array[region], **kwargs)
+    return np.ones((1,) * len(region), dtype=bool)
+
+
+def _mirror_into(_ran, *, target: Any, src: tuple[slice, ...], dst: tuple[slice, ...]) -> np.ndarray:
+    """The transpose of ``target.array[src]`` (an upper block already written, ``_ran`` its
+    marker) written into ``target.array[dst]``; a one-element marker."""
+    transposed_numpy(target.array[src], out=target.array[dst])
+    return np.ones((1,) * len(dst), dtype=bool)
+
+
 # --------------------------------------------------------------------------- top-k
 
 

@@ -234,6 +234,30 @@ def test_result_is_held_once_not_twice():
     assert peaks["dask"] > 1.9, peaks  # the measurement sees the difference
 
 
+def test_self_similarity_writes_products_and_mirrors_in_place(monkeypatch):
+    """Upper blocks are written by their products, lower ones transposed region to region:
+    the result is held once, exactly symmetric, and no block is transposed into a copy."""
+    from dask_cosim import _triangle
+
+    def no_copy(x):
+        raise AssertionError("a block was transposed into a copy")
+
+    monkeypatch.setattr(_triangle, "transpose_block", no_copy)
+    a = rng(19).standard_normal((4, 768, 5))
+    S = dcs.cosine_similarity(a, chunks=(2, 256, 256))  # 2 x 3 x 3 blocks, 3 mirrored per batch block
+    assert _triangle.use_triangle(S._prepared)
+    S.compute()  # warm-up
+    tracemalloc.start()
+    try:
+        got = S.compute()
+        peak = tracemalloc.get_traced_memory()[1] / got.nbytes
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.4, peak
+    np.testing.assert_array_equal(got, np.swapaxes(got, -1, -2))
+    np.testing.assert_allclose(got, reference_cosine(a), rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- the kernel's out=
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import shutil
 import struct
@@ -27,6 +28,10 @@ def test_core_benchmark_quick():
     assert '"workload": "W2"' in out and '"workload": "W1"' in out and "ratio_to_limit" in out
     assert "ratio_kept_buffers" in out  # both sides without faulting in fresh output
     assert '"workload": "tiny"' in out and "t_call_ms" in out and "tokenize hash" in out
+    rows = {r["workload"]: r for r in map(json.loads, (x for x in out.splitlines() if x.startswith("{")))}
+    for name in ("self_16", "self_96"):  # the triangle rows: exact mirror, right values
+        assert rows[name]["symmetric"] and rows[name]["max_abs_err_vs_limit"] < 1e-5, rows[name]
+        assert rows[name]["row_blocks"] > 1 and rows[name]["copy_over_self_paired"] > 0
 
 
 @pytest.mark.skipif(
