@@ -8,14 +8,16 @@ this module instead:
 
 - **Links.** Panel ``j`` (a row block, per batch block) merges its parts in order, one
   *link* per column block ``x``: the part of block ``(j, x)`` (in the triangle, the half
-  of upper block ``(min(j, x), max(j, x))`` that belongs to panel ``j``). Merging is the
-  same exact top-k with ties by the smaller index as the tree's, so the result does not
-  change.
+  of upper block ``(min(j, x), max(j, x))`` that belongs to panel ``j``, its own diagonal
+  block first: those all run first). Merging is the same exact top-k with ties by the
+  smaller index as the tree's, so the result does not change.
 - **Checkpoints.** After link ``L`` the merged state is written to slot ``L % 2`` of
   ``_topk_state_*`` (two slots: a crash while writing one leaves the other intact), then
   ``_topk_links[panel] = L + 1``. The last link writes ``values``/``indices`` and the
   panel's ``_blocks_done`` marker instead. A resumed job starts each panel at its marker,
-  from the stored state, and computes only the blocks whose parts some panel still needs.
+  from the stored state, and computes only the blocks whose parts some panel still needs;
+  in the triangle, a panel that saved anything prunes its blocks by its stored state
+  instead of its diagonal block's part, so its diagonal block does not run again.
 - **Order.** The input tasks go first (:data:`INPUT_PRIORITY`), then the block tasks by
   upper row (:func:`priority_of`; ``topk`` sets both when it builds the graph), and a
   ready link before any block, so on a ``distributed`` cluster panels finish in order and
@@ -33,7 +35,8 @@ import numpy as np
 
 from ._backend import to_numpy
 from ._compat import delayed_from_graph, graph_from_collections, graph_name
-from ._select import PAD_KEY, finish_topk, merge_topk
+from ._out_state import describe
+from ._select import NAN_KEY, PAD_KEY, finish_topk, merge_topk
 
 __all__ = ["TopkSource", "register", "lookup", "priority_of", "links_of", "STATE", "LINKS", "INPUT_PRIORITY"]
 
@@ -59,8 +62,9 @@ class TopkSource:
     where: str
     upper: str | None = None  # the triangle's block layer: links take its halves directly
     #: the triangle's ``(parts, upper)`` again, with a barrier over only the given diagonal
-    #: blocks (:func:`~dask_cosim._triangle.topk_triangle_parts`): what a resumed job runs
-    rebuild: Callable[[frozenset], tuple[Any, str]] | None = None
+    #: blocks, the other panels' blocks pruned by the given stored pivots
+    #: (:func:`~dask_cosim._triangle.topk_triangle_parts`): what a resumed job runs
+    rebuild: Callable[[frozenset, dict], tuple[Any, str]] | None = None
 
     def part(self, panel: tuple[int, ...], j: int, parts_name: str | None = None):
         """The task argument of part ``(*panel, j)``: a key, or a getitem on an upper block
@@ -105,16 +109,30 @@ def priority_of(triangle: bool, nrows: int):
     return priority
 
 
-def links_of(ncols: int) -> list[list[int]]:
+def links_of(ncols: int, diagonal: int | None = None) -> list[list[int]]:
     """Column blocks whose parts each link of panel ``i`` merges, in order: one part per
     link, by column block. Blocks finish roughly in that order whether a cluster runs the
     triangle by rows or (waiting for inputs) by columns, so each finished block is saved
     by the next link, and a resumed job recomputes only blocks that were not merged.
 
-    >>> links_of(4)
-    [[0], [1], [2], [3]]
+    ``diagonal``: the panel's own column block in a self-similarity triangle, whose
+    diagonal blocks all run first (they prune the others): its link comes first, so every
+    panel saves its diagonal part as soon as it exists. Merging in any order gives the
+    same exact top-k.
+
+    >>> links_of(4), links_of(4, diagonal=2)
+    ([[0], [1], [2], [3]], [[2], [0], [1], [3]])
     """
-    return [[x] for x in range(ncols)]
+    order = list(range(ncols))
+    if diagonal is not None:
+        order.remove(diagonal)
+        order.insert(0, diagonal)
+    return [[x] for x in order]
+
+
+def _chain(source: TopkSource, panel: tuple[int, ...], ncols: int) -> list[list[int]]:
+    """The links of ``panel`` (``(*batch block, row block)``): diagonal first in a triangle."""
+    return links_of(ncols, panel[-1] if source.triangle else None)
 
 
 class LinkWrite:
@@ -194,14 +212,13 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     import dask
 
     linked = group[LINKS][...]
-    source = _without_finished_diagonals(source, done, linked)
+    state = (group[STATE[0]], group[STATE[1]])
+    outputs = (group["values"], group["indices"])
+    source = _resumed_source(source, values, done, linked, group)
     parts, k = source.parts, source.k
     parts_name = None if source.upper is not None else graph_name(parts)
     grid = values.numblocks[:-1]
     ncols = parts.numblocks[-1]
-    offsets = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in values.chunks[:-1]]
-    state = (group[STATE[0]], group[STATE[1]])
-    outputs = (group["values"], group["indices"])
     marker, links = group[marker_name], group[LINKS]
     name = f"cosine-link-{token}"
     dsk: dict = {}
@@ -209,9 +226,8 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     for panel in np.ndindex(*grid):
         if done[panel]:
             continue
-        chain = links_of(ncols)
-        rows = (slice(int(o[b]), int(o[b + 1])) for o, b in zip(offsets, panel, strict=True))
-        regions = (*rows, slice(0, k))
+        chain = _chain(source, panel, ncols)
+        regions = _regions(values, panel, k)
         prev = None
         for link in range(min(int(linked[panel]), len(chain) - 1), len(chain)):
             last = link == len(chain) - 1
@@ -227,24 +243,72 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     return [delayed_from_graph(key, graph, layer=name) for key in finals], pending
 
 
-def _without_finished_diagonals(source: TopkSource, done: np.ndarray, linked: np.ndarray) -> TopkSource:
-    """``source``, or (a resumed triangle job) its parts rebuilt so that the off-diagonal
-    tasks wait only for the diagonal blocks some pending link still needs: the others
-    belong to finished panels and are not run again."""
-    if not (source.triangle and source.rebuild is not None and done.any()):
+def _regions(values, panel: tuple[int, ...], k: int) -> tuple[slice, ...]:
+    """The region of ``panel`` (``(*batch block, row block)``) in the values array."""
+    out = []
+    for sizes, b in zip(values.chunks[:-1], panel, strict=True):
+        start = int(sum(sizes[:b]))
+        out.append(slice(start, start + int(sizes[b])))
+    return (*out, slice(0, k))
+
+
+def _resumed_source(source: TopkSource, values, done, linked, group) -> TopkSource:
+    """``source``, or (a resumed triangle job) its parts rebuilt around what is stored.
+
+    Every panel's chain merges its diagonal part first (:func:`links_of`), so a panel with
+    a saved link, or a finished one, needs its diagonal block no more: its blocks are
+    pruned by its stored top-k so far instead (:func:`stored_pivot`, at least as tight
+    as the diagonal part), and only the diagonal blocks of panels that saved nothing run
+    again (the barrier waits only for those).
+    """
+    if not (source.triangle and source.rebuild is not None):
         return source
-    ncols = source.parts.numblocks[-1]
-    needed = set()
-    for panel in np.ndindex(*done.shape):
-        if done[panel]:
-            continue
-        *batch, i = panel
-        start = min(int(linked[panel]), ncols - 1)
-        needed |= {(*batch, x) for link in links_of(ncols)[start:] for j in link for x in (i, j)}
-    if len(needed) == done.size:  # every panel's diagonal
+    panels = list(np.ndindex(*done.shape))
+    stored = [p for p in panels if done[p] or linked[p] > 0]
+    if not stored:
         return source
-    parts, upper = source.rebuild(frozenset(needed))
+    state, outputs = (group[STATE[0]], group[STATE[1]]), (group["values"], group["indices"])
+    where = describe(group.store), group.path
+    pivots = {
+        p: (
+            stored_pivot,
+            StoredPivot(state, outputs, _regions(values, p, source.k), int(linked[p]), bool(done[p]), where),
+        )
+        for p in stored
+    }
+    parts, upper = source.rebuild(frozenset(p for p in panels if p not in pivots), pivots)
     return replace(source, parts=parts, upper=upper)
+
+
+class StoredPivot:
+    """Where a panel's top-k so far is stored: its last saved link's state slot or, for a
+    finished panel, its output. A plain object, so that dask does not traverse the zarr
+    arrays; tokenised by the store, the region and the link count."""
+
+    __slots__ = ("state", "outputs", "regions", "linked", "final", "token")
+
+    def __init__(self, state, outputs, regions, linked: int, final: bool, where):
+        self.state, self.outputs, self.regions = state, outputs, regions
+        self.linked, self.final = linked, final
+        self.token = (where, [(r.start, r.stop) for r in regions], linked, final)
+
+    def __dask_tokenize__(self):
+        return self.token
+
+
+def stored_pivot(where: StoredPivot):
+    """A stored panel's top-k so far as a part ``(keys, idx)``: a pivot for its blocks.
+
+    A finished panel's output values are its final keys, NaN where the key was NaN or
+    invalid (read as :data:`~dask_cosim._select.NAN_KEY`, a bound at least that high only
+    prunes that panel's own side of a block, which its finished output no longer needs).
+    """
+    if where.final:
+        vals, idx = (a[where.regions] for a in where.outputs)
+        return np.where(np.isnan(vals), np.asarray(NAN_KEY, dtype=vals.dtype), vals), idx
+    slot = (where.linked - 1) % 2
+    at = (slice(slot, slot + 1), *where.regions)
+    return where.state[0][at][0], where.state[1][at][0]
 
 
 #: Key prefixes of a top-k graph's input tasks (read, rechunk and normalise the inputs).

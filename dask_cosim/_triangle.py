@@ -12,7 +12,7 @@ per upper block, and hand them to dask as ordinary collections.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -215,7 +215,11 @@ def _mirror_into(_ran, *, target: Any, src: tuple[slice, ...], dst: tuple[slice,
 
 
 def topk_triangle_parts(
-    prep: Prepared, k: int, exclude_self: bool, diagonals: Collection[tuple[int, ...]] | None = None
+    prep: Prepared,
+    k: int,
+    exclude_self: bool,
+    diagonals: Collection[tuple[int, ...]] | None = None,
+    pivots: Mapping[tuple[int, ...], tuple] | None = None,
 ) -> tuple[da.Array, str]:
     """Local top-k parts ``(keys, idx)`` for every output block, from the upper blocks only.
 
@@ -226,15 +230,21 @@ def topk_triangle_parts(
     of a batch block wait for all of them (a barrier, so that no scheduler runs a
     diagonal block late and leaves its row's tasks for the end). ``diagonals``: the
     barrier waits only for these diagonal blocks ``(*batch block, i)`` (a resumed job
-    that needs no other). Returns an object array
+    that needs no other). ``pivots``: for these row blocks ``(*batch block, i)``, a task
+    (a tuple ``(callable, argument)``) that returns a top-k part of their rows, which
+    prunes their off-diagonal blocks in place of their diagonal block's part (a resumed
+    job's stored state). Returns an object array
     indexed like the output whose block ``(i, j)`` is that part; its chunks along the
     last axis are the parts' widths ``min(k, m_j)``. Also returns the name of the upper
     blocks' layer (``cosine-topk-*``), whose tasks return both halves.
     """
     kwargs = prep.product_kwargs()
     waits = None if diagonals is None else sorted(diagonals)
-    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, waits, "topk-triangle")
+    pivots = dict(pivots or {})
+    stored = sorted(pivots.items())
+    token = tokenize(prep.an.name, prep.plan.chunks, kwargs, k, exclude_self, waits, stored, "topk-triangle")
     up, parts = f"cosine-topk-{token}", f"cosine-pick-{token}"
+    held = f"cosine-stored-pivot-{token}"
     starts = _offsets(prep.plan.rows)
 
     def task_for(kb: int | None, i: int, j: int) -> Callable:
@@ -252,6 +262,14 @@ def topk_triangle_parts(
     an = graph_name(prep.an)
     upper = _upper_layer(prep, an, up, task_for)
     nb = len(prep.plan.rows)
+
+    def pivot(kb: int | None, i: int) -> tuple:
+        """The key of the part that prunes row block ``i``'s off-diagonal blocks."""
+        return _key(held if (*((kb,) if kb is not None else ()), i) in pivots else up, kb, i, i)
+
+    for panel, task in stored:
+        *batch, i = panel
+        upper[_key(held, batch[0] if batch else None, i, i)] = task
     for kb in _batch_blocks(prep):  # off-diagonal tasks are pruned by both diagonal parts
         # ... and start once every diagonal task has run (see _ran): the parts are the
         # best they can be, and no thread waits at the end for a late diagonal's row
@@ -263,7 +281,7 @@ def topk_triangle_parts(
         upper[barrier] = (_ran, *(_key(ran, kb, i, i) for i in wait))
         for i, j in upper_blocks(nb):
             if i < j:
-                upper[_key(up, kb, i, j)] += (_key(up, kb, i, i), _key(up, kb, j, j), barrier)
+                upper[_key(up, kb, i, j)] += (pivot(kb, i), pivot(kb, j), barrier)
     get = routed(operator.getitem, prep.device if prep.like == "cupy" else "cpu")
     pick: dict[Any, Any] = {}
     for kb in _batch_blocks(prep):

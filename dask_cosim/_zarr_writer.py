@@ -270,7 +270,12 @@ def zarr_layout(payload: ZarrPayload, codec: str) -> dict[str, Any]:
         }
         for name, arr in payload.arrays.items()
     }
-    return {"layout": LAYOUT, "arrays": arrays, "grid": list(payload.grid)}
+    layout = {"layout": LAYOUT, "arrays": arrays, "grid": list(payload.grid)}
+    if payload.topk_source is not None and payload.topk_source.triangle:
+        # the order of each panel's links (_topk_store.links_of): a store saved in another
+        # order must not be resumed in this one
+        layout["topk_links"] = "diagonal-first"
+    return layout
 
 
 def _create(store, payload: ZarrPayload, layout: dict, storage_options):

@@ -224,9 +224,9 @@ def topk(
         rebuild = None
         if triangle:
 
-            def rebuild(diagonals: frozenset) -> tuple[da.Array, str]:
+            def rebuild(diagonals: frozenset, pivots: dict) -> tuple[da.Array, str]:
                 with dask.annotate(priority=priority_of(True, len(prep.plan.rows))):
-                    return topk_triangle_parts(prep, k, exclude_self, diagonals)
+                    return topk_triangle_parts(prep, k, exclude_self, diagonals, pivots)
 
         register_topk(vals.name, TopkSource(parts, k, triangle, where, upper, rebuild))
     for result in (vals, idx):

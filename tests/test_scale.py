@@ -21,6 +21,7 @@ import dask_cosim as dcs
 from dask_cosim import _topk_store, _triangle, reductions
 from dask_cosim._compat import QUERY_PLANNING
 from dask_cosim._plan import PlanError, task_memory
+from dask_cosim._select import NAN_KEY
 from dask_cosim._sizing import (
     MIN_TASK_FLOPS,
     MIN_TRIANGLE_BLOCKS,
@@ -31,6 +32,7 @@ from dask_cosim._sizing import (
     plan_job,
     regular_sizes,
 )
+from dask_cosim.io import ResumeMismatchError
 
 from .test_reductions import assert_topk, reference_similarity
 
@@ -221,11 +223,13 @@ def _blocks_still_needed(done, links, nb_rows, nb_cols, triangle) -> int:
     """Block tasks a resumed job must run, from the stored markers (2-D output)."""
     need = set()
     for j in range(nb_rows):
-        if not done[j]:  # panel j still merges the parts of columns links[j]...
-            need.update((min(j, x), max(j, x)) if triangle else (j, x) for x in range(int(links[j]), nb_cols))
-    if triangle:  # off-diagonal blocks are pruned by both diagonal blocks
-        need |= {(i, i) for i, j in need} | {(j, j) for i, j in need}
-    else:  # ... and the other column blocks by the first one
+        if not done[j]:  # panel j still merges the parts of its chain's columns from links[j] on
+            chain = [j, *(x for x in range(nb_cols) if x != j)] if triangle else range(nb_cols)
+            need.update((min(j, x), max(j, x)) if triangle else (j, x) for x in chain[int(links[j]) :])
+    # in the triangle, an off-diagonal block is pruned by the stored state of a panel that
+    # saved anything (its diagonal part is merged first), else by that panel's diagonal
+    # block, which the panel's own chain then still needs: nothing more to run
+    if not triangle:  # the other column blocks are pruned by the first one
         need |= {(i, 0) for i, j in need}
     return len(need)
 
@@ -287,6 +291,83 @@ def test_interrupted_topk_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
                 exclude_self=self_similar, atol=1e-12)  # fmt: skip
     np.testing.assert_array_equal(group["indices"][...], want_idx)
     np.testing.assert_array_equal(group["values"][...], want_vals)
+
+
+@pytest.mark.parametrize("limit", [3, 9, 20])
+def test_resumed_triangle_prunes_by_stored_state_with_nan_and_zero_vectors(tmp_path, monkeypatch, limit):
+    """Interrupted after ``limit`` links (the diagonal parts saved; then some off-diagonal
+    links, then whole panels), a resumed self-similarity runs no diagonal block of a panel
+    that saved anything, prunes by the stored state (NaN rows and a zero vector included),
+    and gives the uninterrupted result bit for bit."""
+    gen = np.random.default_rng(11)
+    a = gen.standard_normal((600, 6))
+    a[450] = np.nan  # a NaN row and a zero vector in panels that finish before the
+    a[330] = 0.0  # interruption at limit=20 (their outputs then prune the others)
+    a[400:404] = a[10]  # exact copies: ties broken by the smaller index
+    out, k = tmp_path / "knn.zarr", 5
+
+    def result():
+        return dcs.topk(a, k=k, exclude_self=True, chunks=(100, 100))
+
+    want_vals, want_idx = dask.compute(*result(), scheduler="sync")
+    _LINK_CALLS.clear()
+    _LINK_LIMIT[0] = limit
+    monkeypatch.setattr(_topk_store, "run_link", _failing_link)
+    with dask.config.set(scheduler="sync"), pytest.raises(Interrupt):
+        dcs.to_zarr(result(), out)
+    monkeypatch.setattr(_topk_store, "run_link", _REAL_RUN_LINK)
+    group = zarr.open_group(out)
+    done, links = group["_blocks_done"][...].astype(bool), group[_topk_store.LINKS][...]
+    saved = done | (links > 0)
+    diagonals = []
+    real_block = _triangle.topk_block
+    monkeypatch.setattr(
+        _triangle,
+        "topk_block",
+        lambda an, bn, *, _f=real_block, **kw: (
+            (kw.get("symmetric") and diagonals.append(kw["row_offset"] // 100)) or _f(an, bn, **kw)
+        ),
+    )
+    with dask.config.set(scheduler="sync"):
+        dcs.to_zarr(result(), out, resume=True)
+    assert sorted(diagonals) == [i for i in range(6) if not saved[i]]
+    group = zarr.open_group(out)
+    np.testing.assert_array_equal(group["indices"][...], want_idx)
+    np.testing.assert_array_equal(group["values"][...], want_vals)
+
+
+def test_resume_refuses_a_store_whose_links_were_saved_in_another_order(tmp_path):
+    """A triangle top-k store records its links' order: one saved without it (an earlier
+    release merged each panel's diagonal part in column order) is not resumed in this one."""
+    a = np.random.default_rng(12).standard_normal((300, 4))
+    out = tmp_path / "knn.zarr"
+    dcs.to_zarr(dcs.topk(a, k=3, chunks=(100, 100)), out)
+    group = zarr.open_group(out)
+    info = dict(group.attrs["dask_cosim"])
+    assert info["layout"]["topk_links"] == "diagonal-first"
+    del info["layout"]["topk_links"]
+    group.attrs["dask_cosim"] = info
+    with pytest.raises(ResumeMismatchError, match="topk_links: stored None, now 'diagonal-first'"):
+        dcs.to_zarr(dcs.topk(a, k=3, chunks=(100, 100)), out, resume=True)
+
+
+def test_stored_pivot_reads_the_last_slot_or_the_final_output():
+    state = (np.zeros((2, 4, 3), np.float32), np.zeros((2, 4, 3), np.int64))
+    state[0][1, 2:4] = [[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]]
+    state[1][1, 2:4] = [[1, 2, 3], [4, 5, 6]]
+    outputs = (
+        np.array([[0.9, np.nan, np.nan], [0.3, 0.2, 0.1]], np.float32),
+        np.array([[7, 0, -1], [1, 2, 3]]),
+    )
+    regions = (slice(2, 4), slice(0, 3))
+    keys, idx = _topk_store.stored_pivot(_topk_store.StoredPivot(state, outputs, regions, 2, False, "x"))
+    np.testing.assert_array_equal(keys, state[0][1, 2:4])  # link count 2: slot (2 - 1) % 2
+    np.testing.assert_array_equal(idx, state[1][1, 2:4])
+    finished = _topk_store.StoredPivot(state, outputs, (slice(0, 2), slice(0, 3)), 0, True, "x")
+    keys, idx = _topk_store.stored_pivot(finished)
+    np.testing.assert_array_equal(keys, np.array([[0.9, NAN_KEY, NAN_KEY], [0.3, 0.2, 0.1]], np.float32))
+    assert keys.dtype == np.float32
+    np.testing.assert_array_equal(idx, outputs[1])
 
 
 def test_link_checkpoints_survive_a_crash_between_state_and_marker(tmp_path, monkeypatch):
