@@ -336,6 +336,32 @@ def test_resumed_triangle_prunes_by_stored_state_with_nan_and_zero_vectors(tmp_p
     np.testing.assert_array_equal(group["values"][...], want_vals)
 
 
+@pytest.mark.parametrize("limit", [7, 15])
+def test_resumed_batched_triangle_equals_uninterrupted(tmp_path, monkeypatch, limit):
+    """The same for a batch of self-similarities: panels are (batch block, row block)."""
+    a = np.random.default_rng(13).standard_normal((3, 300, 5))
+    a[1, 150] = np.nan
+    a[2, 10:13] = a[2, 200]
+    out = tmp_path / "knn.zarr"
+
+    def result():
+        return dcs.topk(a, k=4, exclude_self=True, chunks=(1, 100, 100))
+
+    want_vals, want_idx = dask.compute(*result(), scheduler="sync")
+    _LINK_CALLS.clear()
+    _LINK_LIMIT[0] = limit
+    monkeypatch.setattr(_topk_store, "run_link", _failing_link)
+    with dask.config.set(scheduler="sync"), pytest.raises(Interrupt):
+        dcs.to_zarr(result(), out)
+    monkeypatch.setattr(_topk_store, "run_link", _REAL_RUN_LINK)
+    assert zarr.open_group(out)[_topk_store.LINKS][...].sum() > 0
+    with dask.config.set(scheduler="sync"):
+        dcs.to_zarr(result(), out, resume=True)
+    group = zarr.open_group(out)
+    np.testing.assert_array_equal(group["indices"][...], want_idx)
+    np.testing.assert_array_equal(group["values"][...], want_vals)
+
+
 def test_resume_refuses_a_store_whose_links_were_saved_in_another_order(tmp_path):
     """A triangle top-k store records its links' order: one saved without it (an earlier
     release merged each panel's diagonal part in column order) is not resumed in this one."""
