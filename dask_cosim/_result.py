@@ -22,8 +22,7 @@ import dask.array as da
 import numpy as np
 
 from ._compat import QUERY_PLANNING, block_slices, local_scheduler, meta_of, rewrap
-from ._kernels import similarity_block
-from ._triangle import similarity_triangle_into, use_triangle
+from ._triangle import product_into, similarity_triangle_into, use_triangle
 
 if TYPE_CHECKING:
     from ._prepared import Prepared
@@ -160,7 +159,7 @@ class SimilarityArray(da.Array):
                 dtype=bool, meta=meta, target=target,
             )  # fmt: skip
         return prep.pair_blockwise(
-            _product_into,
+            product_into,
             block_slices(self.chunks),
             index,
             token="cosine-block",  # ``target`` (tokenised by identity) makes the name unique
@@ -196,12 +195,6 @@ class _Target:
 
 def _marker(ndim: int) -> np.ndarray:
     return np.ones((1,) * ndim, dtype=bool)
-
-
-def _product_into(an, bn, region, *, target: _Target, **kwargs) -> np.ndarray:
-    """One product task writing its block into ``target`` at ``region``."""
-    similarity_block(an, bn, out=target.array[region], **kwargs)
-    return _marker(len(region))
 
 
 def _store_into(block, region, *, target: _Target) -> np.ndarray:

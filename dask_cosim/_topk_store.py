@@ -214,7 +214,9 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     linked = group[LINKS][...]
     state = (group[STATE[0]], group[STATE[1]])
     outputs = (group["values"], group["indices"])
-    source = _resumed_source(source, values, done, linked, group)
+    source = _resumed_source(
+        source, values, done, linked, (state, outputs, (describe(group.store), group.path))
+    )
     parts, k = source.parts, source.k
     parts_name = None if source.upper is not None else graph_name(parts)
     grid = values.numblocks[:-1]
@@ -252,14 +254,15 @@ def _regions(values, panel: tuple[int, ...], k: int) -> tuple[slice, ...]:
     return (*out, slice(0, k))
 
 
-def _resumed_source(source: TopkSource, values, done, linked, group) -> TopkSource:
+def _resumed_source(source: TopkSource, values, done, linked, stored_in) -> TopkSource:
     """``source``, or (a resumed triangle job) its parts rebuilt around what is stored.
 
     Every panel's chain merges its diagonal part first (:func:`links_of`), so a panel with
     a saved link, or a finished one, needs its diagonal block no more: its blocks are
     pruned by its stored top-k so far instead (:func:`stored_pivot`, at least as tight
     as the diagonal part), and only the diagonal blocks of panels that saved nothing run
-    again (the barrier waits only for those).
+    again (the barrier waits only for those). ``stored_in``: ``(state arrays, output
+    arrays, where)``, ``where`` naming the store in the tasks' tokens.
     """
     if not (source.triangle and source.rebuild is not None):
         return source
@@ -267,8 +270,7 @@ def _resumed_source(source: TopkSource, values, done, linked, group) -> TopkSour
     stored = [p for p in panels if done[p] or linked[p] > 0]
     if not stored:
         return source
-    state, outputs = (group[STATE[0]], group[STATE[1]]), (group["values"], group["indices"])
-    where = describe(group.store), group.path
+    state, outputs, where = stored_in
     pivots = {
         p: (
             stored_pivot,

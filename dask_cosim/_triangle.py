@@ -170,7 +170,7 @@ def similarity_triangle_into(prep: Prepared, target: Any) -> da.Array:
     an = graph_name(prep.an)
     upper = {
         _key(prod, kb, i, j): (
-            partial(_product_into, target=target, region=region(kb, i, j), **kwargs),
+            partial(product_into, region=region(kb, i, j), target=target, **kwargs),
             _input_key(an, kb, i),
             _input_key(an, kb, j),
         )
@@ -198,8 +198,8 @@ def similarity_triangle_into(prep: Prepared, target: Any) -> da.Array:
     return array_from_graph(out, {prod: (upper, {an}), out: (markers, {prod})}, [prep.an], chunks, meta)
 
 
-def _product_into(an, bn, *, target: Any, region: tuple[slice, ...], **kwargs) -> np.ndarray:
-    """One upper product written into ``target.array[region]``; a one-element marker."""
+def product_into(an, bn, region: tuple[slice, ...], *, target: Any, **kwargs) -> np.ndarray:
+    """One product task writing its block into ``target.array[region]``; a one-element marker."""
     similarity_block(an, bn, out=target.array[region], **kwargs)
     return np.ones((1,) * len(region), dtype=bool)
 
@@ -265,7 +265,8 @@ def topk_triangle_parts(
 
     def pivot(kb: int | None, i: int) -> tuple:
         """The key of the part that prunes row block ``i``'s off-diagonal blocks."""
-        return _key(held if (*((kb,) if kb is not None else ()), i) in pivots else up, kb, i, i)
+        panel = (i,) if kb is None else (kb, i)
+        return _key(held if panel in pivots else up, kb, i, i)
 
     for panel, task in stored:
         *batch, i = panel
