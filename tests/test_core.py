@@ -243,9 +243,10 @@ def kernel_calls(monkeypatch):
     """Count normalise and product kernel invocations (the graph captures the patched functions).
 
     Products run from two graph builders: ``core`` (the lazy array) and ``_result``
-    (``S.compute()`` writing blocks into the result); both are counted.
+    (``S.compute()`` writing blocks into the result, with ``_triangle.product_into``);
+    both are counted.
     """
-    import dask_cosim._result as result
+    import dask_cosim._triangle as triangle  # the in-place product tasks (product_into)
     import dask_cosim.core as core
 
     calls = {"normalize": [], "block": []}
@@ -261,7 +262,7 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(core, "normalize_rows", norm)
     monkeypatch.setattr(core, "similarity_block", block)
-    monkeypatch.setattr(result, "similarity_block", block)
+    monkeypatch.setattr(triangle, "similarity_block", block)
     return calls
 
 
@@ -294,7 +295,7 @@ def test_products_read_the_normalised_blocks_without_copying_them(monkeypatch, s
     vector axis into fresh memory, in every product task (measured: a quarter of W1's
     product time); the graph unwraps the one block instead.
     """
-    import dask_cosim._result as result
+    import dask_cosim._triangle as triangle  # the in-place product tasks (product_into)
     import dask_cosim.core as core
 
     normalised, received = [], []
@@ -310,7 +311,7 @@ def test_products_read_the_normalised_blocks_without_copying_them(monkeypatch, s
 
     monkeypatch.setattr(core, "normalize_rows", norm)
     monkeypatch.setattr(core, "similarity_block", block)
-    monkeypatch.setattr(result, "similarity_block", block)
+    monkeypatch.setattr(triangle, "similarity_block", block)
     a, b = rng(25).standard_normal(shape_a), rng(26).standard_normal((4, 20, 5))
     S = dcs.cosine_similarity(a, b, chunks=(2, 10, 5))
     got = S.compute() if how == "compute" else dask.compute(S)[0]
