@@ -293,6 +293,19 @@ def test_interrupted_topk_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
     np.testing.assert_array_equal(group["values"][...], want_vals)
 
 
+def _interrupted_self_topk(result, out, limit: int, monkeypatch):
+    """The uninterrupted ``(values, indices)`` of ``result()``, then ``to_zarr`` of it into
+    ``out`` on the synchronous scheduler, interrupted after ``limit`` links."""
+    want = dask.compute(*result(), scheduler="sync")
+    _LINK_CALLS.clear()
+    _LINK_LIMIT[0] = limit
+    monkeypatch.setattr(_topk_store, "run_link", _failing_link)
+    with dask.config.set(scheduler="sync"), pytest.raises(Interrupt):
+        dcs.to_zarr(result(), out)
+    monkeypatch.setattr(_topk_store, "run_link", _REAL_RUN_LINK)
+    return want
+
+
 @pytest.mark.parametrize("limit", [3, 9, 20])
 def test_resumed_triangle_prunes_by_stored_state_with_nan_and_zero_vectors(tmp_path, monkeypatch, limit):
     """Interrupted after ``limit`` links (the diagonal parts saved; then some off-diagonal
@@ -309,13 +322,7 @@ def test_resumed_triangle_prunes_by_stored_state_with_nan_and_zero_vectors(tmp_p
     def result():
         return dcs.topk(a, k=k, exclude_self=True, chunks=(100, 100))
 
-    want_vals, want_idx = dask.compute(*result(), scheduler="sync")
-    _LINK_CALLS.clear()
-    _LINK_LIMIT[0] = limit
-    monkeypatch.setattr(_topk_store, "run_link", _failing_link)
-    with dask.config.set(scheduler="sync"), pytest.raises(Interrupt):
-        dcs.to_zarr(result(), out)
-    monkeypatch.setattr(_topk_store, "run_link", _REAL_RUN_LINK)
+    want_vals, want_idx = _interrupted_self_topk(result, out, limit, monkeypatch)
     group = zarr.open_group(out)
     done, links = group["_blocks_done"][...].astype(bool), group[_topk_store.LINKS][...]
     saved = done | (links > 0)
@@ -347,13 +354,7 @@ def test_resumed_batched_triangle_equals_uninterrupted(tmp_path, monkeypatch, li
     def result():
         return dcs.topk(a, k=4, exclude_self=True, chunks=(1, 100, 100))
 
-    want_vals, want_idx = dask.compute(*result(), scheduler="sync")
-    _LINK_CALLS.clear()
-    _LINK_LIMIT[0] = limit
-    monkeypatch.setattr(_topk_store, "run_link", _failing_link)
-    with dask.config.set(scheduler="sync"), pytest.raises(Interrupt):
-        dcs.to_zarr(result(), out)
-    monkeypatch.setattr(_topk_store, "run_link", _REAL_RUN_LINK)
+    want_vals, want_idx = _interrupted_self_topk(result, out, limit, monkeypatch)
     assert zarr.open_group(out)[_topk_store.LINKS][...].sum() > 0
     with dask.config.set(scheduler="sync"):
         dcs.to_zarr(result(), out, resume=True)
