@@ -8,6 +8,8 @@ returns (:mod:`dask_cosim._execution`, which also runs the writes).
 
 from __future__ import annotations
 
+import sys
+
 from ._execution import WriteReport
 from ._out_state import (
     ATTR,
@@ -33,6 +35,13 @@ __all__ = [
     "LAYOUT",
     "MARKERS",
 ]
+
+
+def _is_dataframe(result) -> bool:
+    """Whether ``result`` is a dask DataFrame, without importing ``dask.dataframe`` (and
+    pandas) for a job that has none: one that has one imported it already."""
+    dd = sys.modules.get("dask.dataframe")
+    return dd is not None and isinstance(result, dd.DataFrame)
 
 
 def check_output(
@@ -67,9 +76,7 @@ def check_output(
     >>> check_output(S, out, resume=True)
     'complete'
     """
-    import dask.dataframe as dd
-
-    if isinstance(result, dd.DataFrame):
+    if _is_dataframe(result):
         kind, (params, layout) = "parquet", parquet_identity(result)
     else:
         payload = zarr_payload(result)

@@ -61,6 +61,24 @@ def test_the_cli_module_and_building_array_graphs_stay_light_too():
     assert _loaded_after(code) == []
 
 
+def test_checking_an_array_output_loads_no_dataframe_stack(tmp_path):
+    # what ``dask-cosim run --topk`` does before its cluster starts: half a second of
+    # pandas and dask.dataframe imports that a zarr job never uses
+    code = (
+        "import numpy as np, dask_cosim as dcs\n"
+        "from dask_cosim.io import check_output\n"
+        f"assert check_output(dcs.topk(np.ones((4, 3)), k=2), {str(tmp_path / 'k.zarr')!r}) == 'absent'"
+    )
+    assert _loaded_after(code) == []
+    pairs = (  # a DataFrame result is still told apart (it imported dask.dataframe itself)
+        "import numpy as np, dask_cosim as dcs\n"
+        "from dask_cosim.io import check_output\n"
+        "p = dcs.pairs_above(np.ones((4, 3)), threshold=0.5)\n"
+        f"assert check_output(p, {str(tmp_path / 'p.parquet')!r}) == 'absent'"
+    )
+    assert "dask.dataframe" in _loaded_after(pairs)
+
+
 def test_features_load_what_they_need():
     loaded = _loaded_after(
         "import numpy as np, dask_cosim as dcs\ndcs.pairs_above(np.ones((4, 3)), threshold=0.5)"
