@@ -90,12 +90,19 @@ def lookup(name: str) -> TopkSource | None:
 
 
 def priority_of(triangle: bool, nrows: int):
-    """Priority of a block task by its key ``(name, [kb,] i, j)``: earlier rows first.
+    """Priority of a block task by its key ``(name, [kb,] i, j)``: the order in which the
+    panels' links merge the blocks (:func:`links_of`).
 
     In the triangle, every off-diagonal block waits for the two diagonal blocks that prune
     it, so the diagonal blocks of a batch block go first (priority 0), then the upper rows
-    in order (``-1 - row``): panel ``i`` is complete once upper row ``i`` is.
+    in order, and each row by column: panel ``i`` is complete once upper row ``i`` is, and
+    each finished block ``(i, j)`` is the next link of both its panels (``i``'s row side
+    and ``j``'s column side). Without the column order, dask breaks the tie within a row
+    its own way (last column first, as it happens), and a panel's row-side links wait
+    for the row's first block while the others are already done. Outside the triangle,
+    rows first and each row by column.
     """
+    span = _ORDER_SPAN
 
     def priority(key) -> int:
         if not isinstance(key, tuple) or len(key) < 3:
@@ -103,10 +110,17 @@ def priority_of(triangle: bool, nrows: int):
         i, j = key[-2], key[-1]
         batch = key[-3] if len(key) >= 4 else 0
         if not triangle:
-            return -(batch * nrows + i)
-        return -batch * (nrows + 1) - (0 if i == j else 1 + min(i, j))
+            return -((batch * nrows + i) * span + j)
+        if i == j:
+            return -batch * (nrows + 1) * span
+        return -batch * (nrows + 1) * span - (1 + min(i, j)) * span - max(i, j)
 
     return priority
+
+
+#: Priorities order blocks by ``(batch, row, column)`` as ``row * span + column``: more
+#: column blocks than any job has.
+_ORDER_SPAN = 2**32
 
 
 def links_of(ncols: int, diagonal: int | None = None) -> list[list[int]]:

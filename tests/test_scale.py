@@ -433,13 +433,23 @@ def test_link_checkpoints_survive_a_crash_between_state_and_marker(tmp_path, mon
     assert_topk(group["values"][...], group["indices"][...], reference_similarity(a), 3, atol=1e-12)
 
 
-def test_topk_block_tasks_are_prioritised_by_upper_row():
-    from dask_cosim._topk_store import priority_of
+def test_topk_block_tasks_are_prioritised_by_upper_row_then_column():
+    from dask_cosim._topk_store import links_of, priority_of
 
     tri, rect = priority_of(True, 10), priority_of(False, 10)
-    assert tri(("cosine-topk-x", 2, 5)) == tri(("cosine-topk-x", 5, 2)) == -3  # upper row 2
+    assert tri(("cosine-topk-x", 2, 5)) == tri(("cosine-topk-x", 5, 2))  # one block, either key
     assert tri(("cosine-topk-x", 7, 7)) == 0 > tri(("cosine-topk-x", 0, 1))  # pivots first
-    assert rect(("cosine-topk-x", 5, 0)) == -5 and rect(("cosine-topk-x", 1, 3, 0)) == -13
+    upper = [(i, j) for i in range(10) for j in range(i + 1, 10)]
+    by_priority = sorted(upper, key=lambda b: -tri(("cosine-topk-x", *b)))
+    assert by_priority == upper  # row by row, each row by column, no ties left to dask:
+    assert len({tri(("cosine-topk-x", *b)) for b in upper}) == len(upper)
+    for panel in range(10):  # so each panel's links come in the order its blocks finish
+        blocks = [tuple(sorted((panel, j))) for [j] in links_of(10, diagonal=panel)[1:]]
+        assert blocks == sorted(blocks, key=by_priority.index)
+    batched = [tri(("cosine-topk-x", b, i, j)) for b in (0, 1) for i, j in [(0, 0), (0, 1), (8, 9)]]
+    assert batched == sorted(batched, reverse=True)  # batch blocks in turn, each diagonal first
+    assert rect(("cosine-topk-x", 5, 0)) > rect(("cosine-topk-x", 5, 1)) > rect(("cosine-topk-x", 6, 0))
+    assert rect(("cosine-topk-x", 0, 9, 3)) > rect(("cosine-topk-x", 1, 0, 0))
     assert tri(("cosine-normalize-x", 0)) == 0
     vals, _ = dcs.topk(np.ones((600, 4)), k=2, chunks=(100, 100))
     if not QUERY_PLANNING:
@@ -455,7 +465,9 @@ def test_topk_block_tasks_are_prioritised_by_upper_row():
     from dask_cosim._topk_store import INPUT_PRIORITY, _block_priority
 
     priority, t = _block_priority(True, 10), "0123456789abcdef0123456789abcdef"  # keys as dask names them
-    assert priority((f"cosine-topk-{t}", 2, 5)) == -3 and priority((f"cosine-pick-{t}", 7, 7)) == 0
+    blocks = priority_of(True, 10)
+    assert priority((f"cosine-topk-{t}", 2, 5)) == blocks(("cosine-topk-x", 2, 5)) < 0
+    assert priority((f"cosine-pick-{t}", 7, 7)) == 0
     assert priority((f"cosine-normalize-{t}", 3, 0)) == priority((f"cosine-in-a-{t}", 3, 0)) == INPUT_PRIORITY
     assert priority((f"cosine-merge-aggregate-{t}", 0, 0)) == 0
     hlg = graph_from_collections("cosine-link-x", {}, [vals], priority=priority)
