@@ -128,3 +128,13 @@ def test_sparse_flatnonzero_equals_numpys(shape, density, seed):
     mask = np.random.default_rng(seed).random(shape) < density
     np.testing.assert_array_equal(_scan.sparse_flatnonzero(mask), np.flatnonzero(mask))
     np.testing.assert_array_equal(_scan.sparse_flatnonzero(mask[:2]), np.flatnonzero(mask[:2]))
+
+
+def test_sparse_flatnonzero_expands_every_byte_pattern_of_a_word():
+    """All 256 patterns of true bytes in one 8-byte word (one word per pattern, then a
+    3-byte tail): each word's expansion gives NumPy's positions."""
+    patterns = np.arange(256)
+    mask = np.zeros(256 * 8 + 3, dtype=bool)
+    mask[: 256 * 8] = ((patterns[:, None] >> np.arange(8)) & 1).astype(bool).reshape(-1)
+    mask[-2] = True
+    np.testing.assert_array_equal(_scan.sparse_flatnonzero(mask), np.flatnonzero(mask))
