@@ -1088,15 +1088,19 @@ def _rank(group, member, vals, kk: int, ngroups: int, bound=None, score=None, ma
     return keys, idx
 
 
-def _sort_candidates(group, member, vals, ngroups: int):
-    """Candidates ordered by (group, key descending, member)."""
+def _sort_candidates(group, member, vals, ngroups: int, *, runs: bool = False):
+    """Candidates ordered by (group, key descending, member).
+
+    ``runs``: the candidates are a few runs each already in that order (a band and the
+    candidates added to it): a merging sort takes them in about one pass.
+    """
     if (
         vals.dtype == np.float32
         and ngroups < _PACK_LIMIT
         and (not member.size or member.max() < 2 * _PACK_LIMIT)
     ):
         packed = (group.astype(np.int64) << 48) | (_pack_desc(vals) << 16) | member
-        packed.sort()
+        packed.sort(kind="stable" if runs else None)
         return packed >> 48, packed & 0xFFFF, _unpack_desc((packed >> 16) & 0xFFFFFFFF)
     order = np.lexsort((member, -vals, group))
     return group[order], member[order], vals[order]
@@ -1159,7 +1163,7 @@ class _RowBand:
             group = np.concatenate([self.group, group])
             member = np.concatenate([self.member, member])
             vals = np.concatenate([self.vals, vals])
-        group, member, vals = _sort_candidates(group, member, vals, self.n)
+        group, member, vals = _sort_candidates(group, member, vals, self.n, runs=True)
         counts = np.bincount(group, minlength=self.n)
         self.group, self.member, self.vals = _band(group, member, vals, counts, self.kk, self.margin)
 
