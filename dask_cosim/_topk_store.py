@@ -19,9 +19,10 @@ this module instead:
   in the triangle, a panel that saved anything prunes its blocks by its stored state
   instead of its diagonal block's part, so its diagonal block does not run again.
 - **Order.** The input tasks go first (:data:`INPUT_PRIORITY`), then the block tasks by
-  upper row (:func:`priority_of`; ``topk`` sets both when it builds the graph), and a
-  ready link before any block, so on a ``distributed`` cluster panels finish in order and
-  every finished link is saved within a task's time.
+  upper row and column, the order the links merge them (:func:`priority_of`; ``topk``
+  sets both when it builds the graph), and a ready link before any block, so on a
+  ``distributed`` cluster panels finish in order and every finished link is saved within
+  a task's time.
 """
 
 from __future__ import annotations

@@ -183,7 +183,8 @@ def topk(
         vals, idx = _empty_topk(prep, topk_chunks)
     else:
         triangle = use_triangle(prep) and labels is None
-        # priorities by upper row: on a cluster, row panels finish in order (see _topk_store)
+        # priorities by upper row and column: on a cluster, row panels finish in order and
+        # each finished block is the next link of its panels (see _topk_store)
         with dask.annotate(priority=priority_of(triangle, len(prep.plan.rows))):
             upper = None
             if triangle:
