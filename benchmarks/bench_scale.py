@@ -19,6 +19,9 @@ Three parts, each printing JSON lines (``"bench": ...``):
 3. ``resume``: ``dask-cosim run A.npy -o knn.zarr --topk 10 --exclude-self`` run
    uninterrupted (time T), then again interrupted with SIGINT at T / 2 and rerun with
    ``--resume`` (time R): ``R / T``; the resumed result must equal the uninterrupted one.
+   Both runs pay the command's fixed cost F (imports, the embedded cluster's start and
+   shutdown), measured as the same command on 2,000 vectors; ``(R - F) / (T - F)`` is
+   the ratio of the jobs' work alone, what a larger N or a cluster already running tends to.
 
     python benchmarks/bench_scale.py                  # all parts (several minutes)
     python benchmarks/bench_scale.py --part graph     # one part
@@ -34,6 +37,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,6 +232,15 @@ def dense_limit(a: np.ndarray) -> float:
 # --------------------------------------------------------------------------- resume
 
 
+def run_small(cmd: list[str], inputs: tuple[str, str], out, env) -> float:
+    """Seconds for ``cmd`` (the resume part's command, without ``-o``) with its input
+    ``inputs[0]`` replaced by the small ``inputs[1]``."""
+    small = [inputs[1] if arg == inputs[0] else arg for arg in cmd]
+    t0 = time.perf_counter()
+    subprocess.run([*small, "-o", str(out)], env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def part_resume(args) -> None:
     n, d = (30_000, 32) if args.quick else (args.resume_n, 64)
     tmp = Path(tempfile.mkdtemp())
@@ -270,6 +283,11 @@ def part_resume(args) -> None:
                 raise RuntimeError(f"dask-cosim exited {proc.returncode}: {err}")
             return time.perf_counter() - t0, proc.returncode
 
+        np.save(tmp / "small.npy", np.random.default_rng(2).standard_normal((2_000, d), dtype=np.float32))
+        fixed = statistics.median(
+            run_small(cmd, (str(tmp / "a.npy"), str(tmp / "small.npy")), tmp / f"small{i}.zarr", env)
+            for i in range(3)
+        )  # the command's fixed cost, paid by each run
         full, _ = run("full.zarr")
         _, code = run("knn.zarr", interrupt_after=full / 2)
         if code != 130:
@@ -298,6 +316,8 @@ def part_resume(args) -> None:
                 "links_saved_at_interrupt": linked,
                 "resumed_s": round(resumed, 2),
                 "resume_ratio": round(resumed / full, 3),
+                "fixed_cost_s": round(fixed, 2),
+                "resume_ratio_without_fixed_cost": round((resumed - fixed) / (full - fixed), 3),
                 "resumed_exit": code2,
                 "same_result": same,
                 "load": os.getloadavg(),
