@@ -120,8 +120,9 @@ def priority_of(triangle: bool, nrows: int):
 
 
 #: Priorities order blocks by ``(batch, row, column)`` as ``row * span + column``: more
-#: column blocks than any job has.
-_ORDER_SPAN = 2**32
+#: column blocks than any graph a scheduler holds, and small enough that the priorities
+#: stay within the 64-bit integers that distributed's messages carry.
+_ORDER_SPAN = 2**20
 
 
 def links_of(ncols: int, diagonal: int | None = None) -> list[list[int]]:

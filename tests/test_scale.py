@@ -450,6 +450,8 @@ def test_topk_block_tasks_are_prioritised_by_upper_row_then_column():
     assert batched == sorted(batched, reverse=True)  # batch blocks in turn, each diagonal first
     assert rect(("cosine-topk-x", 5, 0)) > rect(("cosine-topk-x", 5, 1)) > rect(("cosine-topk-x", 6, 0))
     assert rect(("cosine-topk-x", 0, 9, 3)) > rect(("cosine-topk-x", 1, 0, 0))
+    huge = priority_of(True, 100_000)  # 10^4 batch blocks of 10^5 panels: still an int64
+    assert -(2**63) < huge(("cosine-topk-x", 9_999, 99_998, 99_999)) < huge(("cosine-topk-x", 9_999, 0, 1))
     assert tri(("cosine-normalize-x", 0)) == 0
     vals, _ = dcs.topk(np.ones((600, 4)), k=2, chunks=(100, 100))
     if not QUERY_PLANNING:
