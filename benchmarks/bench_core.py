@@ -73,6 +73,11 @@ def paired_times(fns, repeat: int) -> list[list[float]]:
     return times
 
 
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median of the round-by-round ratios ``num[r] / den[r]`` of interleaved runs."""
+    return round(statistics.median(tn / td for tn, td in zip(num, den, strict=True)), 3)
+
+
 def ratio_figures(t_limit: list[float], t_ours: list[float]) -> dict[str, float]:
     """``ratio_to_limit`` (median over median) plus two noise-robust views of the same runs.
 
@@ -80,10 +85,9 @@ def ratio_figures(t_limit: list[float], t_ours: list[float]) -> dict[str, float]
     the run right after it, so a slow spell of the shared machine hits both); ``ratio_best`` is
     best time over best time.
     """
-    paired = [tl / to for tl, to in zip(t_limit, t_ours, strict=True)]
     return {
         "ratio_to_limit": round(statistics.median(t_limit) / statistics.median(t_ours), 3),
-        "ratio_paired_median": round(statistics.median(paired), 3),
+        "ratio_paired_median": paired_ratio(t_limit, t_ours),
         "ratio_best": round(min(t_limit) / min(t_ours), 3),
     }
 
@@ -144,19 +148,13 @@ def workload(name, a, b, repeat, with_sklearn=False):
         "ratio_oversubscribed_blas": round(t_limit / t_over, 3),
         "ratio_store_into_out": round(t_limit / t_store, 3),
         "ratio_normalised_copies": round(t_limit / t_copies, 3),
-        "copies_over_ours_paired": round(
-            statistics.median(tc / to for tc, to in zip(times[5], times[1], strict=True)), 3
-        ),
+        "copies_over_ours_paired": paired_ratio(times[5], times[1]),
         "ratio_dask_optimized": round(t_limit / t_optimized, 3),
-        "optimized_over_ours_paired": round(
-            statistics.median(tc / to for tc, to in zip(times[6], times[1], strict=True)), 3
-        ),
+        "optimized_over_ours_paired": paired_ratio(times[6], times[1]),
         "t_limit_kept_s": round(t_limit_kept, 4),
         "t_dask_cosim_kept_s": round(t_ours_kept, 4),
         "ratio_kept_buffers": round(t_limit_kept / t_ours_kept, 3),
-        "ratio_kept_paired_median": round(
-            statistics.median(tl / to for tl, to in zip(times[7], times[8], strict=True)), 3
-        ),
+        "ratio_kept_paired_median": paired_ratio(times[7], times[8]),
         "max_abs_err_vs_limit": err,
     }
     if with_sklearn:
@@ -250,9 +248,7 @@ def task_kernel(dim: int, repeat: int, quick: bool = False) -> dict:
         "t_thin_panels_s": round(t_thin, 4),
         "ratio_to_limit": round(t_limit / t_task, 3),
         "ratio_thin_panels": round(t_limit / t_thin, 3),
-        "thin_over_task_paired": round(
-            statistics.median(tt / to for tt, to in zip(times[2], times[1], strict=True)), 3
-        ),
+        "thin_over_task_paired": paired_ratio(times[2], times[1]),
     }
     print(json.dumps(row), flush=True)
     return row
@@ -285,9 +281,7 @@ def self_similarity(dim: int, repeat: int, quick: bool = False) -> dict:
         "t_copy_s": round(t_copy, 4),
         "ratio_self_to_limit": round(t_limit / t_self, 3),
         "ratio_copy_to_limit": round(t_limit / t_copy, 3),
-        "copy_over_self_paired": round(
-            statistics.median(tc / ts for tc, ts in zip(times[2], times[1], strict=True)), 3
-        ),
+        "copy_over_self_paired": paired_ratio(times[2], times[1]),
         "max_abs_err_vs_limit": err,
         "symmetric": bool(np.array_equal(got, got.T)),
     }

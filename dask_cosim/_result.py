@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 
 from ._compat import QUERY_PLANNING, block_slices, local_scheduler, meta_of, rewrap
-from ._triangle import product_into, similarity_triangle_into, use_triangle
+from ._triangle import block_marker, product_into, similarity_triangle_into, use_triangle
 
 if TYPE_CHECKING:
     from ._prepared import Prepared
@@ -193,11 +193,7 @@ class _Target:
         self.array[region] = block
 
 
-def _marker(ndim: int) -> np.ndarray:
-    return np.ones((1,) * ndim, dtype=bool)
-
-
 def _store_into(block, region, *, target: _Target) -> np.ndarray:
     """Copy one computed block into ``target`` at ``region``."""
     target[region] = block
-    return _marker(len(region))
+    return block_marker(len(region))

@@ -201,14 +201,19 @@ def similarity_triangle_into(prep: Prepared, target: Any) -> da.Array:
 def product_into(an, bn, region: tuple[slice, ...], *, target: Any, **kwargs) -> np.ndarray:
     """One product task writing its block into ``target.array[region]``; a one-element marker."""
     similarity_block(an, bn, out=target.array[region], **kwargs)
-    return np.ones((1,) * len(region), dtype=bool)
+    return block_marker(len(region))
 
 
 def _mirror_into(_ran, *, target: Any, src: tuple[slice, ...], dst: tuple[slice, ...]) -> np.ndarray:
     """The transpose of ``target.array[src]`` (an upper block already written, ``_ran`` its
     marker) written into ``target.array[dst]``; a one-element marker."""
     transposed_numpy(target.array[src], out=target.array[dst])
-    return np.ones((1,) * len(dst), dtype=bool)
+    return block_marker(len(dst))
+
+
+def block_marker(ndim: int) -> np.ndarray:
+    """What a task that wrote its block in place returns: one ``True`` per block."""
+    return np.ones((1,) * ndim, dtype=bool)
 
 
 # --------------------------------------------------------------------------- top-k
