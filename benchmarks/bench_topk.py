@@ -24,6 +24,7 @@ reported as JSON lines (``"bench": ...``):
     python benchmarks/bench_topk.py                 # all parts, full size (many minutes)
     python benchmarks/bench_topk.py --part topk     # one part
     python benchmarks/bench_topk.py --quick         # tiny sizes (used by the test suite)
+    python benchmarks/bench_topk.py --part self --d 384   # another width (parts 1 and 2)
 """
 
 from __future__ import annotations
@@ -461,8 +462,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--faiss-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--self", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int)
-    p.add_argument("--d", type=int)
+    p.add_argument("--n", type=int, help="vectors of the topk, self and anatomy parts (default 50,000)")
+    p.add_argument("--d", type=int, help="their dimension (default 128)")
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args(argv)
     if args.faiss_worker:
@@ -476,15 +477,17 @@ def main(argv=None) -> list[dict]:
     log({"bench": "machine", "cpu": model, "cores": CORES, "blas": blas, "load_avg": os.getloadavg()})
     repeat = 2 if args.quick else args.repeat
     n, n_mem = (1500, 8000) if args.quick else (50_000, 200_000)
+    n = args.n or n
+    d = args.d or (32 if args.quick else 128)
     rows = []
     if args.part in ("all", "topk"):
         coretypes = ("Haswell",) if args.quick else [c for c in args.coretypes.split(",") if c]
         sk_repeat = 0 if args.skip_sklearn else args.sklearn_repeat
-        rows.append(part_topk(n, 32 if args.quick else 128, args.k, repeat, sk_repeat, coretypes))
+        rows.append(part_topk(n, d, args.k, repeat, sk_repeat, coretypes))
     if args.part in ("all", "self"):
-        rows.append(part_self(n, 32 if args.quick else 128, args.k, repeat))
+        rows.append(part_self(n, d, args.k, repeat))
     if args.part in ("all", "anatomy"):
-        rows.append(part_anatomy(n, 32 if args.quick else 128, args.k, 3 if args.quick else 2 * repeat))
+        rows.append(part_anatomy(n, d, args.k, 3 if args.quick else 2 * repeat))
     if args.part in ("all", "memory"):
         for self_similar in (True, False):
             rows.append(part_memory(n_mem, 16 if args.quick else 64, args.k, self_similar))

@@ -832,3 +832,13 @@ def test_topk_benchmark_quick():
     kinds = ("diagonal", "off_diagonal", "copy_pivot", "copy_pruned")
     assert set(anatomy["gemm_calls"]) == set(kinds) and min(anatomy["gemm_calls"].values()) > 0, anatomy
     assert anatomy["tasks_ratio"] > 0 and anatomy["gemm_ratio"] > 0, anatomy
+
+
+def test_topk_benchmark_takes_the_width_and_size_asked_for():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_topk.py"), "--quick", "--part", "self"]
+        + ["--n", "900", "--d", "48", "--repeat", "1"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    (row,) = [row for row in map(json.loads, out.splitlines()) if row["bench"] == "self_similarity"]
+    assert row["shape"] == [900, 900, 48] and row["indices_identical_rows"] == 1.0, row
