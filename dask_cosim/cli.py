@@ -417,14 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted after {time.perf_counter() - start:.1f} s; the cluster was shut down, "
-            f"finished blocks are kept (rerun with --resume){_log_note(args)}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return EXIT_INTERRUPTED
+        return _interrupted(args, start)
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure as one line
+        if _interrupt_behind(err):
+            return _interrupted(args, start)
         print(
             f"{PROG}: error: {type(err).__name__}: {_cli_words(_one_line(err))}", file=sys.stderr, flush=True
         )
@@ -439,6 +435,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _tidy_log(args, code)
+
+
+def _interrupted(args: argparse.Namespace, start: float) -> int:
+    print(
+        f"{PROG}: interrupted after {time.perf_counter() - start:.1f} s; the cluster was shut down, "
+        f"finished blocks are kept (rerun with --resume){_log_note(args)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_INTERRUPTED
+
+
+def _interrupt_behind(err: BaseException) -> bool:
+    """Whether ``err`` wraps a Ctrl-C: one that lands in an import can surface as another
+    error (``RuntimeError: Error calling __set_name__ ...`` from a class being built)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _log_path(args: argparse.Namespace) -> str | None:

@@ -217,9 +217,10 @@ def _dask_client(
         return
 
     n, t = machine_layout(workers, threads_per_worker)
-    with _children_ignore_sigint(processes):
-        cluster = _local_cluster(n, t, processes, memory_limit, quiet, log_file)
+    cluster = None
     try:
+        with _sigint_held_while_workers_start(processes):  # a Ctrl-C meanwhile is raised on leaving
+            cluster = _local_cluster(n, t, processes, memory_limit, quiet, log_file)
         client = Client(cluster, set_as_default=True)
         try:
             if echo:
@@ -228,7 +229,8 @@ def _dask_client(
         finally:
             client.close()
     finally:
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _dashboard_link(client) -> str:
@@ -298,17 +300,38 @@ def _calmer_polling() -> dict[str, str]:
 
 
 @contextmanager
-def _children_ignore_sigint(processes: bool) -> Iterator[None]:
-    """Start worker processes with SIGINT ignored (the setting is inherited).
+def _sigint_held_while_workers_start(processes: bool) -> Iterator[None]:
+    """Start worker processes immune to Ctrl-C, and hold a Ctrl-C meanwhile until they stand.
 
     Ctrl-C in a terminal signals the whole process group; the workers should not die
     with tracebacks of their own but be shut down by this process, which catches it.
+    While the cluster starts, SIGINT is blocked in this thread, and so in every thread
+    started meanwhile, which start the workers: a blocked signal stays blocked across
+    fork and exec, and the workers never take it. A Ctrl-C meanwhile (taken by a thread
+    that ran before, or pending until the block ends) is only recorded, and raised once
+    the cluster can be shut down: acting on it mid-start would leave a half-started
+    cluster behind. (Ignoring SIGINT instead, which the workers would inherit too, lost
+    it: the job ran on to its end.)
+
+    multiprocessing's resource tracker unblocks SIGINT in the thread that starts it
+    (after starting it with SIGINT blocked): it is started here first, so that no thread
+    that starts a worker does that.
     """
     if not processes or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # what the first spawned worker would do
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    masks = hasattr(signal, "pthread_sigmask")  # POSIX
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masks else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if masks:  # a Ctrl-C pending on this thread is recorded here
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # to its own handler: KeyboardInterrupt in the command

@@ -571,6 +571,74 @@ def test_ctrl_c_shuts_the_embedded_cluster_down(big, tmp_path):
     assert zarr.open_group(out, mode="r").attrs["dask_cosim"]["complete"] is False
 
 
+def test_ctrl_c_while_the_embedded_cluster_starts_stops_the_run(tmp_path):
+    """Ctrl-C while the workers start: held until the cluster stands, then the run stops
+    (it used to be ignored there, and the job ran on to its end)."""
+    np.save(tmp_path / "a.npy", _rng(5).standard_normal((3000, 16)).astype("float32"))
+    out = tmp_path / "knn.zarr"
+    p = _cli(
+        "run", tmp_path / "a.npy", "-o", out, "--topk", "5", "--workers", "2", "--threads-per-worker", "1",
+        "--quiet", start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not psutil.Process(p.pid).children(recursive=True):  # the first process of the start
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.005)
+        children = psutil.Process(p.pid).children(recursive=True)
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == [
+        line for line in err.strip().splitlines() if line.startswith("dask-cosim: interrupted")
+    ], err  # one line, no tracebacks from the workers
+    assert _reap(children, timeout=30) == []
+    if out.exists():  # whatever was laid out is not marked complete
+        assert not zarr.open_group(out, mode="r").attrs.get("dask_cosim", {}).get("complete")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's signal mask in /proc")
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_sigint_is_held_while_workers_start_and_blocked_in_what_they_spawn(interrupted):
+    from dask_cosim.cluster import _sigint_held_while_workers_start
+
+    handler = signal.getsignal(signal.SIGINT)
+    raised = False
+    try:
+        with _sigint_held_while_workers_start(True):
+            child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+            if interrupted:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # nothing raised meanwhile: held
+            status = Path(f"/proc/{child.pid}/status").read_text()
+    except KeyboardInterrupt:
+        raised = True
+    finally:
+        child.communicate(b"\n", timeout=30)
+    blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk")).split()[1], 16)
+    assert blocked & (1 << (signal.SIGINT - 1))  # the spawned process never takes a Ctrl-C
+    assert raised == interrupted  # raised once, on leaving
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_an_error_wrapping_a_ctrl_c_reads_as_interrupted():
+    from dask_cosim.cli import _interrupt_behind
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as inner:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from inner
+    except RuntimeError as err:
+        assert _interrupt_behind(err)
+    assert not _interrupt_behind(RuntimeError("plain"))
+
+
 def test_demo_verifies_against_numpy(scheduler, capsys):
     rc = main(["demo", "--n", "600", "--dim", "16", "--scheduler", scheduler.scheduler_address])
     out, err = capsys.readouterr()
