@@ -219,7 +219,7 @@ def _dask_client(
     n, t = machine_layout(workers, threads_per_worker)
     cluster = None
     try:
-        with _sigint_held_while_workers_start(processes):  # a Ctrl-C meanwhile is raised on leaving
+        with _stops_held_while_workers_start(processes):  # a Ctrl-C meanwhile is raised on leaving
             cluster = _local_cluster(n, t, processes, memory_limit, quiet, log_file)
         client = Client(cluster, set_as_default=True)
         try:
@@ -300,18 +300,21 @@ def _calmer_polling() -> dict[str, str]:
 
 
 @contextmanager
-def _sigint_held_while_workers_start(processes: bool) -> Iterator[None]:
-    """Start worker processes immune to Ctrl-C, and hold a Ctrl-C meanwhile until they stand.
+def _stops_held_while_workers_start(processes: bool) -> Iterator[None]:
+    """Start worker processes immune to Ctrl-C, and hold a Ctrl-C or SIGTERM meanwhile
+    until the cluster stands.
 
     Ctrl-C in a terminal signals the whole process group; the workers should not die
     with tracebacks of their own but be shut down by this process, which catches it.
     While the cluster starts, SIGINT is blocked in this thread, and so in every thread
     started meanwhile, which start the workers: a blocked signal stays blocked across
     fork and exec, and the workers never take it. A Ctrl-C meanwhile (taken by a thread
-    that ran before, or pending until the block ends) is only recorded, and raised once
-    the cluster can be shut down: acting on it mid-start would leave a half-started
-    cluster behind. (Ignoring SIGINT instead, which the workers would inherit too, lost
-    it: the job ran on to its end.)
+    that ran before, or pending until the block ends) is only recorded, and so is a
+    SIGTERM where this process has a handler for it (the command's); each is raised
+    again, to its own handler, once the cluster can be shut down: acting on it mid-start
+    would leave a half-started cluster behind. (Ignoring SIGINT instead, which the
+    workers would inherit too, lost it: the job ran on to its end.) SIGTERM is not
+    blocked: the workers' nannies stop them with it.
 
     multiprocessing's resource tracker unblocks SIGINT in the thread that starts it
     (after starting it with SIGINT blocked): it is started here first, so that no thread
@@ -323,8 +326,11 @@ def _sigint_held_while_workers_start(processes: bool) -> Iterator[None]:
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # what the first spawned worker would do
+    held = [signal.SIGINT]
+    if hasattr(signal, "SIGTERM") and callable(signal.getsignal(signal.SIGTERM)):
+        held.append(signal.SIGTERM)
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     masks = hasattr(signal, "pthread_sigmask")  # POSIX
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masks else None
     try:
@@ -332,6 +338,7 @@ def _sigint_held_while_workers_start(processes: bool) -> Iterator[None]:
     finally:
         if masks:  # a Ctrl-C pending on this thread is recorded here
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-    if caught:
-        signal.raise_signal(signal.SIGINT)  # to its own handler: KeyboardInterrupt in the command
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    for sig in dict.fromkeys(caught):  # KeyboardInterrupt; the command's SIGTERM exit
+        signal.raise_signal(sig)

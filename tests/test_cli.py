@@ -571,9 +571,11 @@ def test_ctrl_c_shuts_the_embedded_cluster_down(big, tmp_path):
     assert zarr.open_group(out, mode="r").attrs["dask_cosim"]["complete"] is False
 
 
-def test_ctrl_c_while_the_embedded_cluster_starts_stops_the_run(tmp_path):
-    """Ctrl-C while the workers start: held until the cluster stands, then the run stops
-    (it used to be ignored there, and the job ran on to its end)."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stop_while_the_embedded_cluster_starts_stops_the_run(tmp_path, stop):
+    """Ctrl-C (the whole process group) or SIGTERM (the command's process) while the
+    workers start: held until the cluster stands, then the run stops and the cluster is
+    shut down (a Ctrl-C used to be ignored there, and the job ran on to its end)."""
     np.save(tmp_path / "a.npy", _rng(5).standard_normal((3000, 16)).astype("float32"))
     out = tmp_path / "knn.zarr"
     p = _cli(
@@ -586,7 +588,10 @@ def test_ctrl_c_while_the_embedded_cluster_starts_stops_the_run(tmp_path):
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.005)
         children = psutil.Process(p.pid).children(recursive=True)
-        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+        if stop == "ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+        else:
+            p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
@@ -604,12 +609,12 @@ def test_ctrl_c_while_the_embedded_cluster_starts_stops_the_run(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's signal mask in /proc")
 @pytest.mark.parametrize("interrupted", [True, False])
 def test_sigint_is_held_while_workers_start_and_blocked_in_what_they_spawn(interrupted):
-    from dask_cosim.cluster import _sigint_held_while_workers_start
+    from dask_cosim.cluster import _stops_held_while_workers_start
 
     handler = signal.getsignal(signal.SIGINT)
     raised = False
     try:
-        with _sigint_held_while_workers_start(True):
+        with _stops_held_while_workers_start(True):
             child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
             if interrupted:
                 os.kill(os.getpid(), signal.SIGINT)
