@@ -323,15 +323,22 @@ def _stops_held_while_workers_start(processes: bool) -> Iterator[None]:
     if not processes or threading.current_thread() is not threading.main_thread():
         yield
         return
-    from multiprocessing import resource_tracker
+    masks = hasattr(signal, "pthread_sigmask")  # POSIX
+    if masks:
+        from multiprocessing import resource_tracker
 
-    resource_tracker.ensure_running()  # what the first spawned worker would do
+        resource_tracker.ensure_running()  # what the first spawned worker would do
     held = [signal.SIGINT]
     if hasattr(signal, "SIGTERM") and callable(signal.getsignal(signal.SIGTERM)):
         held.append(signal.SIGTERM)
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
-    masks = hasattr(signal, "pthread_sigmask")  # POSIX
+
+    def record(signum, frame):
+        caught.append(signum)
+
+    # without signal masks (not POSIX) the workers can only inherit SIGINT ignored: a Ctrl-C is lost
+    quiet = {signal.SIGINT: record if masks else signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, quiet.get(sig, record)) for sig in held}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masks else None
     try:
         yield
