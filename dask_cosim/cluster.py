@@ -337,8 +337,8 @@ def _stops_held_while_workers_start(processes: bool) -> Iterator[None]:
         caught.append(signum)
 
     # without signal masks (not POSIX) the workers can only inherit SIGINT ignored: a Ctrl-C is lost
-    quiet = {signal.SIGINT: record if masks else signal.SIG_IGN}
-    previous = {sig: signal.signal(sig, quiet.get(sig, record)) for sig in held}
+    handlers = {signal.SIGINT: record if masks else signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, handlers.get(sig, record)) for sig in held}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masks else None
     try:
         yield
