@@ -62,6 +62,12 @@ def log(row: dict) -> dict:
 CPU: dict[str, float] = {}
 
 
+#: Seconds of pause before each timed run (as ``bench_core.SETTLE_S``): OpenBLAS's pool
+#: threads (NumPy's, and faiss's own copy) keep spinning for a while after a multi-threaded
+#: call, stealing a core from whatever runs next.
+SETTLE_S = 0.3
+
+
 def paired_times(fns: dict, repeat: int, slow: dict | None = None) -> dict[str, float]:
     """Median wall seconds of each function, interleaved; ``slow`` maps names to fewer repeats.
 
@@ -76,6 +82,7 @@ def paired_times(fns: dict, repeat: int, slow: dict | None = None) -> dict[str, 
         for name, fn in fns.items():
             if slow and r >= slow.get(name, repeat):
                 continue
+            time.sleep(SETTLE_S)
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
