@@ -483,6 +483,16 @@ def _reap(procs: list[psutil.Process], timeout: float = 30.0) -> list[int]:
     return [proc.pid for proc in alive]
 
 
+def _assert_stopped_cleanly(p: subprocess.Popen, err: str, children, timeout: float) -> None:
+    """An interrupted run: exit 130, one line on stderr (no tracebacks from the workers),
+    and every process of its embedded cluster gone."""
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == [
+        line for line in err.strip().splitlines() if line.startswith("dask-cosim: interrupted")
+    ], err
+    assert _reap(children, timeout=timeout) == []
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     d = tmp_path_factory.mktemp("big")
@@ -563,11 +573,7 @@ def test_ctrl_c_shuts_the_embedded_cluster_down(big, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 130
-    assert err.strip().splitlines() == [
-        line for line in err.strip().splitlines() if line.startswith("dask-cosim: interrupted")
-    ], err  # one line, no tracebacks from the workers
-    assert _reap(children, timeout=10) == []
+    _assert_stopped_cleanly(p, err, children, timeout=10)
     assert zarr.open_group(out, mode="r").attrs["dask_cosim"]["complete"] is False
 
 
@@ -597,11 +603,7 @@ def test_a_stop_while_the_embedded_cluster_starts_stops_the_run(tmp_path, stop):
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 130, err
-    assert err.strip().splitlines() == [
-        line for line in err.strip().splitlines() if line.startswith("dask-cosim: interrupted")
-    ], err  # one line, no tracebacks from the workers
-    assert _reap(children, timeout=30) == []
+    _assert_stopped_cleanly(p, err, children, timeout=30)
     if out.exists():  # whatever was laid out is not marked complete
         assert not zarr.open_group(out, mode="r").attrs.get("dask_cosim", {}).get("complete")
 
