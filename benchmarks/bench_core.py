@@ -18,9 +18,6 @@ caller keeps and reuses (dask's ``store``: each block is computed, then copied i
 ``ratio_normalised_copies`` is the graph whose normalise tasks write normalised copies of
 the inputs (the products then read them back) instead of handing the products raw blocks
 and inverse norms; ``copies_over_ours_paired`` is its time over ours, round by round.
-``ratio_normalise_tasks`` is the graph with a normalise task per input block even where
-every block feeds one product (which then normalises its raw blocks itself, a batch element
-at a time); ``tasks_over_ours_paired`` is its time over ours, round by round.
 ``ratio_dask_optimized`` is ``S.compute(optimize_graph=True)``: dask's graph optimisation,
 which a graph of in-memory inputs skips by default (nothing in it to fuse or cull);
 ``optimized_over_ours_paired`` is its time over ours, round by round.
@@ -43,7 +40,6 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import dask
@@ -127,14 +123,13 @@ def workload(name, a, b, repeat, with_sklearn=False):
         lambda: S.compute(optimize_graph=True),  # dask's graph optimisation, which ours skips
         lambda: np.matmul(an, bnt, out=kept_limit),  # the limit without faulting in fresh output
         lambda: dask.compute(in_place, **S._local_options({})),  # ours likewise
-        normalise_tasks_graph(a, b).compute,
     ]
     if with_sklearn:
         fns.append(lambda: sklearn_loop(a, b))
     times = paired_times(fns, repeat)
-    medians = [statistics.median(ts) for ts in times]
-    t_limit, t_ours, t_call, t_over, t_store, t_copies, t_optimized, t_limit_kept, t_ours_kept = medians[:9]
-    t_tasks, *t_sk = medians[9:]
+    t_limit, t_ours, t_call, t_over, t_store, t_copies, t_optimized, t_limit_kept, t_ours_kept, *t_sk = (
+        statistics.median(ts) for ts in times
+    )
     got = S.compute()
     ref = np.matmul(an, bnt)
     err = float(max(np.max(np.abs(x - ref)) for x in (got, out, kept_ours)))
@@ -154,8 +149,6 @@ def workload(name, a, b, repeat, with_sklearn=False):
         "ratio_store_into_out": round(t_limit / t_store, 3),
         "ratio_normalised_copies": round(t_limit / t_copies, 3),
         "copies_over_ours_paired": paired_ratio(times[5], times[1]),
-        "ratio_normalise_tasks": round(t_limit / t_tasks, 3),
-        "tasks_over_ours_paired": paired_ratio(times[9], times[1]),
         "ratio_dask_optimized": round(t_limit / t_optimized, 3),
         "optimized_over_ours_paired": paired_ratio(times[6], times[1]),
         "t_limit_kept_s": round(t_limit_kept, 4),
@@ -176,14 +169,6 @@ def normalised_copies_graph(a, b):
     """The same graph with normalise tasks that write normalised copies of their blocks
     (dask_cosim before its products normalised in cache: README, Performance)."""
     prep = prepare(a, b, scaled=False)
-    return SimilarityArray.wrap(similarity_from(prep), prep)
-
-
-def normalise_tasks_graph(a, b):
-    """The same graph with a normalise task per input block (scaled blocks: the block and
-    its inverse norms) even where each block feeds one product, which otherwise
-    normalises its raw blocks itself (dask_cosim before that: README, Performance)."""
-    prep = replace(prepare(a, b, scaled=True), raw=None)
     return SimilarityArray.wrap(similarity_from(prep), prep)
 
 

@@ -22,7 +22,7 @@ from ._backend import (
 )
 from ._finite import raise_nonfinite
 from ._options import CHOICES
-from ._scaled import RawBlock, ScaledBlock, as_unit
+from ._scaled import ScaledBlock, as_unit
 from ._sparse import is_sparse, sparse_similarity_block
 from ._zero_vector import ZeroVectorError, raise_zero_vector
 
@@ -297,36 +297,6 @@ def panel_rows(m: int, itemsize: int) -> int:
     return max(MIN_PANEL_ROWS, PANEL_BYTES // max(1, m * itemsize))
 
 
-#: ``a_scale`` / ``b_scale`` of :func:`matmul_clip_numpy`: the block is raw, its inverse norms
-#: are computed a batch element at a time (:func:`element_scales`).
-FROM_ROWS = object()
-
-
-class IrregularRows(Exception):
-    """Batch element ``index`` (in C order) of input ``which`` (``"a"`` or ``"b"``) has a row
-    that the fast normalisation cannot take (zero, NaN, inf, or a squared norm that is not
-    a normal float): that input block must take :func:`normalize_rows` as a whole."""
-
-    def __init__(self, which: str, index: int):
-        super().__init__(which, index)
-        self.which, self.index = which, index
-
-
-def element_scales(x: np.ndarray, which: str, index: int) -> np.ndarray:
-    """Inverse norms of the rows of one 2-D batch element ``x``, the very values
-    :func:`normalize_rows` computes for them; :class:`IrregularRows` if a row needs the
-    careful path.
-
-    >>> element_scales(np.array([[3.0, 4.0], [0.0, 2.0]]), "a", 0)
-    array([0.2, 0.5])
-    """
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # such rows raise below
-        sq, inv = _row_norms(x, None)
-    if not _regular(np, sq).all():
-        raise IrregularRows(which, index)
-    return inv
-
-
 def matmul_clip_numpy(
     an: np.ndarray,
     bn: np.ndarray,
@@ -348,19 +318,14 @@ def matmul_clip_numpy(
     multiplied by these (their inverse norms, :mod:`dask_cosim._scaled`) into scratch
     memory, a batch element of ``bn`` and a panel of ``an`` at a time, right before the
     product reads them from cache: the same unit rows, bit for bit, as the normalise task's.
-    Either scale may also be :data:`FROM_ROWS`: that block's inverse norms are computed a
-    batch element at a time, right before its rows are scaled (:func:`element_scales`);
-    an element with a row that needs the careful normalisation raises
-    :class:`IrregularRows` before anything of that element is written.
     """
     work = np.result_type(an, bn)
     batch = np.broadcast_shapes(an.shape[:-2], bn.shape[:-2])
     an = np.broadcast_to(an, batch + an.shape[-2:])  # views: no copies
     bn = np.broadcast_to(bn, batch + bn.shape[-2:])
-    a_rows_scaled, b_rows_scaled = a_scale is FROM_ROWS, b_scale is FROM_ROWS
-    if a_scale is not None and not a_rows_scaled:
+    if a_scale is not None:
         a_scale = np.broadcast_to(a_scale, batch + a_scale.shape[-1:])
-    if b_scale is not None and not b_rows_scaled:
+    if b_scale is not None:
         b_scale = np.broadcast_to(b_scale, batch + b_scale.shape[-1:])
     shape = batch + (an.shape[-2], bn.shape[-2])
     if out is None:
@@ -380,16 +345,14 @@ def matmul_clip_numpy(
     for i, k in enumerate(np.ndindex(out.shape[:-2])):
         ak, bk = an[k], (bn[k] if unit_b is None else unit_b)
         if unit_b is not None and (i == 0 or not b_shared):  # unit rows of b, while they are in cache
-            bs = element_scales(bn[k], "b", i) if b_rows_scaled else b_scale[k]
-            np.multiply(bn[k], bs[:, None], out=unit_b)
-        a_s = element_scales(ak, "a", i) if a_rows_scaled else (None if a_scale is None else a_scale[k])
+            np.multiply(bn[k], b_scale[k][:, None], out=unit_b)
         bt = bk.T
         for r0 in range(0, an.shape[-2], rows):
             dest = out[k][r0 : r0 + rows]
             panel = dest if scratch is None else scratch[: dest.shape[0]]
             a_rows = ak[r0 : r0 + rows]
-            if a_s is not None:
-                a_rows = np.multiply(a_rows, a_s[r0 : r0 + rows, None], out=unit_a[: len(a_rows)])
+            if a_scale is not None:
+                a_rows = np.multiply(a_rows, a_scale[k][r0 : r0 + rows, None], out=unit_a[: len(a_rows)])
             np.matmul(a_rows, bt, out=panel)
             np.clip(panel, -1.0, 1.0, out=panel)
             if scratch is not None:
@@ -441,14 +404,6 @@ def similarity_block(
         raise ValueError(f"precision: expected one of {PRECISIONS}, received {precision!r}")
     if is_sparse(an) or is_sparse(bn):  # normalised CSR blocks: a sparse product, a dense block
         return sparse_similarity_block(an, bn, out_dtype=out_dtype, out=out)
-    if isinstance(an, RawBlock) or isinstance(bn, RawBlock):
-        product = dict(out_dtype=out_dtype, device=device, blas_threads=blas_threads, like=like)
-        both = _per_element(an, device, precision) and _per_element(bn, device, precision)
-        if both and an.raw.shape[:-2] == bn.raw.shape[:-2]:  # element by element
-            with limit_blas(blas_threads_for_task(blas_threads)):
-                return _normalised_product_numpy(an, bn, out_dtype, out)
-        an, bn = (normalize_rows(x.raw, **x.norm) if isinstance(x, RawBlock) else x for x in (an, bn))
-        return similarity_block(an, bn, **product, precision=precision, out=out)
     scaled = _scales(an, bn, device, precision)
     if scaled is not None:  # raw NumPy blocks: their unit rows are written in cache, per panel
         (an, a_scale), (bn, b_scale) = scaled
@@ -481,52 +436,6 @@ def similarity_block(
         out[...] = to_numpy(s)
         return out
     return to_numpy(s) if like == "numpy" and array_api_compat.is_cupy_array(s) else s
-
-
-def _per_element(x, device: str, precision: str) -> bool:
-    """Whether ``x`` is a :class:`RawBlock` the NumPy product can normalise a batch element
-    at a time: NumPy, already in its work dtype, a product in that precision."""
-    return (
-        isinstance(x, RawBlock)
-        and isinstance(x.raw, np.ndarray)
-        and x.raw.dtype == np.dtype(x.norm.get("compute_dtype", "float64"))
-        and precision == "float32"
-        and choose_backend(x.raw, device) == "numpy"
-    )
-
-
-def _normalised_product_numpy(an: RawBlock, bn: RawBlock, out_dtype, out):
-    """:func:`matmul_clip_numpy` of two raw blocks of the same batch shape, each batch
-    element's inverse norms computed right before its rows are scaled.
-
-    An input whose element ``i`` has a row that needs the careful normalisation is
-    normalised as a whole by :func:`normalize_rows` (its task's keywords: the same unit
-    rows, and the same errors naming the block), and the product goes on from element
-    ``i`` (nothing of it was written yet; the elements before it hold the same bits).
-    """
-    blocks, scales = [an.raw, bn.raw], [FROM_ROWS, FROM_ROWS]
-    batch = an.raw.shape[:-2]
-    if out is None:
-        out = np.empty(batch + (an.raw.shape[-2], bn.raw.shape[-2]), np.dtype(out_dtype or an.raw.dtype))
-    start = 0
-
-    def rest(x):  # the elements from ``start`` on (a 2-D product is one element)
-        return x[start:] if batch and isinstance(x, np.ndarray) else x
-
-    while True:
-        try:
-            a_scale, b_scale = (rest(s) for s in scales)
-            matmul_clip_numpy(
-                rest(blocks[0]), rest(blocks[1]), out_dtype, out=rest(out), a_scale=a_scale, b_scale=b_scale
-            )
-            return out
-        except IrregularRows as err:
-            start += err.index
-            side, raw = (0, an) if err.which == "a" else (1, bn)
-            unit = normalize_rows(raw.raw, **raw.norm)
-            blocks[side], scales[side] = (
-                (unit.raw, unit.inv) if isinstance(unit, ScaledBlock) else (unit, None)
-            )
 
 
 def _scales(an, bn, device: str, precision: str):

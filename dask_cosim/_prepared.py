@@ -16,24 +16,10 @@ import dask.array as da
 import numpy as np
 
 from ._backend import gpu_available
-from ._compat import block_slices
 from ._plan import Plan
 from ._resources import annotate_for, routed
-from ._scaled import RawBlock
 
-__all__ = ["Prepared", "RawInputs"]
-
-
-@dataclass(frozen=True)
-class RawInputs:
-    """The raw input blocks (plan-aligned dask arrays, indexed as ``an``/``bn``) that the
-    products of a graph where every input block feeds one product normalise themselves,
-    with the keywords of :func:`~dask_cosim._kernels.normalize_rows` for each."""
-
-    a: da.Array
-    b: da.Array
-    norm_a: dict
-    norm_b: dict
+__all__ = ["Prepared"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +51,6 @@ class Prepared:
     #: read block by block, normalise and product tasks), which dask's graph optimisation
     #: has nothing to fuse or cull in.
     own_graph: bool = False
-    #: Set when every input block feeds exactly one product: :meth:`pair_blockwise` then
-    #: reads the raw blocks and each product normalises its own (no normalise tasks, each
-    #: input read from memory once; :class:`~dask_cosim._scaled.RawBlock`).
-    raw: RawInputs | None = None
 
     @property
     def meta(self):
@@ -81,31 +63,11 @@ class Prepared:
         over every pair of normalised blocks, one task per output block (``out_index``).
 
         Tasks are marked for GPU workers when ``device="gpu"``; ``bn`` replaces the
-        normalised ``b`` (for instance some of its column blocks). With :attr:`raw`
-        (and no ``bn``) ``func`` gets the raw blocks as
-        :class:`~dask_cosim._scaled.RawBlock` instead.
+        normalised ``b`` (for instance some of its column blocks).
         """
         with warnings.catch_warnings(), annotate_for(self.device):
             # an outer product has more output blocks than input blocks by design
             warnings.simplefilter("ignore", da.PerformanceWarning)
-            if self.raw is not None and bn is None:
-                raw = self.raw
-                return da.blockwise(
-                    routed(partial(_on_raw_blocks, func, raw.norm_a, raw.norm_b), self.device),
-                    self.out_index,
-                    raw.a,
-                    self.a_index,
-                    raw.b,
-                    self.b_index,
-                    # where each block lies (batch, rows), for error messages
-                    block_slices(raw.a.chunks[:-1]),
-                    self.a_index[:-1],
-                    block_slices(raw.b.chunks[:-1]),
-                    self.b_index[:-1],
-                    *extra,
-                    concatenate=False,
-                    **{"align_arrays": False, **kwargs},  # the plan aligned both inputs
-                )
             return da.blockwise(
                 routed(partial(_on_whole_vectors, func), self.device),
                 self.out_index,
@@ -139,24 +101,6 @@ def _on_whole_vectors(func, an_blocks: list, bn_blocks: list, *extra, **kwargs):
     """
     (an,), (bn,) = an_blocks, bn_blocks
     return func(an, bn, *extra, **kwargs)
-
-
-def _on_raw_blocks(func, norm_a: dict, norm_b: dict, a_blocks, b_blocks, a_where, b_where, *extra, **kwargs):
-    """``func(RawBlock(a), RawBlock(b), *extra, **kwargs)`` on the single block of each raw
-    input along D, each with its normalise keywords and where it lies (as
-    ``core._normalize_task`` gets them)."""
-    (a,), (b,) = a_blocks, b_blocks
-    return func(
-        RawBlock(a, _placed(norm_a, a_where)), RawBlock(b, _placed(norm_b, b_where)), *extra, **kwargs
-    )
-
-
-def _placed(norm: dict, where: tuple[slice, ...]) -> dict:
-    """``norm`` with ``offset`` (the global batch and row of the block's first vector, from
-    its ``(batch, rows)`` or ``(rows,)`` slices) and ``batched``."""
-    batched = len(where) == 2
-    offset = (where[0].start, where[1].start) if batched else (0, where[0].start)
-    return {**norm, "offset": offset, "batched": batched}
 
 
 def _meta(on_device: bool, ndim: int, dtype):

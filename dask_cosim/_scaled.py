@@ -10,19 +10,13 @@ input is written to memory and read back, and the GEMMs multiply the same unit r
 
 A block with a vector that needs the careful normalisation (zero, NaN, inf, or a squared
 norm that is not a normal float) is normalised by its task as before.
-
-Where every input block feeds exactly one product (a batched job split only along the
-batch, like the seed's), there is no normalise task at all: the product task takes the
-raw block as a :class:`RawBlock` and computes each batch element's inverse norms right
-before scaling its rows, so the block is read from memory once, not twice
-(:func:`dask_cosim._kernels.similarity_block`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["RawBlock", "ScaledBlock", "as_unit"]
+__all__ = ["ScaledBlock", "as_unit"]
 
 
 class ScaledBlock:
@@ -52,25 +46,6 @@ class ScaledBlock:
 
     def __sizeof__(self) -> int:  # what dask's sizeof (and so the dashboard) reports
         return self.raw.nbytes + self.inv.nbytes
-
-
-class RawBlock:
-    """An input block ``raw`` not yet normalised, with what its normalise task would have
-    been given (``norm``: the keywords of :func:`dask_cosim._kernels.normalize_rows`,
-    ``offset`` and ``input_name`` included): the product task that reads it normalises it,
-    with exactly that task's results and errors.
-
-    Examples
-    --------
-    >>> r = RawBlock(np.ones((2, 3)), {"compute_dtype": "float64", "input_name": "a"})
-    >>> r.raw.shape, r.norm["input_name"]
-    ((2, 3), 'a')
-    """
-
-    __slots__ = ("raw", "norm")
-
-    def __init__(self, raw, norm: dict):
-        self.raw, self.norm = raw, norm
 
 
 def as_unit(x):

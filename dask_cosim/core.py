@@ -15,7 +15,7 @@ from ._inputs import BlockSource, input_token, open_input, storage_chunks
 from ._kernels import normalize_rows, similarity_block
 from ._options import check_choice, check_flag
 from ._plan import Operand, Plan, check_pair, compute_dtype, output_dtype, result_dtype
-from ._prepared import Prepared, RawInputs, _meta
+from ._prepared import Prepared, _meta
 from ._resources import annotate_for, routed
 from ._result import SimilarityArray
 from ._sizing import Job, Settings, plan_job
@@ -110,11 +110,7 @@ def prepare(
     rechunked = self_similar and plan.cols != plan.rows  # the normalised blocks are rechunked
     if scaled and precision == "float32" and not (sparse or on_device or rechunked or device == "gpu"):
         norm["scaled"] = True  # raw NumPy blocks and their inverse norms (dask_cosim._scaled)
-    # every block feeds one product: a batched job split along the batch only
-    fuse = norm.get("scaled", False) and not self_similar and _each_block_once(op_a, op_b, plan)
-    raw = None
-    if not fuse:
-        an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
+    an, a_index = _normalized(a_in, op_a, plan, plan.rows, batch, "a", on_device, norm)
     if self_similar:
         bn, b_index = an, a_index.replace("i", "j")
         # device blocks: no rechunk tasks off the GPU workers; sparse blocks: none to concatenate
@@ -122,13 +118,6 @@ def prepare(
             bn, _ = _normalized(a_in, op_a, plan, plan.cols, batch, "a", on_device, norm)
         elif plan.cols != plan.rows:
             bn = an.rechunk({an.ndim - 2: plan.cols})
-    elif fuse:  # the products normalise the blocks they read (dask_cosim._scaled.RawBlock)
-        raw_a = _input_blocks(a_in, op_a, plan, plan.rows, batch, "a", on_device)
-        raw_b = _input_blocks(b_in, op_b, plan, plan.cols, batch, "b", on_device)
-        an, a_index = _normalize_blocks(raw_a, "a", on_device, norm)
-        bn, b_index = _normalize_blocks(raw_b, "b", on_device, norm)
-        b_index = b_index.replace("i", "j")
-        raw = RawInputs(raw_a, raw_b, {**norm, "input_name": "a"}, {**norm, "input_name": "b"})
     else:
         bn, b_index = _normalized(b_in, op_b, plan, plan.cols, batch, "b", on_device, norm)
         b_index = b_index.replace("i", "j")
@@ -138,15 +127,7 @@ def prepare(
         an, bn, a_index, b_index, out_index, out_shape, out, work, plan, device,
         _config.blas_threads_setting(), self_similar, on_device, precision, like,
         own_graph=not (isinstance(a_in, da.Array) or isinstance(b_in, da.Array)),
-        raw=raw,
     )  # fmt: skip
-
-
-def _each_block_once(op_a: Operand, op_b: Operand, plan: Plan) -> bool:
-    """Whether every input block feeds exactly one product: one block along N and M, and
-    neither input broadcast along the batch (2-D beside 3-D, or a batch of one)."""
-    single = len(plan.rows) == 1 and len(plan.cols) == 1
-    return single and op_a.ndim == op_b.ndim and (op_a.ndim == 2 or op_a.batch == op_b.batch)
 
 
 def _is_sparse_input(x) -> bool:
@@ -264,13 +245,25 @@ def _chunk_spec(chunks, batched: bool) -> tuple:
 
 def _normalized(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_device: bool, norm: dict):
     """The input as a dask array in plan-aligned blocks, each normalised by its own task."""
+    broadcast = op.ndim == 3 and op.batch == 1 and batch > 1
+    if op.ndim == 3 and not broadcast:
+        chunks = (plan.batch, rows, (op.dim,))
+    else:
+        chunks = ((1,), rows, (op.dim,)) if op.ndim == 3 else (rows, (op.dim,))
     if _is_sparse_input(x):
         return _normalized_sparse(x, rows, name, norm), "id"
-    return _normalize_blocks(_input_blocks(x, op, plan, rows, batch, name, on_device), name, on_device, norm)
-
-
-def _normalize_blocks(arr: da.Array, name: str, on_device: bool, norm: dict):
-    """Each block of the dense ``arr`` normalised by its own task."""
+    if isinstance(x, da.Array):
+        arr = x.rechunk(chunks)
+    else:
+        arr = from_array_named(
+            BlockSource(guard_input(x, name)),  # a missing/corrupt zarr chunk is an error
+            chunks=chunks,
+            asarray=not on_device,
+            name=f"cosine-in-{name}-{tokenize(input_token(x), chunks, on_device)}",  # one name per chunking
+            meta=_meta(on_device, op.ndim, x.dtype),
+        )
+    if broadcast:
+        arr = arr[0]
     index = "kid" if arr.ndim == 3 else "id"
     meta = _meta(on_device, arr.ndim, np.dtype(norm["compute_dtype"]))
     with annotate_for(norm["device"]):
@@ -290,27 +283,6 @@ def _normalize_blocks(arr: da.Array, name: str, on_device: bool, norm: dict):
             **norm,
         )
     return normed, index
-
-
-def _input_blocks(x, op: Operand, plan: Plan, rows, batch: int, name: str, on_device: bool) -> da.Array:
-    """The dense input ``x`` as a dask array in plan-aligned blocks (a broadcast batch of
-    one without its batch axis)."""
-    broadcast = op.ndim == 3 and op.batch == 1 and batch > 1
-    if op.ndim == 3 and not broadcast:
-        chunks = (plan.batch, rows, (op.dim,))
-    else:
-        chunks = ((1,), rows, (op.dim,)) if op.ndim == 3 else (rows, (op.dim,))
-    if isinstance(x, da.Array):
-        arr = x.rechunk(chunks)
-    else:
-        arr = from_array_named(
-            BlockSource(guard_input(x, name)),  # a missing/corrupt zarr chunk is an error
-            chunks=chunks,
-            asarray=not on_device,
-            name=f"cosine-in-{name}-{tokenize(input_token(x), chunks, on_device)}",  # one name per chunking
-            meta=_meta(on_device, op.ndim, x.dtype),
-        )
-    return arr[0] if broadcast else arr
 
 
 def _normalized_sparse(x, rows, name: str, norm: dict) -> da.Array:
