@@ -22,6 +22,9 @@ Three parts, each printing JSON lines (``"bench": ...``):
    Both runs pay the command's fixed cost F (imports, the embedded cluster's start and
    shutdown), measured as the same command on 2,000 vectors; ``(R - F) / (T - F)`` is
    the ratio of the jobs' work alone, what a larger N or a cluster already running tends to.
+   F depends on what is installed besides the package (the ``machine`` row says: the
+   dashboard's ``bokeh``, and ``scipy``/``sparse``/``numba``, which ``dask.array`` imports
+   when present): run it with the interpreter of the install to judge.
    ``--resume-rounds R`` repeats the three runs R times and adds the median ratio: on a
    host whose speed drifts, the uninterrupted and the resumed run of one round can see
    different machines.
@@ -72,6 +75,27 @@ def machine() -> dict:
         "blas": blas,
         "load": os.getloadavg(),
         "python": platform.python_version(),
+        **fixed_cost_environment(),
+    }
+
+
+#: Installed packages that change the command's fixed cost: ``bokeh`` makes the embedded
+#: cluster serve its dashboard (set up while the cluster starts); ``dask.array`` imports
+#: ``scipy`` and ``sparse`` (which imports ``numba``) when they are there, in the command
+#: and again in each worker process. A Quickstart install (``pip install -e .``) has none.
+FIXED_COST_PACKAGES = ("bokeh", "scipy", "sparse", "numba")
+
+
+def fixed_cost_environment() -> dict:
+    """Which of :data:`FIXED_COST_PACKAGES` are installed, and the seconds a fresh
+    process takes to import ``dask.array`` (median of three)."""
+    import importlib.util
+
+    code = "import time; t = time.perf_counter(); import dask.array; print(time.perf_counter() - t)"
+    seconds = [float(subprocess.check_output([sys.executable, "-c", code], text=True)) for _ in range(3)]
+    return {
+        "installed": {name: importlib.util.find_spec(name) is not None for name in FIXED_COST_PACKAGES},
+        "import_dask_array_s": round(statistics.median(seconds), 3),
     }
 
 

@@ -69,3 +69,8 @@ def test_scale_benchmark_quick():
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     assert '"bench": "graph"' in out and '"job_tasks"' in out and '"scheduler_share"' in out
+    machine = json.loads(next(line for line in out.splitlines() if '"bench": "machine"' in line))
+    # what changes the command's fixed cost on this install (the test extras bring these three)
+    assert set(machine["installed"]) == {"bokeh", "scipy", "sparse", "numba"}
+    assert machine["installed"]["bokeh"] and machine["installed"]["scipy"] and machine["installed"]["sparse"]
+    assert 0 < machine["import_dask_array_s"] < 60
