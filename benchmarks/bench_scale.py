@@ -82,7 +82,7 @@ def machine() -> dict:
 #: Installed packages that change the command's fixed cost: ``bokeh`` makes the embedded
 #: cluster serve its dashboard (set up while the cluster starts); ``dask.array`` imports
 #: ``scipy`` and ``sparse`` (which imports ``numba``) when they are there, in the command
-#: and again in each worker process. A Quickstart install (``pip install -e .``) has none.
+#: and again in each worker process. The Quickstart's install (``pip install -e .``) has none.
 FIXED_COST_PACKAGES = ("bokeh", "scipy", "sparse", "numba")
 
 
