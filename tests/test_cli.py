@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -384,6 +385,18 @@ def _cli(*args, env=None, **kwargs) -> subprocess.Popen:
     )
 
 
+@contextlib.contextmanager
+def _killed_if_left(p: subprocess.Popen):
+    """``p``, killed and reaped at the end of the block if it is still running (an
+    assertion failed before it ended)."""
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_embedded_cluster_failure_is_one_line_and_logs_go_to_a_file(tmp_path):
     """A task failing on the embedded cluster's worker processes: no "Compute Failed" traceback
     on stderr, only the error and the hint, which names the cluster's log (kept on failure)."""
@@ -507,17 +520,12 @@ def test_kill_9_mid_run_then_resume_recomputes_only_missing_blocks(big, schedule
     d, a, b = big
     out = tmp_path / "k.zarr"
     args = [d / "a.zarr", d / "b.npy", "-o", out, "--chunks", "1,128,128"]
-    p = _cli("run", *args, "--workers", "1", "--threads-per-worker", "1", "--quiet")
-    try:
+    with _killed_if_left(_cli("run", *args, "--workers", "1", "--threads-per-worker", "1", "--quiet")) as p:
         _wait_for_markers(p, out, at_least=12)
         children = psutil.Process(p.pid).children(recursive=True)
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
         assert p.returncode == -signal.SIGKILL
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     # the embedded cluster's worker processes notice their parent died and exit
     assert _reap(children) == []
     total = 2 * 8 * 6
@@ -563,16 +571,12 @@ def test_ctrl_c_shuts_the_embedded_cluster_down(big, tmp_path):
         "--workers", "1", "--threads-per-worker", "1", "--quiet",
         start_new_session=True,
     )  # fmt: skip
-    try:
+    with _killed_if_left(p):
         _wait_for_markers(p, out, at_least=5)
         children = psutil.Process(p.pid).children(recursive=True)
         assert children  # the embedded cluster's worker process(es)
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
         _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     _assert_stopped_cleanly(p, err, children, timeout=10)
     assert zarr.open_group(out, mode="r").attrs["dask_cosim"]["complete"] is False
 
@@ -588,7 +592,7 @@ def test_a_stop_while_the_embedded_cluster_starts_stops_the_run(tmp_path, stop):
         "run", tmp_path / "a.npy", "-o", out, "--topk", "5", "--workers", "2", "--threads-per-worker", "1",
         "--quiet", start_new_session=True,
     )  # fmt: skip
-    try:
+    with _killed_if_left(p):
         deadline = time.monotonic() + 120
         while not psutil.Process(p.pid).children(recursive=True):  # the first process of the start
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
@@ -599,10 +603,6 @@ def test_a_stop_while_the_embedded_cluster_starts_stops_the_run(tmp_path, stop):
         else:
             p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     _assert_stopped_cleanly(p, err, children, timeout=30)
     if out.exists():  # whatever was laid out is not marked complete
         assert not zarr.open_group(out, mode="r").attrs.get("dask_cosim", {}).get("complete")
