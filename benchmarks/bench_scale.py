@@ -18,14 +18,16 @@ Three parts, each printing JSON lines (``"bench": ...``):
    per row block).
 3. ``resume``: ``dask-cosim run A.npy -o knn.zarr --topk 10 --exclude-self`` run
    uninterrupted (time T), then again interrupted with SIGINT at T / 2 and rerun with
-   ``--resume`` (time R): ``R / T``; the resumed result must equal the uninterrupted one.
+   ``--resume`` (time R), then uninterrupted once more (time T2): ``R / T``, and
+   ``R / ((T + T2) / 2)``, the rerun against the two uninterrupted runs that bracket it;
+   the resumed result must equal the uninterrupted ones.
    Both runs pay the command's fixed cost F (imports, the embedded cluster's start and
    shutdown), measured as the same command on 2,000 vectors; ``(R - F) / (T - F)`` is
    the ratio of the jobs' work alone, what a larger N or a cluster already running tends to.
    F depends on what is installed besides the package (the ``machine`` row says: the
    dashboard's ``bokeh``, and ``scipy``/``sparse``/``numba``, which ``dask.array`` imports
    when present): run it with the interpreter of the install to judge.
-   ``--resume-rounds R`` repeats the three runs R times and adds the median ratio: on a
+   ``--resume-rounds R`` repeats the four runs R times and adds the median ratios: on a
    host whose speed drifts, the uninterrupted and the resumed run of one round can see
    different machines.
 
@@ -270,7 +272,14 @@ def run_small(cmd: list[str], inputs: tuple[str, str], out, env) -> float:
 
 def resume_round(run, where: Path) -> dict:
     """One uninterrupted run (T), one interrupted with SIGINT at T / 2, its ``--resume``
-    rerun (R), in ``where``: the figures of :func:`part_resume`'s row."""
+    rerun (R), then the uninterrupted run again (T2), in ``where``: the figures of
+    :func:`part_resume`'s row.
+
+    ``resume_ratio`` is R / T. A host whose speed drifts by a fifth within minutes moves
+    it far both ways (a slow spell during the interrupted and the resumed runs saves
+    fewer links and slows the rerun), so the row also gives R over the mean of the two
+    uninterrupted runs that bracket it (``resume_ratio_bracketed``) and T2 / T.
+    """
     import zarr
 
     where.mkdir()
@@ -278,16 +287,16 @@ def resume_round(run, where: Path) -> dict:
     _, code = run(str(where / "knn.zarr"), interrupt_after=full / 2)
     if code != 130:
         raise RuntimeError(f"the run to interrupt at {full / 2:.1f} s ended with exit {code}, not 130")
-    group = zarr.open_group(where / "knn.zarr")
-    done = int(group["_blocks_done"][...].sum())
-    linked = int(group["_topk_links"][...].sum()) if "_topk_links" in set(group.array_keys()) else None
+    # a run interrupted while its cluster starts (a quick run) has created no markers yet
+    arrays = set(zarr.open_group(where / "knn.zarr").array_keys()) if (where / "knn.zarr").exists() else set()
+    group = zarr.open_group(where / "knn.zarr") if arrays else None
+    done = int(group["_blocks_done"][...].sum()) if "_blocks_done" in arrays else 0
+    linked = int(group["_topk_links"][...].sum()) if "_topk_links" in arrays else None
     resumed, code2 = run(str(where / "knn.zarr"), "--resume")
-    same = bool(
-        np.array_equal(
-            zarr.open_group(where / "full.zarr")["indices"][...],
-            zarr.open_group(where / "knn.zarr")["indices"][...],
-        )
-    )
+    full2, _ = run(str(where / "full2.zarr"))
+    names = ("full.zarr", "knn.zarr", "full2.zarr")
+    indices = [zarr.open_group(where / name)["indices"][...] for name in names]
+    same = all(np.array_equal(indices[0], x) for x in indices[1:])
     return {
         "uninterrupted_s": round(full, 2),
         "interrupted_exit": code,
@@ -295,6 +304,9 @@ def resume_round(run, where: Path) -> dict:
         "links_saved_at_interrupt": linked,
         "resumed_s": round(resumed, 2),
         "resume_ratio": round(resumed / full, 3),
+        "uninterrupted_again_s": round(full2, 2),
+        "drift_t2_over_t": round(full2 / full, 3),
+        "resume_ratio_bracketed": round(resumed / ((full + full2) / 2), 3),
         "resumed_exit": code2,
         "same_result": same,
     }
@@ -347,10 +359,11 @@ def part_resume(args) -> None:
             run_small(cmd, (str(tmp / "a.npy"), str(tmp / "small.npy")), tmp / f"small{i}.zarr", env)
             for i in range(3)
         )  # the command's fixed cost, paid by each run
-        ratios = []
+        ratios, bracketed = [], []
         for r in range(args.resume_rounds):  # rounds: a drifting host moves single ratios far
             row = resume_round(run, tmp / f"round{r}")
             ratios.append(row["resume_ratio"])
+            bracketed.append(row["resume_ratio_bracketed"])
             log({"bench": "resume", "label": args.label, "round": r, "n": n, "d": d, **row,
                  "fixed_cost_s": round(fixed, 2),
                  "resume_ratio_without_fixed_cost": round(
@@ -360,7 +373,10 @@ def part_resume(args) -> None:
         if len(ratios) > 1:
             log({"bench": "resume_rounds", "label": args.label, "n": n, "ratios": ratios,
                  "median_resume_ratio": round(statistics.median(ratios), 3),
-                 "rounds_at_most_0.6": sum(x <= 0.6 for x in ratios), "load": os.getloadavg()})  # fmt: skip
+                 "rounds_at_most_0.6": sum(x <= 0.6 for x in ratios), "bracketed_ratios": bracketed,
+                 "median_bracketed_ratio": round(statistics.median(bracketed), 3),
+                 "bracketed_at_most_0.6": sum(x <= 0.6 for x in bracketed),
+                 "load": os.getloadavg()})  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

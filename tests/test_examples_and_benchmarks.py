@@ -61,8 +61,7 @@ def test_dashboard_screenshots_script_without_chromium_says_so(tmp_path):
 
 
 def test_scale_benchmark_quick():
-    """Graph sizes and the scheduler's share at tiny size (the resume part runs the command
-    three times: its path is tested in tests/test_scale.py and tests/test_cli.py)."""
+    """Graph sizes and the scheduler's share at tiny size (the resume part: the next test)."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--quick", "--part", "graph"]
         + ["--part", "scheduler"],
@@ -74,3 +73,18 @@ def test_scale_benchmark_quick():
     assert set(machine["installed"]) == {"bokeh", "scipy", "sparse", "numba"}
     assert machine["installed"]["bokeh"] and machine["installed"]["scipy"] and machine["installed"]["sparse"]
     assert 0 < machine["import_dask_array_s"] < 60
+
+
+def test_scale_benchmark_resume_quick():
+    """The resume part at tiny size: four runs of the command (uninterrupted, interrupted,
+    resumed, uninterrupted again), one row with both ratios and equal results."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--quick", "--part", "resume"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    row = json.loads(next(line for line in out.splitlines() if '"bench": "resume"' in line))
+    assert row["interrupted_exit"] == 130 and row["resumed_exit"] == 0 and row["same_result"]
+    # the times are printed rounded to 0.01 s: the ratios agree with them to a few 0.001
+    assert abs(row["resume_ratio"] - row["resumed_s"] / row["uninterrupted_s"]) < 5e-3
+    bracket = (row["uninterrupted_s"] + row["uninterrupted_again_s"]) / 2
+    assert abs(row["resume_ratio_bracketed"] - row["resumed_s"] / bracket) < 5e-3
