@@ -167,7 +167,8 @@ def _environment_kept() -> Iterator[None]:
     ``OPENBLAS_NUM_THREADS=1``, ...) in *this* process's ``os.environ`` before it spawns a
     worker, and never undoes it: afterwards, local computations would read a one-thread
     BLAS setting the user never made (:func:`~dask_cosim._backend.blas_threads_for_task`).
-    Each such variable the nanny left at its value goes back to what it was.
+    Each such variable (and each of :data:`WORKER_MALLOC`) the nanny left at its value goes
+    back to what it was.
     """
     import os
 
@@ -177,7 +178,9 @@ def _environment_kept() -> Iterator[None]:
     try:
         yield
     finally:  # distributed (and its config) is loaded by now
-        spawned = dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}
+        spawned = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
+        for key, value in WORKER_MALLOC.items():  # ours, in the config only while the cluster started
+            spawned.setdefault(key, value)
         for key, value in ((str(k), str(v)) for k, v in spawned.items()):
             if os.environ.get(key) == value and before.get(key) != value:
                 if key in before:
@@ -260,7 +263,7 @@ def _local_cluster(n: int, t: int, processes: bool, memory_limit, quiet: bool, l
         level = logging.ERROR if quiet else logging.WARNING
     import dask
 
-    with dask.config.set(_calmer_polling()), warnings.catch_warnings():
+    with dask.config.set({**_calmer_polling(), **_worker_malloc()}), warnings.catch_warnings():
         # distributed moves the dashboard to a free port when 8787 is taken, and warns on stderr
         # (the link printed says where it is)
         warnings.filterwarnings("ignore", message=f"Port {DEFAULT_DASHBOARD_PORT} is already in use")
@@ -289,6 +292,31 @@ CALMER_POLLING = {
     "distributed.admin.system-monitor.interval": ("500ms", "2s"),
     "distributed.worker.memory.monitor-interval": ("100ms", "500ms"),
 }
+
+
+#: glibc malloc settings the embedded cluster's worker processes start with (added to
+#: ``distributed.nanny.pre-spawn-environ``). distributed sets ``MALLOC_TRIM_THRESHOLD_=65536``
+#: there so that workers give freed memory back to the OS; setting any such variable turns
+#: off glibc's adaptive mmap threshold, so every temporary over 128 KiB (a top-k task's
+#: selection passes make many) was mapped and faulted in afresh, and a top-k task took up
+#: to 1.8x as long in a worker as in a plain process (README "Cluster scale"). These two
+#: restore the threshold the adaptive rule reaches (glibc's 32 MiB maximum) and keep 32 MiB
+#: of freed heap for reuse; above that the heap is trimmed as distributed asks. Left out
+#: where the user set the variable or its config key.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TOP_PAD_": str(32 * 2**20)}
+
+
+def _worker_malloc() -> dict[str, str]:
+    import os
+
+    import dask
+
+    spawned = dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}
+    return {
+        f"distributed.nanny.pre-spawn-environ.{key}": value
+        for key, value in WORKER_MALLOC.items()
+        if key not in spawned and key not in os.environ
+    }
 
 
 def _calmer_polling() -> dict[str, str]:

@@ -570,11 +570,41 @@ def test_gpu_sized_self_similarity_blocks_are_not_split_for_the_triangle():
 
 
 def test_embedded_cluster_polls_less_often_unless_the_user_said_otherwise():
+    import distributed  # noqa: F401  (its config defaults, as the cluster's start has them)
+
     from dask_cosim.cluster import CALMER_POLLING, _calmer_polling
 
     assert _calmer_polling() == {key: ours for key, (_, ours) in CALMER_POLLING.items()}
     with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
         assert "distributed.admin.tick.interval" not in _calmer_polling()
+
+
+def test_embedded_cluster_malloc_settings_unless_the_user_set_them(monkeypatch):
+    import distributed  # noqa: F401  (its config defaults, as the cluster's start has them)
+
+    from dask_cosim.cluster import WORKER_MALLOC, _worker_malloc
+
+    key = "distributed.nanny.pre-spawn-environ."
+    assert _worker_malloc() == {key + name: value for name, value in WORKER_MALLOC.items()}
+    assert int(WORKER_MALLOC["MALLOC_MMAP_THRESHOLD_"]) <= 32 * 2**20  # glibc's adaptive maximum
+    with dask.config.set({key + "MALLOC_TOP_PAD_": "0"}):
+        assert key + "MALLOC_TOP_PAD_" not in _worker_malloc()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert set(_worker_malloc()) == {key + "MALLOC_TOP_PAD_"}
+
+
+def test_embedded_cluster_workers_start_with_the_malloc_settings_and_this_process_is_left_alone():
+    """The workers see distributed's trim threshold and our two settings; the nanny puts
+    them in this process's environment to spawn, and they are gone after the block."""
+    from dask_cosim.cluster import WORKER_MALLOC, dask_client
+
+    before = {name: os.environ.get(name) for name in WORKER_MALLOC}
+    names = ("MALLOC_TRIM_THRESHOLD_", *WORKER_MALLOC)
+    with dask_client(None, echo=None, quiet=True) as client:
+        seen = client.run(lambda: {name: os.environ.get(name) for name in names})
+    expected = {"MALLOC_TRIM_THRESHOLD_": "65536", **WORKER_MALLOC}
+    assert list(seen.values()) == [expected] * len(seen)
+    assert {name: os.environ.get(name) for name in WORKER_MALLOC} == before
 
 
 def test_the_embedded_clusters_workers_and_scheduler_poll_at_the_calmer_intervals():
