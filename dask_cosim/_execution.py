@@ -34,8 +34,9 @@ class WriteReport:
     ``blocks_written`` those this call computed and stored. ``pairs`` counts the
     similarity entries the written blocks cover, ``products`` the dot products actually
     computed for them (fewer for a self-similarity, which computes one triangle of blocks
-    and transposes it). ``found`` is the number of pairs in a ``pairs_above`` output;
-    ``rows``, ``k`` and ``nan_rows`` (rows holding a NaN score) describe a top-k output.
+    and transposes it, and for a resumed top-k, which does not compute its saved parts
+    again). ``found`` is the number of pairs in a ``pairs_above`` output; ``rows``, ``k``
+    and ``nan_rows`` (rows holding a NaN score) describe a top-k output.
     """
 
     path: str
@@ -54,6 +55,8 @@ class WriteReport:
     rows: int | None = None  # topk: rows of the output (batch x N)
     k: int | None = None
     nan_rows: int | None = None  # topk: rows with a NaN score (a NaN/inf input vector)
+    triangle: bool | None = None  # one triangle of blocks computed (None: when products < pairs)
+    reused_parts: bool = False  # a resumed top-k merged parts its interrupted run had saved
 
     @property
     def pairs_per_second(self) -> float:
@@ -78,9 +81,15 @@ class WriteReport:
             nan = f", {self.nan_rows} with a NaN score" if self.nan_rows is not None else ""
             out.append(f"{self.rows} rows x {self.k} neighbours{nan}")
         if self.products is not None and self.products < self.pairs:
+            triangle = not self.reused_parts if self.triangle is None else self.triangle
+            why = ["one triangle of blocks"] if triangle else []
+            if self.reused_parts:
+                why.append("the rest saved by the interrupted run")
+            lead = "self-similarity: " if triangle else ""
+            detail = f" ({', '.join(why)})" if why else ""
             out.append(
-                f"self-similarity: {self.products:.3g} of {self.pairs:.3g} products computed "
-                "(one triangle of blocks), GFLOP/s counts those"
+                f"{lead}{self.products:.3g} of {self.pairs:.3g} products computed{detail}, "
+                "GFLOP/s counts those"
             )
         return out
 

@@ -66,6 +66,9 @@ class TopkSource:
     #: blocks, the other panels' blocks pruned by the given stored pivots
     #: (:func:`~dask_cosim._triangle.topk_triangle_parts`): what a resumed job runs
     rebuild: Callable[[frozenset, dict], tuple[Any, str]] | None = None
+    #: outside the triangle: the column block whose part prunes every other part of its
+    #: row (computed for any of them), ``None`` when the parts are not pruned
+    pivot: int | None = None
 
     def part(self, panel: tuple[int, ...], j: int, parts_name: str | None = None):
         """The task argument of part ``(*panel, j)``: a key, or a getitem on an upper block
@@ -223,7 +226,8 @@ def run_link(where: LinkWrite, prev, *parts):
 def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marker_name: str, token: str):
     """The link tasks of every panel not yet done, as one graph layer over ``source.parts``.
 
-    Returns ``(final link of each pending panel as a Delayed, the pending panels)``.
+    Returns ``(final link of each pending panel as a Delayed, the pending panels, the
+    blocks they compute)`` (:func:`computed_blocks`).
     """
     import dask
 
@@ -237,6 +241,7 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     parts_name = None if source.upper is not None else graph_name(parts)
     grid = values.numblocks[:-1]
     ncols = parts.numblocks[-1]
+    computed = computed_blocks(source, done, linked, ncols)
     marker, links = group[marker_name], group[LINKS]
     name = f"cosine-link-{token}"
     dsk: dict = {}
@@ -258,7 +263,35 @@ def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marke
     priority = _block_priority(source.triangle, len(values.chunks[-2]))
     with dask.annotate(priority=1):  # a ready link runs before any block: progress is saved early
         graph = graph_from_collections(name, dsk, [parts], priority=priority)
-    return [delayed_from_graph(key, graph, layer=name) for key in finals], pending
+    return [delayed_from_graph(key, graph, layer=name) for key in finals], pending, computed
+
+
+def computed_blocks(source: TopkSource, done, linked, ncols: int) -> set[tuple[int, ...]]:
+    """The product blocks ``(*batch block, i, j)`` a (resumed) chain job computes: each
+    pending panel's parts from its first unsaved link on, for the triangle as upper
+    blocks ``(i, j)``, ``j >= i`` (one product gives both halves; a panel that saved
+    anything needs no diagonal block, :func:`_resumed_source`), and outside it with the
+    row's pivot block wherever another of its parts runs.
+
+    >>> source = TopkSource(None, 10, triangle=True, where="cpu")
+    >>> sorted(computed_blocks(source, np.array([True, False, False]), np.array([3, 2, 0]), 3))
+    [(0, 2), (1, 2), (2, 2)]
+    >>> source = TopkSource(None, 10, triangle=False, where="cpu", pivot=0)
+    >>> sorted(computed_blocks(source, np.array([False, False]), np.array([2, 0]), 3))
+    [(0, 0), (0, 2), (1, 0), (1, 1), (1, 2)]
+    """
+    out: set[tuple[int, ...]] = set()
+    for panel in np.ndindex(*done.shape):
+        if done[panel]:
+            continue
+        *kb, i = panel
+        chain = _chain(source, panel, ncols)
+        js = [j for link in chain[min(int(linked[panel]), len(chain) - 1) :] for j in link]
+        for j in js:
+            out.add((*kb, min(i, j), max(i, j)) if source.triangle else (*panel, j))
+        if not source.triangle and source.pivot is not None and any(j != source.pivot for j in js):
+            out.add((*panel, source.pivot))
+    return out
 
 
 def _regions(values, panel: tuple[int, ...], k: int) -> tuple[slice, ...]:

@@ -119,9 +119,12 @@ def to_zarr(
         _topk_store.ensure_state_arrays(group, values)
         token = tokenize(values.name, describe(group.store), group.path)
         source = payload.topk_source
-        tasks, pending = _topk_store.chain_tasks(source, values, group, done, gate, MARKERS, token)
+        linked = group[_topk_store.LINKS][...]
+        products_of = {"triangle": source.triangle, "reused_parts": bool((linked[~done] > 0).any())}
+        tasks, pending, computed = _topk_store.chain_tasks(source, values, group, done, gate, MARKERS, token)
     else:
         tasks, pending = _write_tasks(payload, group, done, gate)
+        computed, products_of = None, {}
     execute(tasks, progress, gate)
     _finish_zarr(group, payload, where)
     if payload.topk_source is not None:
@@ -144,10 +147,25 @@ def to_zarr(
         dim=payload.dim,
         seconds=seconds,
         arrays=layout["arrays"],
-        products=products(
-            _provenance.lookup(_result_name(result)), pairs / max(int(payload.pairs_per_block.sum()), 1)
-        ),
+        products=_products(result, payload, pairs, computed),
+        **products_of,
         **extra,
+    )
+
+
+def _products(result, payload: ZarrPayload, pairs: int, computed) -> int | None:
+    """Dot products this write computed: those of the product blocks a top-k chain job
+    ran (``computed``: ``(*batch block, i, j)``, :func:`~dask_cosim._topk_store.computed_blocks`;
+    a resumed job skips the blocks whose parts are saved), else the pending blocks' share."""
+    facts = _provenance.lookup(_result_name(result))
+    if computed is None or not facts.get("chunks"):
+        return products(facts, pairs / max(int(payload.pairs_per_block.sum()), 1))
+    chunks = payload.arrays["values"].chunks
+    rows, cols = chunks[-2], facts["chunks"][-1]
+    batch = chunks[0] if len(chunks) == 3 else None
+    return sum(
+        (1 if batch is None else int(batch[block[0]])) * int(rows[block[-2]]) * int(cols[block[-1]])
+        for block in computed
     )
 
 

@@ -229,7 +229,8 @@ def topk(
                 with dask.annotate(priority=priority_of(True, len(prep.plan.rows))):
                     return topk_triangle_parts(prep, k, exclude_self, diagonals, pivots)
 
-        register_topk(vals.name, TopkSource(parts, k, triangle, where, upper, rebuild))
+        pivot = None if triangle or not _pivoted(prep, k) else 0
+        register_topk(vals.name, TopkSource(parts, k, triangle, where, upper, rebuild, pivot=pivot))
     for result in (vals, idx):
         record_result(
             result.name, "topk", prep, a, b, k=k, exclude_self=exclude_self, zero_vector=zero_vector,
@@ -289,7 +290,7 @@ def _topk_parts(
             return []
         return [lrows, "i", lcols if sl is None else column_blocks(lcols, 0, sl), "j"]
 
-    if len(prep.plan.cols) == 1 or prep.plan.cols[0] < k:  # no pivot with k columns
+    if not _pivoted(prep, k):
         return prep.pair_blockwise(
             _topk_task, rows, "i", cols, "j", *label_args(None), token="cosine-topk", **common
         )
@@ -305,6 +306,12 @@ def _topk_parts(
         bn=column_blocks(prep.bn, jb, others), token="cosine-topk", align_arrays=False, **common,
     )  # fmt: skip
     return da.concatenate([pivot, pruned], axis=len(prep.out_index) - 1)
+
+
+def _pivoted(prep: Prepared, k: int) -> bool:
+    """Whether the first column block prunes the others of its row (:func:`_topk_parts`):
+    there are others, and it has ``k`` columns."""
+    return len(prep.plan.cols) > 1 and prep.plan.cols[0] >= k
 
 
 def _topk_task(an, bn, rows, cols, row_labels=None, col_labels=None, **kwargs):

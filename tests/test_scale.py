@@ -280,6 +280,14 @@ def test_interrupted_topk_job_resumes_from_its_checkpoints(tmp_path, monkeypatch
     assert report.blocks_skipped == done_before.sum() and report.blocks_written == (~done_before).sum()
     full = nb_rows * (nb_rows + 1) // 2 if self_similar else nb_rows * nb_cols
     assert len(blocks) == needed < full
+    # the summary counts the products of the blocks that ran (150 x 150 each), not the panels'
+    assert report.products == len(blocks) * 150 * 150 <= report.pairs
+    reused = bool((links_before[~done_before] > 0).any())  # parts of unfinished panels saved
+    fewer = report.products < report.pairs  # the triangle, or saved parts not computed again
+    said = "(one triangle of blocks, the rest" if self_similar else "(the rest"
+    assert (f"{said} saved by the interrupted run)" in report.summary()) == (reused and fewer)
+    assert fewer if self_similar else fewer <= reused
+    assert report.summary().count("self-similarity") == self_similar
     after = _chunk_mtimes(out / "values")  # finished panels were not written again
     for name, t in kept.items():
         if done_before[int(name.split("/")[1])]:
@@ -356,8 +364,14 @@ def test_resumed_batched_triangle_equals_uninterrupted(tmp_path, monkeypatch, li
 
     want_vals, want_idx = _interrupted_self_topk(result, out, limit, monkeypatch)
     assert zarr.open_group(out)[_topk_store.LINKS][...].sum() > 0
+    blocks = []  # the upper blocks the resumed job runs, one batch element each
+    real_block = _triangle.topk_block
+    monkeypatch.setattr(
+        _triangle, "topk_block", lambda *a, _f=real_block, **kw: blocks.append(1) or _f(*a, **kw)
+    )
     with dask.config.set(scheduler="sync"):
-        dcs.to_zarr(result(), out, resume=True)
+        report = dcs.to_zarr(result(), out, resume=True)
+    assert report.products == len(blocks) * 100 * 100 < report.pairs
     group = zarr.open_group(out)
     np.testing.assert_array_equal(group["indices"][...], want_idx)
     np.testing.assert_array_equal(group["values"][...], want_vals)
