@@ -9,10 +9,11 @@ error propagates, so nothing is written after the call has raised (:class:`Write
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,23 +303,105 @@ def execute(tasks: list, progress: bool, gate: WriteGate) -> None:
             gate.close_and_wait()
             raise
         return
-    from distributed import as_completed
+    with _stops_noted() as stop_if_asked:
+        futures = client.compute(tasks)
+        try:
+            plain = progress and not _is_terminal(sys.stdout)
+            interval = _config.progress_interval() if plain else 0.0
+            count = lambda: sum(f.done() for f in futures)  # noqa: E731
+            with (
+                _PlainProgress(count, len(futures), interval)
+                if plain
+                else _terminal_progress(futures)
+                if progress
+                else nullcontext()
+            ):
+                _wait_for(futures, stop_if_asked)
+        except BaseException as err:
+            client.cancel(futures)
+            if isinstance(err, Exception):  # not on Ctrl-C: the user wants out now
+                _wait_until_forgotten(client, [f.key for f in futures])
+            raise
 
-    futures = client.compute(tasks)
+
+#: Seconds between two looks at a running job's futures (and at a noted Ctrl-C).
+POLL_INTERVAL = 0.05
+
+
+def _wait_for(futures: list, stop_if_asked: Callable[[], None]) -> None:
+    """Until every future is done; raises the first failed task's exception (fail fast),
+    and a noted Ctrl-C or SIGTERM (:func:`_stops_noted`) between two looks."""
+    pending = list(futures)
+    while pending:
+        stop_if_asked()
+        still = []
+        for future in pending:
+            if not future.done():  # a flag: no lock that distributed's event loop also takes
+                still.append(future)
+            elif future.status == "error":
+                future.result()  # raises the task's exception
+        pending = still
+        if pending:
+            time.sleep(POLL_INTERVAL)
+
+
+@contextmanager
+def _stops_noted() -> Iterator[Callable[[], None]]:
+    """While a job runs on a distributed client, a Ctrl-C (and a SIGTERM where this
+    process has a Python handler for it, as the command has) is only noted; the function
+    yielded raises it to its own handler at a safe point (the wait loop calls it between
+    two looks), and one noted during the last steps is raised when the block ends.
+
+    Raised where it arrives, the ``KeyboardInterrupt`` can land inside a ``with lock:`` of
+    distributed's that its event loop also takes (``as_completed``'s condition, the event
+    a synchronous call waits on), right after the lock was taken: the lock is never
+    released, the event loop waits for it forever, and so does the cluster's shutdown
+    (an interrupted ``dask-cosim run`` hung so). Only the main thread receives signals;
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    stops = [signal.SIGINT, *([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])]
+    noted: list[int] = []
+
+    def note(signum, frame):
+        noted.append(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in stops}
+    previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
+    for sig in previous:
+        signal.signal(sig, note)
+
+    def restore():
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) is note:
+                signal.signal(sig, handler)
+
+    def stop_if_asked():
+        if noted:  # its own handler raises here
+            sig = noted.pop(0)
+            previous[sig](sig, None)
+
     try:
-        plain = progress and not _is_terminal(sys.stdout)
-        if progress and not plain:
-            from distributed import progress as show_progress
-
-            show_progress(futures, notebook=False)  # clears its line when done
-        interval = _config.progress_interval() if plain else 0.0
-        count = lambda: sum(f.done() for f in futures)  # noqa: E731
-        with _PlainProgress(count, len(futures), interval) if plain else nullcontext():
-            for future in as_completed(futures):
-                if future.status == "error":
-                    future.result()  # raises the task's exception (fail fast)
-    except BaseException as err:
-        client.cancel(futures)
-        if isinstance(err, Exception):  # not on Ctrl-C: the user wants out now
-            _wait_until_forgotten(client, [f.key for f in futures])
+        yield stop_if_asked
+    except BaseException:
+        restore()
         raise
+    restore()
+    if noted:
+        signal.raise_signal(noted[0])
+
+
+@contextmanager
+def _terminal_progress(futures: list) -> Iterator[None]:
+    """distributed's progress bar on a terminal, drawn by a thread of its own (it blocks
+    until the futures are done), so that the wait loop stays in this thread."""
+    from distributed import progress as show_progress
+
+    bar = threading.Thread(
+        target=show_progress, args=(futures,), kwargs={"notebook": False}, name="dask-cosim-bar", daemon=True
+    )
+    bar.start()
+    yield  # on an error the bar ends with the cancelled futures (a daemon: it holds up no exit)
+    bar.join()  # it clears its line when done: before the summary is printed

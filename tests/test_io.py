@@ -635,3 +635,66 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, client, capsys, where)
         pytest.raises(ValueError, match="progress-interval"),
     ):
         dcs.to_zarr(S, tmp_path / "e.zarr", progress=True)
+
+
+def test_a_ctrl_c_while_a_cluster_job_runs_is_noted_and_raised_between_two_looks():
+    """SIGINT is only noted while a job waits on a distributed client, and raised by the
+    wait loop itself: never inside a lock that distributed's event loop also takes (a
+    KeyboardInterrupt there can leave it held, and the cluster's shutdown then hangs)."""
+    import signal
+    import traceback
+
+    from distributed import Client, LocalCluster
+
+    from dask_cosim._execution import WriteGate, execute
+
+    before = signal.getsignal(signal.SIGINT)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        tasks = [dask.delayed(time.sleep)(6, dask_key_name=f"sleep-{i}") for i in range(2)]
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt) as raised:
+            execute(tasks, progress=False, gate=WriteGate())
+        assert time.monotonic() - start < 5  # stopped, not after the tasks
+        where = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+        assert where[-2:] == ["_wait_for", "stop_if_asked"], where  # raised there, by its handler
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stops_noted_until_asked_or_until_the_block_ends():
+    import signal
+
+    from dask_cosim._execution import _stops_noted
+
+    class Stopped(Exception):
+        pass
+
+    def on_term(signum, frame):
+        raise Stopped()
+
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, on_term)
+    try:
+        steps = []
+        with pytest.raises(Stopped):  # a SIGTERM with a Python handler: noted, raised when asked
+            with _stops_noted() as stop_if_asked:
+                signal.raise_signal(signal.SIGTERM)
+                steps.append("noted")
+                stop_if_asked()
+                steps.append("not reached")
+        assert steps == ["noted"]
+        with pytest.raises(KeyboardInterrupt):  # noted during the last steps: raised at the end
+            with _stops_noted():
+                signal.raise_signal(signal.SIGINT)
+                steps.append("finished")
+        assert steps == ["noted", "finished"]
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (before_int, on_term)
+        seen = []  # another thread receives no signals: nothing is changed there
+        thread = threading.Thread(target=lambda: seen.append(_stops_noted().__enter__()()))
+        thread.start()
+        thread.join()
+        assert seen == [None] and signal.getsignal(signal.SIGTERM) is on_term
+    finally:
+        signal.signal(signal.SIGTERM, before_term)
