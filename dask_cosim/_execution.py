@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,9 +399,11 @@ def _terminal_progress(futures: list) -> Iterator[None]:
     until the futures are done), so that the wait loop stays in this thread."""
     from distributed import progress as show_progress
 
-    bar = threading.Thread(
-        target=show_progress, args=(futures,), kwargs={"notebook": False}, name="dask-cosim-bar", daemon=True
-    )
+    def draw():
+        with suppress(Exception):  # the bar is for show: its failure must not print over the job's
+            show_progress(futures, notebook=False)
+
+    bar = threading.Thread(target=draw, name="dask-cosim-bar", daemon=True)
     bar.start()
     yield  # on an error the bar ends with the cancelled futures (a daemon: it holds up no exit)
     bar.join()  # it clears its line when done: before the summary is printed
