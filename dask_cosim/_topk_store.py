@@ -223,15 +223,24 @@ def run_link(where: LinkWrite, prev, *parts):
         return merged
 
 
-def chain_tasks(source: TopkSource, values, group, done: np.ndarray, gate, marker_name: str, token: str):
-    """The link tasks of every panel not yet done, as one graph layer over ``source.parts``.
+def chain_tasks(
+    source: TopkSource,
+    values,
+    group,
+    done: np.ndarray,
+    linked: np.ndarray,
+    gate,
+    marker_name: str,
+    token: str,
+):
+    """The link tasks of every panel not yet done, as one graph layer over ``source.parts``;
+    ``done`` and ``linked``: the store's markers and its ``LINKS`` array, as read.
 
     Returns ``(final link of each pending panel as a Delayed, the pending panels, the
     blocks they compute)`` (:func:`computed_blocks`).
     """
     import dask
 
-    linked = group[LINKS][...]
     state = (group[STATE[0]], group[STATE[1]])
     outputs = (group["values"], group["indices"])
     source = _resumed_source(

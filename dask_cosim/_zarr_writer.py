@@ -121,7 +121,9 @@ def to_zarr(
         source = payload.topk_source
         linked = group[_topk_store.LINKS][...]
         products_of = {"triangle": source.triangle, "reused_parts": bool((linked[~done] > 0).any())}
-        tasks, pending, computed = _topk_store.chain_tasks(source, values, group, done, gate, MARKERS, token)
+        tasks, pending, computed = _topk_store.chain_tasks(
+            source, values, group, done, linked, gate, MARKERS, token
+        )
     else:
         tasks, pending = _write_tasks(payload, group, done, gate)
         computed, products_of = None, {}
