@@ -472,8 +472,13 @@ def _count_markers(out: Path) -> int:
 
 
 def _done_blocks(out: Path) -> set[tuple[int, ...]]:
+    """Blocks with a marker; a ``.partial`` file is a marker write that a kill cut short."""
     root = out / MARKERS / "c"
-    return {tuple(int(x) for x in p.relative_to(root).parts) for p in root.rglob("*") if p.is_file()}
+    return {
+        tuple(int(x) for x in p.relative_to(root).parts)
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".partial")
+    }
 
 
 def _wait_for_markers(p: subprocess.Popen, out: Path, at_least: int, timeout: float = 150.0) -> int:
