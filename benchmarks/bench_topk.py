@@ -14,7 +14,10 @@ reported as JSON lines (``"bench": ...``):
    load hits all alike); figures are medians of ``--repeat`` runs after a warm-up.
    faiss is also run in fresh processes with ``OPENBLAS_CORETYPE`` forced (its bundled
    OpenBLAS reads it at load time), each next to its own dense limit.
-2. ``self_similarity``: ``dcs.topk(a, k=10)`` vs ``dcs.topk(a, a.copy(), k=10)``, same data.
+2. ``self_similarity``: ``dcs.topk(a, k=10)`` vs ``dcs.topk(a, a.copy(), k=10)``, same data:
+   ``speedup_self_vs_copy`` (median over median), ``speedup_rounds`` (round by round, each
+   pair run back to back) and their median ``speedup_paired_median``, which drifting load
+   moves less.
    ``self_anatomy``: one task of each kind those two graphs run (diagonal, off-diagonal;
    pivot, pruned), on one thread, and the same task's GEMMs replayed alone: the ratio
    the tasks allow and the ratio of the products alone (:func:`part_anatomy`).
@@ -60,6 +63,8 @@ def log(row: dict) -> dict:
 
 #: CPU seconds (all threads of this process) of the last ``paired_times`` call, by name.
 CPU: dict[str, float] = {}
+#: Every wall time of the last ``paired_times`` call, by name, in the order run.
+ROUNDS: dict[str, list[float]] = {}
 
 
 #: Seconds of pause before each timed run (as ``bench_core.SETTLE_S``): OpenBLAS's pool
@@ -89,7 +94,19 @@ def paired_times(fns: dict, repeat: int, slow: dict | None = None) -> dict[str, 
             cpu[name].append(time.process_time() - c0)
     CPU.clear()
     CPU.update({name: statistics.median(ts) for name, ts in cpu.items()})
+    ROUNDS.clear()
+    ROUNDS.update(times)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def round_ratios(num: list[float], den: list[float]) -> list[float]:
+    """``num[r] / den[r]`` for every round ``r`` of interleaved runs: each pair ran back to
+    back, so a slow spell of the shared machine hits both of a round alike.
+
+    >>> round_ratios([2.0, 3.0], [1.0, 2.0])
+    [2.0, 1.5]
+    """
+    return [round(tn / td, 3) for tn, td in zip(num, den, strict=True)]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -297,6 +314,7 @@ def part_self(n: int, d: int, k: int, repeat: int) -> dict:
     copy_g = dcs.topk(a, a.copy(), k=k)
     t = paired_times({"self": lambda: dask.compute(*self_g), "copy": lambda: dask.compute(*copy_g)}, repeat)
     cpu = dict(CPU)
+    rounds = round_ratios(ROUNDS["copy"], ROUNDS["self"])
     (v1, i1), (v2, i2) = dask.compute(*self_g), dask.compute(*copy_g)
     return log(
         {
@@ -306,6 +324,8 @@ def part_self(n: int, d: int, k: int, repeat: int) -> dict:
             "t_self_s": round(t["self"], 3),
             "t_copy_s": round(t["copy"], 3),
             "speedup_self_vs_copy": round(t["copy"] / t["self"], 3),
+            "speedup_paired_median": round(statistics.median(rounds), 3),
+            "speedup_rounds": rounds,
             "cpu_speedup_self_vs_copy": round(cpu["copy"] / cpu["self"], 3),
             "load_avg_after": os.getloadavg(),
             "indices_identical_rows": round(float((i1 == i2).all(axis=1).mean()), 5),
@@ -460,7 +480,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     p.add_argument("--part", choices=["all", "topk", "self", "anatomy", "memory"], default="all")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, help="interleaved rounds (default 5; 2 with --quick)")
     p.add_argument("--sklearn-repeat", type=int, default=5, help="repeats of the (slow) sklearn baseline")
     p.add_argument("--skip-sklearn", action="store_true", help="leave the (slow) sklearn baseline out")
     p.add_argument(
@@ -482,7 +502,7 @@ def main(argv=None) -> list[dict]:
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     log({"bench": "machine", "cpu": model, "cores": CORES, "blas": blas, "load_avg": os.getloadavg()})
-    repeat = 2 if args.quick else args.repeat
+    repeat = args.repeat or (2 if args.quick else 5)
     n, n_mem = (1500, 8000) if args.quick else (50_000, 200_000)
     n = args.n or n
     d = args.d or (32 if args.quick else 128)

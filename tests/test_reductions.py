@@ -837,8 +837,10 @@ def test_topk_benchmark_quick():
 def test_topk_benchmark_takes_the_width_and_size_asked_for():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_topk.py"), "--quick", "--part", "self"]
-        + ["--n", "900", "--d", "48", "--repeat", "1"],
+        + ["--n", "900", "--d", "48", "--repeat", "3"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     (row,) = [row for row in map(json.loads, out.splitlines()) if row["bench"] == "self_similarity"]
     assert row["shape"] == [900, 900, 48] and row["indices_identical_rows"] == 1.0, row
+    assert len(row["speedup_rounds"]) == 3 and min(row["speedup_rounds"]) > 0, row  # one per round
+    assert row["speedup_paired_median"] == sorted(row["speedup_rounds"])[1], row
