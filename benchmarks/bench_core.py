@@ -44,6 +44,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+from _machine import tokenize_hash  # benchmarks/_machine.py (this script's folder is on sys.path)
 from threadpoolctl import threadpool_info
 
 import dask_cosim as dcs
@@ -289,14 +290,6 @@ def self_similarity(dim: int, repeat: int, quick: bool = False) -> dict:
     return row
 
 
-def hash_function() -> str:
-    """The hash dask's tokenize uses on this machine (the first of its fast hashers installed)."""
-    from dask import hashing
-
-    hasher = hashing.hashers[0] if hashing.hashers else None
-    return getattr(hasher, "__name__", str(hasher)).removeprefix("_hash_")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
@@ -308,7 +301,7 @@ def main(argv=None):
     madvise = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "default")
     print(
         f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}, cores {CORES}, "
-        f"THP defrag {thp}, NUMPY_MADVISE_HUGEPAGE={madvise}, dask tokenize hash {hash_function()}, "
+        f"THP defrag {thp}, NUMPY_MADVISE_HUGEPAGE={madvise}, dask tokenize hash {tokenize_hash()}, "
         f"load {os.getloadavg()[0]:.2f}",
         flush=True,
     )

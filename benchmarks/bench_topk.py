@@ -46,6 +46,7 @@ from unittest import mock
 
 import dask
 import numpy as np
+from _machine import tokenize_hash  # benchmarks/_machine.py (this script's folder is on sys.path)
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import dask_cosim as dcs
@@ -501,7 +502,16 @@ def main(argv=None) -> list[dict]:
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    log({"bench": "machine", "cpu": model, "cores": CORES, "blas": blas, "load_avg": os.getloadavg()})
+    log(
+        {
+            "bench": "machine",
+            "cpu": model,
+            "cores": CORES,
+            "blas": blas,
+            "tokenize_hash": tokenize_hash(),
+            "load_avg": os.getloadavg(),
+        }
+    )
     repeat = args.repeat or (2 if args.quick else 5)
     n, n_mem = (1500, 8000) if args.quick else (50_000, 200_000)
     n = args.n or n

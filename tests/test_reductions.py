@@ -828,6 +828,9 @@ def test_topk_benchmark_quick():
     ).stdout  # fmt: skip
     for key in ('"bench": "topk"', '"bench": "self_similarity"', '"bench": "memory"', "ratio_to_dense_limit"):
         assert key in out, out
+    (machine,) = [row for row in map(json.loads, out.splitlines()) if row["bench"] == "machine"]
+    assert machine["tokenize_hash"] in ("cityhash", "xxhash", "murmurhash", "sha1"), machine
+    assert machine["blas"] and all(len(lib) == 3 for lib in machine["blas"]), machine
     (anatomy,) = [row for row in map(json.loads, out.splitlines()) if row["bench"] == "self_anatomy"]
     kinds = ("diagonal", "off_diagonal", "copy_pivot", "copy_pruned")
     assert set(anatomy["gemm_calls"]) == set(kinds) and min(anatomy["gemm_calls"].values()) > 0, anatomy
