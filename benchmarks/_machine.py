@@ -8,7 +8,7 @@ TOKENIZE_HASHES = ("cityhash", "xxhash", "murmurhash", "sha1")
 
 def tokenize_hash() -> str:
     """The hash dask's ``tokenize`` uses on this machine: the first of its fast hashers
-    installed, else SHA-1. It is what hashing an input would cost, where anything hashes one.
+    installed, else SHA-1 (it sets the cost of any graph name that hashes input data).
 
     >>> tokenize_hash() in TOKENIZE_HASHES
     True
