@@ -1,5 +1,6 @@
 """Shared pytest configuration."""
 
+import signal
 import tempfile
 
 import pytest
@@ -14,6 +15,24 @@ def pytest_report_header(config):
     from dask_cosim._compat import QUERY_PLANNING
 
     return f"dask {dask.__version__}, array query planning: {QUERY_PLANNING}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_reaches_python():
+    """The Ctrl-C tests need SIGINT to reach Python, here and in the commands they start.
+
+    A suite started in the background of a non-interactive shell (``pytest &`` in a
+    script) inherits SIGINT ignored; Python then installs no KeyboardInterrupt handler,
+    and every process it starts inherits the ignored signal too. For the run, SIGINT gets
+    the handler an interactive start gives (the library leaves an ignored SIGINT alone:
+    ``tests/test_io.py``).
+    """
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -674,6 +674,27 @@ def test_a_ctrl_c_while_a_cluster_job_runs_is_noted_and_raised_between_two_looks
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_an_ignored_ctrl_c_stays_ignored_while_a_cluster_job_runs():
+    """A process that ignores SIGINT (started with ``nohup``-like settings, or in the
+    background of a script) is not made interruptible by a job: nothing is noted, nothing
+    raised, and the signal is still ignored afterwards."""
+    import signal
+
+    from dask_cosim._execution import _stops_noted
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        steps = []
+        with _stops_noted() as stop_if_asked:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            stop_if_asked()
+            steps.append("went on")
+        assert steps == ["went on"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_stops_noted_until_asked_or_until_the_block_ends():
     import signal
 
