@@ -675,9 +675,9 @@ def test_a_ctrl_c_while_a_cluster_job_runs_is_noted_and_raised_between_two_looks
 
 
 def test_an_ignored_ctrl_c_stays_ignored_while_a_cluster_job_runs():
-    """A process that ignores SIGINT (started with ``nohup``-like settings, or in the
-    background of a script) is not made interruptible by a job: nothing is noted, nothing
-    raised, and the signal is still ignored afterwards."""
+    """A process that ignores SIGINT (started in the background of a script, or told to
+    ignore it) is not made interruptible by a job: nothing is noted, nothing raised, and
+    the signal is still ignored afterwards."""
     import signal
 
     from dask_cosim._execution import _stops_noted
