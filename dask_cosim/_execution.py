@@ -385,11 +385,9 @@ def _stops_noted() -> Iterator[Callable[[], None]]:
 
     try:
         yield stop_if_asked
-    except BaseException:
+    finally:
         restore()
-        raise
-    restore()
-    if noted:
+    if noted:  # only reached when the block ended normally
         signal.raise_signal(noted[0])
 
 
