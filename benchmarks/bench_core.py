@@ -21,14 +21,21 @@ and inverse norms; ``copies_over_ours_paired`` is its time over ours, round by r
 ``ratio_dask_optimized`` is ``S.compute(optimize_graph=True)``: dask's graph optimisation,
 which a graph of in-memory inputs skips by default (nothing in it to fuse or cull);
 ``optimized_over_ours_paired`` is its time over ours, round by round.
-Fresh memory is slow to fault in on some Linux machines (transparent huge pages with
-``defrag=madvise``, which NumPy requests for large arrays): compare a run with
-``NUMPY_MADVISE_HUGEPAGE=0``. ``ratio_kept_buffers`` leaves that cost out of both sides:
-the limit writes into an output it keeps across runs (``matmul(..., out=)``) and so do our
-product tasks (the in-place graph of ``S.compute()``, into a buffer kept across runs);
-``t_limit_s - t_limit_kept_s`` is what the limit's fresh output cost it.
+Fresh memory is slow to fault in on some Linux machines: the ``fresh_memory`` row times
+faulting in a W1-sized result right after freeing as much and after 3 s idle (on a VM with
+free page reporting, the host takes back memory freed for about 2 s, and faulting it in
+again costs several times more). ``--primed`` faults in and frees twice a run's result
+size right before each timed run, so that every variant's fresh output lands on memory
+freed a moment ago; without it, which variant pays the host's faults depends on how long
+ago its memory was freed. NumPy requests transparent huge pages for large arrays:
+compare a run with ``NUMPY_MADVISE_HUGEPAGE=0``. ``ratio_kept_buffers`` leaves that cost
+out of both sides: the limit writes into an output it keeps across runs
+(``matmul(..., out=)``) and so do our product tasks (the in-place graph of
+``S.compute()``, into a buffer kept across runs); ``t_limit_s - t_limit_kept_s`` is what
+the limit's fresh output cost it.
 
     python benchmarks/bench_core.py            # W1 and W2 as in the core issue
+    python benchmarks/bench_core.py --primed   # every fresh output on memory freed a moment ago
     python benchmarks/bench_core.py --quick    # tiny sizes (used by the test suite)
 """
 
@@ -44,7 +51,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
-from _machine import tokenize_hash  # benchmarks/_machine.py (this script's folder is on sys.path)
+from _machine import fault_in, fresh_memory, tokenize_hash  # benchmarks/_machine.py, on sys.path
 from threadpoolctl import threadpool_info
 
 import dask_cosim as dcs
@@ -60,13 +67,25 @@ CORES = len(os.sched_getaffinity(0))
 SETTLE_S = 0.3
 
 
-def paired_times(fns, repeat: int) -> list[list[float]]:
-    """Every time of each function, run interleaved so drifting machine load hits all alike."""
+#: With ``--primed``: before each timed run, fault in and free this many times the bytes
+#: of the run's result (:func:`_machine.fault_in`), so that every variant's fresh output
+#: lands on memory freed a moment ago, not on memory the host took back (see
+#: :func:`_machine.fresh_memory`). 0: off (the default), the memory as the runs leave it.
+PRIME_FACTOR = 0.0
+
+
+def paired_times(fns, repeat: int, out_bytes: int = 0) -> list[list[float]]:
+    """Every time of each function, run interleaved so drifting machine load hits all alike.
+
+    ``out_bytes``: the size of the largest result the functions allocate (for ``--primed``).
+    """
     for fn in fns:
         fn()  # warm-up
     times = [[] for _ in fns]
     for _ in range(repeat):
         for fn, ts in zip(fns, times, strict=True):
+            if PRIME_FACTOR and out_bytes:
+                fault_in(int(PRIME_FACTOR * out_bytes))
             time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
@@ -127,7 +146,7 @@ def workload(name, a, b, repeat, with_sklearn=False):
     ]
     if with_sklearn:
         fns.append(lambda: sklearn_loop(a, b))
-    times = paired_times(fns, repeat)
+    times = paired_times(fns, repeat, S.nbytes)
     t_limit, t_ours, t_call, t_over, t_store, t_copies, t_optimized, t_limit_kept, t_ours_kept, *t_sk = (
         statistics.median(ts) for ts in times
     )
@@ -268,7 +287,8 @@ def self_similarity(dim: int, repeat: int, quick: bool = False) -> dict:
     a = np.random.default_rng(5).standard_normal((n, dim), dtype=np.float32)
     an = unit(a)
     S_self, S_copy = dcs.cosine_similarity(a), dcs.cosine_similarity(a, a.copy())
-    times = paired_times([lambda: np.matmul(an, an.T), S_self.compute, S_copy.compute], repeat)
+    fns = [lambda: np.matmul(an, an.T), S_self.compute, S_copy.compute]
+    times = paired_times(fns, repeat, an.shape[0] ** 2 * an.itemsize)
     t_limit, t_self, t_copy = (statistics.median(ts) for ts in times)
     got = S_self.compute()
     err = float(np.max(np.abs(got - np.matmul(an, an.T))))
@@ -294,7 +314,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument(
+        "--primed",
+        action="store_true",
+        help="before each timed run, fault in and free twice its result's size, so that every fresh "
+        "output lands on memory freed a moment ago (see the fresh_memory row)",
+    )
     args = p.parse_args(argv)
+    global PRIME_FACTOR
+    PRIME_FACTOR = 2.0 if args.primed else 0.0
     blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
     thp_file = Path("/sys/kernel/mm/transparent_hugepage/defrag")
     thp = thp_file.read_text().strip() if thp_file.exists() else "n/a"
@@ -302,9 +330,12 @@ def main(argv=None):
     print(
         f"# machine: {platform.processor() or platform.machine()}, BLAS {blas}, cores {CORES}, "
         f"THP defrag {thp}, NUMPY_MADVISE_HUGEPAGE={madvise}, dask tokenize hash {tokenize_hash()}, "
-        f"load {os.getloadavg()[0]:.2f}",
+        f"load {os.getloadavg()[0]:.2f}, primed {args.primed}",
         flush=True,
     )
+    # what a fresh W1-sized result costs to fault in here, reused and after an idle spell
+    fresh = fresh_memory(100 * 400 * 500 * 8 // (64 if args.quick else 1), idle_s=0.2 if args.quick else 3.0)
+    print(json.dumps({"workload": "fresh_memory", **fresh}), flush=True)
     gen = np.random.default_rng(0)
     scale = 8 if args.quick else 1
     rows = []

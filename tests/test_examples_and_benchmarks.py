@@ -22,13 +22,16 @@ def test_keras_question_example_runs_and_checks(capsys):
 
 def test_core_benchmark_quick():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--quick", "--repeat", "2"],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--quick", "--repeat", "2", "--primed"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert '"workload": "W2"' in out and '"workload": "W1"' in out and "ratio_to_limit" in out
     assert "ratio_kept_buffers" in out  # both sides without faulting in fresh output
     assert '"workload": "tiny"' in out and "t_call_ms" in out and "tokenize hash" in out
+    assert "primed True" in out.splitlines()[0]  # the machine line says how fresh outputs were timed
     rows = {r["workload"]: r for r in map(json.loads, (x for x in out.splitlines() if x.startswith("{")))}
+    fresh = rows["fresh_memory"]  # a W1-sized result (1/64 of it here) faulted in, reused and after idling
+    assert fresh["bytes"] == 100 * 400 * 500 * 8 // 64 and fresh["t_reused_ms"] > 0 and fresh["t_idle_ms"] > 0
     for name in ("self_16", "self_96"):  # the triangle rows: exact mirror, right values
         assert rows[name]["symmetric"] and rows[name]["max_abs_err_vs_limit"] < 1e-5, rows[name]
         assert rows[name]["row_blocks"] > 1 and rows[name]["copy_over_self_paired"] > 0
