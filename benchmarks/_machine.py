@@ -61,6 +61,6 @@ def fresh_memory(nbytes: int, idle_s: float = 3.0, repeat: int = 2) -> dict:
     return {
         "bytes": nbytes,
         "idle_s": idle_s,
-        "t_reused_ms": round(statistics.median(reused) * 1e3, 1),
-        "t_idle_ms": round(statistics.median(idle) * 1e3, 1),
+        "t_reused_ms": round(statistics.median(reused) * 1e3, 3),
+        "t_idle_ms": round(statistics.median(idle) * 1e3, 3),
     }
